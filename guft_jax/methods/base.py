@@ -4,9 +4,11 @@ A method is a :class:`Method` NamedTuple of pure functions built by a factory wi
 hyperparameters (``lora(rank=8, alpha=16.0)``). The engine never special-cases a method:
 
 - ``init(rng, params) -> trainable``: the pytree that trains (always holds the task ``head``).
-- ``apply(params, trainable) -> variables``: the variables dict for ``model.apply`` (at least
-  ``{"params": effective_params}``; GUFT's sparse path adds a ``"sparse_delta"`` collection).
-  ``params`` are the frozen pretrained params (with a zero head); they are never modified.
+- ``apply(params, trainable, state=None) -> variables``: the variables dict for ``model.apply``
+  (at least ``{"params": effective_params}``; GUFT's sparse path adds a ``"sparse_delta"``
+  collection built from indices held in ``state``). ``params`` are the frozen pretrained params
+  (with a zero head); they are never modified. ``state`` is the method state of
+  ``MethodHooks.init_state`` (None for stateless methods, which ignore it).
 - ``merge(params, trainable) -> params``: plain ViT params giving the same logits, or None where
   the method cannot be merged.
 - ``labels(trainable) -> pytree of str``: optimizer group of every trainable leaf,
@@ -60,7 +62,7 @@ class EpochContext(NamedTuple):
 class Method(NamedTuple):
     name: str
     init: Callable[[jax.Array, PyTree], PyTree]
-    apply: Callable[[PyTree, PyTree], dict]
+    apply: Callable[..., dict]  # (params, trainable, state=None) -> variables
     labels: Callable[[PyTree], PyTree]
     hparams: dict
     merge: Callable[[PyTree, PyTree], PyTree] | None = None
