@@ -30,7 +30,8 @@ def sparse_delta_matmul(x: Array, w0: Array, rows: Array, cols: Array, values: A
 
 
 def _densify(w0: Array, rows: Array, cols: Array, values: Array) -> Array:
-    return w0.at[rows, cols].add(values.astype(w0.dtype), mode="drop")
+    w0 = jnp.asarray(w0)
+    return w0.at[rows, cols].add(jnp.asarray(values).astype(w0.dtype), mode="drop")
 
 
 def _fwd(x, w0, rows, cols, values):
@@ -43,8 +44,8 @@ def _bwd(res, dy):
     dx = dy @ w.T
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    xr = x2.at[:, rows].get(mode="fill", fill_value=0)
-    dyc = dy2.at[:, cols].get(mode="fill", fill_value=0)
+    xr = jnp.asarray(x2).at[:, rows].get(mode="fill", fill_value=0)
+    dyc = jnp.asarray(dy2).at[:, cols].get(mode="fill", fill_value=0)
     dvalues = jnp.einsum("tk,tk->k", xr, dyc)
     return dx, jnp.zeros_like(w), None, None, dvalues
 

@@ -164,7 +164,9 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         n_in = len(self.in_shape)
         if tuple(x.shape[-n_in:]) != tuple(self.in_shape):
-            raise ValueError(f"{self.name}: input trailing dims {x.shape[-n_in:]} != {self.in_shape}")
+            raise ValueError(
+                f"{self.name}: input trailing dims {x.shape[-n_in:]} != {self.in_shape}"
+            )
         d_in, d_out = math.prod(self.in_shape), math.prod(self.out_shape)
         kernel = self.param(
             "kernel",
@@ -232,14 +234,14 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         d = x.shape[-1]
-        y = Linear((d,), (self.mlp_dim,), kernel_init=nn.initializers.xavier_uniform(), name="Dense_0")(
-            x
-        )
+        y = Linear(
+            (d,), (self.mlp_dim,), kernel_init=nn.initializers.xavier_uniform(), name="Dense_0"
+        )(x)
         y = jax.nn.gelu(y, approximate=self.gelu_approximate)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        y = Linear((self.mlp_dim,), (d,), kernel_init=nn.initializers.xavier_uniform(), name="Dense_1")(
-            y
-        )
+        y = Linear(
+            (self.mlp_dim,), (d,), kernel_init=nn.initializers.xavier_uniform(), name="Dense_1"
+        )(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -257,9 +259,9 @@ class Encoder1DBlock(nn.Module):
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         d = x.shape[-1]
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(x)
-        y = Attention(self.num_heads, self.attention_dropout_rate, name="MultiHeadDotProductAttention_1")(
-            y, deterministic=deterministic
-        )
+        y = Attention(
+            self.num_heads, self.attention_dropout_rate, name="MultiHeadDotProductAttention_1"
+        )(y, deterministic=deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if self.layerscale:
             y = LayerScale(d, name="LayerScale_attn")(y)
