@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from guft_jax.methods.base import EpochContext, Method, MethodHooks  # noqa: E402
-from guft_jax.ops import sparse_delta_matmul  # noqa: E402
-from guft_jax.paths import key_to_str, leaf_paths, path_map, select  # noqa: E402
-from guft_jax.vit import (  # noqa: E402
+from guft_jax.methods.base import EpochContext, Method, MethodHooks
+from guft_jax.ops import sparse_delta_matmul
+from guft_jax.paths import key_to_str, leaf_paths, path_map, select
+from guft_jax.vit import (
     CONFIGS,
     VisionTransformer,
     abstract_params,

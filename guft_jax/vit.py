@@ -2,8 +2,8 @@
 
 Parameter names and shapes are exactly those of google-research/vision_transformer checkpoints
 (``ViT-B_16.npz``): ``embedding/kernel (p, p, 3, d)``, ``cls``,
-``Transformer/posembed_input/pos_embedding``, ``Transformer/encoderblock_{i}/...`` with 3-D attention
-kernels ``query/key/value (d, heads, head_dim)`` and ``out (heads, head_dim, d)``,
+``Transformer/posembed_input/pos_embedding``, ``Transformer/encoderblock_{i}/...`` with 3-D
+attention kernels ``query/key/value (d, heads, head_dim)`` and ``out (heads, head_dim, d)``,
 ``Transformer/encoder_norm``, optional ``pre_logits`` and ``head``. Attention kernels are always
 used as 2-D ``(d, d)`` matrices (never as conv kernels), see :func:`kernel_as_matrix`.
 
