@@ -32,7 +32,7 @@ import struct
 
 import numpy as np
 
-from guft_jax.data.pipeline import ArraySource, check_choice
+from guft_jax.data.pipeline import RESIZE_METHODS, ArraySource, check_choice
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # The test subsample and the held-out test draw use this fixed seed, never the run's seed.
@@ -393,6 +393,7 @@ def offline_source(
     ``num_classes`` defaults to 10 for the packaged datasets and to ``max(label) + 1`` over all
     splits (or the number of class folders) for user data.
     """
+    check_choice("resize_method", resize_method, RESIZE_METHODS)
     splits = load_offline(
         name,
         seed=seed,
