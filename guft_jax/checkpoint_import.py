@@ -111,8 +111,10 @@ def replace_head(params: dict, num_classes: int, *, dtype=np.float32) -> dict:
     """Returns ``params`` with a zero-initialised ``head`` for ``num_classes`` classes."""
     if num_classes < 1:
         raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
-    feat = params["pre_logits"]["kernel"] if "pre_logits" in params else params["head"]["kernel"]
-    d = feat.shape[-1]
+    if "pre_logits" in params:
+        d = params["pre_logits"]["kernel"].shape[-1]
+    else:
+        d = params["Transformer"]["encoder_norm"]["scale"].shape[0]
     out = dict(params)
     out["head"] = {
         "kernel": jax.numpy.zeros((d, num_classes), dtype),
