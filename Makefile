@@ -38,7 +38,7 @@ test: setup data weights lint
 	$(PY) -m pytest tests
 
 demo: setup data weights
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.linear_probe
 
 clean:
 	rm -rf $(VENV)
