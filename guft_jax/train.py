@@ -353,10 +353,11 @@ def fit(
                 )
         losses = np.asarray(jax.device_get(losses), np.float64)
         if not np.all(np.isfinite(losses)):
+            bad = int(np.argmax(~np.isfinite(losses)))
+            where = f" in {mgr.directory}" if mgr else ""
             raise FloatingPointError(
-                f"non-finite training loss in epoch {epoch} (step {int(np.argmax(~np.isfinite(losses)))}"
-                f" of the epoch); stopping. The last good checkpoint (epoch {epoch - 1}) is kept"
-                f"{' in ' + str(mgr.directory) if mgr else ''}."
+                f"non-finite training loss in epoch {epoch} (step {bad} of the epoch); stopping. "
+                f"The last good checkpoint (epoch {epoch - 1}) is kept{where}."
             )
         dt = time.time() - t0
         rec = {
