@@ -1,0 +1,128 @@
+"""FourierFT (Gao et al., ICML 2024, arXiv:2405.03003): learn a few spectral coefficients of ΔW.
+
+For each adapted ``(out, in)`` weight, ``n`` spectral entries ``(row, col)`` are drawn once from
+``seed`` without replacement and shared by all adapted layers of the same shape; each layer
+trains coefficients ``c ∈ R^n`` (N(0, 1) by default as in the paper, so ΔW ≠ 0 at step 0; zeros
+as an option). ``F`` is the dense ``(out, in)`` spectrum with ``c`` at the entries and 0
+elsewhere, and ``ΔW = α · Re(ifft2(F))`` (``jnp.fft.ifft2``'s default normalisation divides by
+``out·in``, like ``torch.fft.ifft2``), always computed in float32. The Flax ``(in, out)`` kernel
+becomes ``kernel + ΔWᵀ``. Stored cost: ``n·(2 + L)`` numbers (entries once per shape, ``n``
+coefficients per layer).
+
+Frequency bias (optional): entries are drawn with probability
+``p(u, v) ∝ exp(-((D² − f_c²)/(D·W))²)``, ``D`` the distance of ``(u, v)`` from the centre of the
+``fftshift``-ed spectrum, ``W`` the bandwidth (200 in the paper), ``f_c`` the centre frequency.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guft_jax.methods import weight_space as ws
+from guft_jax.methods.base import Method, default_labels
+
+
+def bandpass_probs(shape: tuple[int, int], *, fc: float, bandwidth: float) -> np.ndarray:
+    """``p(u, v)`` over the *unshifted* ``(out, in)`` grid, normalised to sum to 1."""
+    h, w = shape
+    u = np.arange(h)[:, None] - h // 2
+    v = np.arange(w)[None, :] - w // 2
+    d = np.sqrt(u**2 + v**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (d**2 - fc**2) / (d * bandwidth)
+        p = np.exp(-(z**2))
+    p[d == 0] = 0.0 if fc > 0 else 1.0
+    p = np.fft.ifftshift(p)  # shifted (centred) grid -> fft index order
+    return p / p.sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _entries_cached(shape, n, seed, frequency_bias, fc, bandwidth):
+    e = spectral_entries(
+        shape, n, seed=seed, frequency_bias=frequency_bias, fc=fc, bandwidth=bandwidth
+    )
+    e.setflags(write=False)
+    return e
+
+
+def spectral_entries(
+    shape: tuple[int, int],
+    n: int,
+    *,
+    seed: int,
+    frequency_bias: bool = False,
+    fc: float = 0.0,
+    bandwidth: float = 200.0,
+) -> np.ndarray:
+    """``(2, n)`` int32 rows/cols of the spectral entries for an ``(out, in)`` shape.
+
+    Deterministic in ``(seed, shape)``: every layer of the same shape gets the same entries.
+    """
+    h, w = shape
+    if not 1 <= n <= h * w:
+        raise ValueError(f"fourierft.n: must be in [1, {h * w}] for shape {shape}, got {n}")
+    rng = np.random.default_rng([seed, h, w])
+    p = bandpass_probs(shape, fc=fc, bandwidth=bandwidth).ravel() if frequency_bias else None
+    flat = rng.choice(h * w, size=n, replace=False, p=p)
+    return np.stack([flat // w, flat % w]).astype(np.int32)
+
+
+def delta_w(coef: jax.Array, entries: jax.Array, shape: tuple[int, int], alpha: float):
+    """``α · Re(ifft2(F))`` as an ``(out, in)`` float32 matrix."""
+    f = jnp.zeros(shape, jnp.complex64).at[entries[0], entries[1]].set(coef.astype(jnp.float32))
+    return alpha * jnp.real(jnp.fft.ifft2(f)).astype(jnp.float32)
+
+
+def fourierft(
+    *,
+    n: int = 3000,
+    alpha: float = 300.0,
+    seed: int = 2024,
+    init: str = "normal",
+    frequency_bias: bool = False,
+    fc: float = 0.0,
+    bandwidth: float = 200.0,
+    targets: tuple[str, ...] = ws.DEFAULT_TARGETS,
+) -> Method:
+    """FourierFT on the kernels matched by ``targets`` (ViT defaults: q+v, n=3000, α=300).
+
+    Use a larger learning rate for the coefficients than for the head (the paper: ~0.2-0.3 vs
+    ~1e-3): the engine's ``lr`` / ``head_lr``.
+    """
+    if init not in ("normal", "zeros"):
+        raise ValueError(f"fourierft.init: {init!r} not in ['normal', 'zeros']")
+    kw = dict(seed=seed, frequency_bias=frequency_bias, fc=fc, bandwidth=bandwidth)
+
+    def entries_for(params, k):
+        d_in, d_out = ws.matrix(params, ws.path_of(k)).shape
+        return (d_out, d_in), _entries_cached((d_out, d_in), n, **kw)
+
+    def init_fn(rng, params):
+        tps = ws.target_paths(params, targets, field="fourierft.targets")
+        coefs = {}
+        for i, p in enumerate(tps):
+            if init == "normal":
+                coefs[ws.key(p)] = jax.random.normal(jax.random.fold_in(rng, i), (n,))
+            else:
+                coefs[ws.key(p)] = jnp.zeros((n,), jnp.float32)
+        return {"head": params["head"], "fourierft": coefs}
+
+    def merge(params, trainable):
+        deltas = {}
+        for k, c in trainable["fourierft"].items():
+            shape, ent = entries_for(params, k)
+            deltas[ws.path_of(k)] = delta_w(c, jnp.asarray(ent), shape, alpha).T
+        return ws.add_deltas(params, deltas, trainable["head"])
+
+    return Method(
+        name="fourierft",
+        init=init_fn,
+        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
+        labels=default_labels,
+        hparams=dict(n=n, alpha=alpha, init=init, targets=list(targets), **kw),
+        merge=merge,
+    )

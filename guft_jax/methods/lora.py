@@ -1,0 +1,114 @@
+"""LoRA (Hu et al., arXiv:2106.09685) and DoRA (Liu et al., arXiv:2402.09353).
+
+LoRA: ``W = W0 + (α/r)·B A`` with ``A`` (r, in) Kaiming-uniform (or N(0, 1/r)) and ``B`` (out, r)
+zero, so the model is unchanged at init. In the Flax ``(in, out)`` kernel layout the update is
+``kernel + (α/r)·Aᵀ Bᵀ``. Targets are kernels chosen by regex (default: attention query and
+value); 3-D attention kernels are adapted as their 2-D ``(768, 768)`` view.
+
+DoRA: ``W' = m ⊙ V / ‖V‖`` with ``V = W0 + (α/r)·B A``, the norm taken per output unit over the
+input dim (a column norm of the ``(in, out)`` kernel), ``m`` initialised to the norms of ``W0``
+and the norm treated as a constant in the backward pass (as HF PEFT does).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from guft_jax.methods import weight_space as ws
+from guft_jax.methods.base import Method, default_labels
+
+
+def _lora_factors(rng, params, paths_, rank, init):
+    out = {}
+    for i, p in enumerate(paths_):
+        w = ws.matrix(params, p)
+        d_in, d_out = w.shape
+        k = jax.random.fold_in(rng, i)
+        if init == "kaiming":
+            a = ws.kaiming_uniform(k, (rank, d_in), d_in)
+        else:
+            a = jax.random.normal(k, (rank, d_in), jnp.float32) / jnp.sqrt(rank)
+        out[ws.key(p)] = {"A": a, "B": jnp.zeros((d_out, rank), jnp.float32)}
+    return out
+
+
+def _validate(rank, alpha, init, name):
+    if rank < 1:
+        raise ValueError(f"{name}.rank: must be >= 1, got {rank}")
+    if alpha <= 0:
+        raise ValueError(f"{name}.alpha: must be > 0, got {alpha}")
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"{name}.init: {init!r} not in ['kaiming', 'gaussian']")
+
+
+def lora(
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: tuple[str, ...] = ws.DEFAULT_TARGETS,
+    init: str = "kaiming",
+) -> Method:
+    """LoRA on the kernels matched by ``targets``.
+
+    >>> m = lora(rank=8, alpha=16.0)
+    >>> tr = m.init(jax.random.key(0), params)  # doctest: +SKIP
+    """
+    _validate(rank, alpha, init, "lora")
+    scale = alpha / rank
+
+    def init_fn(rng, params):
+        tps = ws.target_paths(params, targets, field="lora.targets")
+        return {"head": params["head"], "lora": _lora_factors(rng, params, tps, rank, init)}
+
+    def merge(params, trainable):
+        deltas = {
+            ws.path_of(k): scale * (f["A"].T @ f["B"].T) for k, f in trainable["lora"].items()
+        }
+        return ws.add_deltas(params, deltas, trainable["head"])
+
+    return Method(
+        name="lora",
+        init=init_fn,
+        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
+        labels=default_labels,
+        hparams=dict(rank=rank, alpha=alpha, targets=list(targets), init=init),
+        merge=merge,
+    )
+
+
+def dora(
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: tuple[str, ...] = ws.DEFAULT_TARGETS,
+    init: str = "kaiming",
+) -> Method:
+    """DoRA: LoRA's direction update with a trainable per-output magnitude ``m``."""
+    _validate(rank, alpha, init, "dora")
+    scale = alpha / rank
+
+    def init_fn(rng, params):
+        tps = ws.target_paths(params, targets, field="dora.targets")
+        factors = _lora_factors(rng, params, tps, rank, init)
+        for p in tps:
+            factors[ws.key(p)]["m"] = jnp.linalg.norm(ws.matrix(params, p), axis=0)
+        return {"head": params["head"], "dora": factors}
+
+    def merge(params, trainable):
+        kernels = {}
+        for k, f in trainable["dora"].items():
+            p = ws.path_of(k)
+            v = ws.matrix(params, p) + scale * (f["A"].T @ f["B"].T)
+            norm = jax.lax.stop_gradient(jnp.linalg.norm(v, axis=0))
+            kernels[p] = v * (f["m"] / norm)
+        return ws.replace_kernels(params, kernels, trainable["head"])
+
+    return Method(
+        name="dora",
+        init=init_fn,
+        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
+        labels=default_labels,
+        hparams=dict(rank=rank, alpha=alpha, targets=list(targets), init=init),
+        merge=merge,
+    )
