@@ -54,6 +54,13 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     mgr.wait_until_finished()
 
 
+def saved_structure(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The ``{path: [shape, dtype]}`` stored with a checkpoint (latest by default)."""
+    step = mgr.latest_step() if step is None else step
+    out = mgr.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
+    return out["structure"]
+
+
 def restore(mgr: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores the latest (or ``step``) checkpoint into the structure of ``target``.
 

@@ -71,6 +71,15 @@ def make_optimizer(
     return tx
 
 
+def expand_mask(mask: Any, like: Any) -> Any:
+    """Broadcasts a mask *prefix* (a bool leaf may cover a whole subtree) to ``like``'s leaves."""
+    return jax.tree_util.tree_map(
+        lambda m, sub: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(m, jnp.shape(x)), sub),
+        mask,
+        like,
+    )
+
+
 def masked_step(
     tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any, mask: Any | None
 ) -> tuple[Any, Any]:
@@ -86,6 +95,7 @@ def masked_step(
     if mask is None:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
+    mask = expand_mask(mask, grads)
     grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
     updates, opt_state = tx.update(grads, opt_state, params)
     new = optax.apply_updates(params, updates)

@@ -269,10 +269,11 @@ def fit(
     traces = [0]
     shardings = None
     if mesh is not None:
-        state_sh = shard_lib.tree_shardings(state, mesh)
+        # The train state (small for PEFT methods, and its shapes may change when a method grows
+        # its capacity) is replicated as a whole; the frozen params follow the rules.
+        state_sh = shard_lib.replicated(mesh)
         params_sh = shard_lib.tree_shardings(params, mesh, param_rules)
-        mask_proto = _mask_of(method, state)
-        mask_sh = shard_lib.tree_shardings(mask_proto, mesh)
+        mask_sh = shard_lib.replicated(mesh)
         shardings = (state_sh, params_sh, shard_lib.batch_sharding(mesh), mask_sh)
         params = jax.device_put(params, params_sh)
         state = jax.device_put(state, state_sh)
@@ -288,6 +289,11 @@ def fit(
     mgr = ckpt_lib.manager(os.path.join(workdir, "checkpoints")) if workdir else None
     start_epoch = 1
     if mgr is not None and mgr.latest_step() is not None:
+        if method.hooks is not None and method.hooks.resize is not None:
+            tr, opt, ms = method.hooks.resize(
+                state.trainable, state.opt_state, state.method_state, ckpt_lib.saved_structure(mgr)
+            )
+            state = state._replace(trainable=tr, opt_state=opt, method_state=ms)
         state, meta = ckpt_lib.restore(mgr, state)
         if shardings is not None:
             state = jax.device_put(state, shardings[0])
@@ -295,7 +301,9 @@ def fit(
         log(f"resumed from {mgr.directory} at epoch {meta['epoch']}")
     writer = _Writer(workdir)
     det_loss = jax.jit(
-        lambda variables, x, y: cross_entropy(model.apply(variables, x, deterministic=True), y)
+        lambda variables, x, y: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(variables, x, deterministic=True).astype(jnp.float32), y
+        )
     )
 
     def train_batches():
@@ -426,7 +434,8 @@ def _mask_of(method: Method, state: TrainState):
     if method.hooks is None or method.hooks.update_mask is None:
         return ()
     m = method.hooks.update_mask(state.method_state)
-    return () if m is None else m
+    # A copy: the mask's arrays live in the state, which the step donates.
+    return () if m is None else jax.tree_util.tree_map(jnp.copy, m)
 
 
 def _summarise_state(mstate) -> Any:

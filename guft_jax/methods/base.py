@@ -39,12 +39,17 @@ class MethodHooks(NamedTuple):
       start of every 1-indexed epoch with an :class:`EpochContext`; returns possibly-updated
       trees of the same structure (so the jitted step is not retraced).
     - ``update_mask(state) -> pytree of bool | None``: element-level mask of the trainable tree
-      (True = trainable) that the optimizer applies; None = everything in ``trainable`` trains.
+      (True = trainable; a bool leaf may stand for a whole subtree, e.g. ``{"head": True, ...}``)
+      that the optimizer applies; None = everything in ``trainable`` trains.
+    - ``resize(trainable, opt_state, state, structure) -> (trainable, opt_state, state)``: adopt
+      the array shapes recorded in a checkpoint's ``structure`` (``{path: [shape, dtype]}``)
+      before restoring into them (for methods whose shapes change during a run).
     """
 
     init_state: Callable[[PyTree, PyTree], PyTree]
     epoch_start: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
     update_mask: Callable[[PyTree], PyTree | None] | None = None
+    resize: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
 
 
 class EpochContext(NamedTuple):
@@ -54,7 +59,7 @@ class EpochContext(NamedTuple):
     trainable: PyTree
     opt_state: PyTree
     state: PyTree
-    loss_fn: Callable  # (variables, images, labels) -> mean loss, deterministic
+    loss_fn: Callable  # (variables, images, labels) -> per-example losses (B,), deterministic
     batches: Callable  # () -> iterator over (images, labels) numpy batches of the train set
     log: Callable[[str], None]
 
