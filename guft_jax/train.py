@@ -29,6 +29,7 @@ from guft_jax import checkpoint as ckpt_lib
 from guft_jax import optim
 from guft_jax import sharding as shard_lib
 from guft_jax.methods.base import EpochContext, Method
+from guft_jax.methods.report import count_trainable, per_tensor, trainable_report
 from guft_jax.vit import count_params
 
 
@@ -160,23 +161,6 @@ def evaluate(
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "num_examples": n}
 
 
-def trainable_report(method: Method, params, trainable) -> str:
-    """Per-tensor and total trainable counts, head apart, as a % of the backbone."""
-    try:
-        from guft_jax.methods.report import trainable_report as report
-
-        return report(method, params, trainable)
-    except ImportError:
-        pass
-    backbone = count_params({k: v for k, v in params.items() if k != "head"})
-    head = count_params(trainable.get("head", {}))
-    total = count_params(trainable) - head
-    return (
-        f"method {method.name}: {total:,} trainable params ({100 * total / backbone:.4f}% of "
-        f"{backbone:,} backbone) + head {head:,}"
-    )
-
-
 def init_state(method: Method, params, tx, *, seed: int) -> TrainState:
     rng = jax.random.PRNGKey(seed)
     rng, init_rng = jax.random.split(rng)
@@ -264,7 +248,7 @@ def fit(
         clip_norm=clip_norm,
     )
     state = init_state(method, params, tx, seed=seed)
-    log(trainable_report(method, params, state.trainable))
+    log(trainable_report(method, params, state.trainable, state.method_state))
 
     traces = [0]
     shardings = None
@@ -393,9 +377,8 @@ def fit(
     results = {
         "method": method.name,
         "hparams": method.hparams,
-        "trainable_params": count_params(state.trainable)
-        - count_params(state.trainable.get("head", {})),
-        "head_params": count_params(state.trainable.get("head", {})),
+        "trainable_params": count_trainable(state.trainable, state.method_state)[0],
+        "head_params": count_trainable(state.trainable, state.method_state)[1],
         "backbone_params": count_params({k: v for k, v in params.items() if k != "head"}),
         "epochs": epochs,
         "traces": traces[0],
@@ -421,8 +404,7 @@ def fit(
                 f"{eval_split}_examples": ev["num_examples"],
             }
         )
-    if method.hooks is not None and hasattr(method, "hparams"):
-        results["method_state_summary"] = _summarise_state(state.method_state)
+    results["trained_per_tensor"] = per_tensor(state.trainable, state.method_state)
     results["wall_seconds"] = time.time() - t_start
     if workdir and jax.process_index() == 0:
         ckpt_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
@@ -436,16 +418,3 @@ def _mask_of(method: Method, state: TrainState):
     m = method.hooks.update_mask(state.method_state)
     # A copy: the mask's arrays live in the state, which the step donates.
     return () if m is None else jax.tree_util.tree_map(jnp.copy, m)
-
-
-def _summarise_state(mstate) -> Any:
-    def one(x):
-        x = np.asarray(x)
-        if x.dtype == bool:
-            return int(x.sum())
-        return x.tolist() if x.size <= 64 else f"array{list(x.shape)}"
-
-    try:
-        return jax.tree_util.tree_map(one, mstate)
-    except Exception:  # summary only; never fail a run on it
-        return None
