@@ -37,7 +37,7 @@ def _subset_method(name: str, include: list[str] | None, exclude: list[str] | No
         init=init,
         apply=apply,
         labels=default_labels,
-        hparams={"include": include, "exclude": exclude},
+        hparams={},
         merge=merge,
     )
 
