@@ -21,8 +21,10 @@ weight decay pulls toward the pretrained weights, and the two paths follow the s
 Capacity (sparse path). The final budget ``K = Σ k_i`` is known up front but not its split over
 tensors, and a global top-k concentrates in some tensors. Capacities are fixed at the first
 recompute (before any step is compiled when ``recompute_epochs[0] == 1``): each tensor gets
-``min(size, max(floor, ceil(slack · c₁ · K / k₁)))`` where ``c₁`` is its count in the first
-round. A later round that fits never changes a shape (no retrace); one that overflows a tensor
+``min(size, max(floor, ceil(slack · c₁ · K / k₁), ceil(slack · K · size / N)))`` where ``c₁``
+is its count in the first round (extrapolated to the final budget) and the last term is its
+proportional share (early rounds often favour LayerNorms and later ones kernels). A later
+round that fits never changes a shape (no retrace); one that overflows a tensor
 grows that tensor's capacity (values and Adam moments zero-padded), which retraces once and is
 logged. Resuming a run restores these capacities (``MethodHooks.resize``).
 
@@ -260,6 +262,7 @@ def guft(
         total_budget = sum(
             masks_lib.budget(r, sum(math.prod(s) for s in e.values())) for r in ratios
         )
+        n_elig = sum(math.prod(s) for s in e.values())
         idx, count = dict(state["idx"]), dict(state["count"])
         caps = {key: int(trainable["delta"][key].shape[0]) for key in e}
         new_caps = dict(caps)
@@ -273,7 +276,10 @@ def guft(
             need = old_n + len(fresh)
             if i == 0 and int(state["round"]) == 0:
                 c1 = need
-                want = math.ceil(capacity_slack * c1 * total_budget / max(k, 1))
+                want = max(
+                    math.ceil(capacity_slack * c1 * total_budget / max(k, 1)),
+                    math.ceil(capacity_slack * total_budget * size / n_elig),
+                )
                 new_caps[key] = min(size, max(capacity_floor, want, need))
             elif need > caps[key]:
                 new_caps[key] = min(size, max(need, math.ceil(capacity_slack * need)))

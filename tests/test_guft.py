@@ -1,0 +1,229 @@
+"""GUFT: exact global top-k, OR-merge, schedule, bitwise-frozen weights, sparse == dense, one
+trace across mask growth, saliency against straightforward loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import make_source
+
+from guft_jax import guft, masks, saliency, train, vit
+from guft_jax.methods.base import EpochContext
+
+
+def _scores(seed, ties=False):
+    rng = np.random.default_rng(seed)
+    shapes = {"a.kernel": (5, 7), "b.bias": (13,), "c.scale": (3, 2, 4)}
+    if ties:
+        return {k: jnp.asarray(rng.integers(0, 4, s).astype(np.float32)) for k, s in shapes.items()}
+    return {k: jnp.asarray(rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
+
+
+def _numpy_topk(scores, k, exclude=None):
+    keys = sorted(scores)
+    flat = np.concatenate([np.asarray(scores[key]).ravel() for key in keys])
+    if exclude is not None:
+        ex = np.concatenate([np.asarray(exclude[key]).ravel() for key in keys])
+        flat = np.where(ex, -np.inf, flat)
+    order = np.argsort(-flat, kind="stable")[:k]  # stable: lower index wins ties
+    chosen = np.zeros(flat.size, bool)
+    chosen[order] = True
+    out, off = {}, 0
+    for key in keys:
+        n = np.asarray(scores[key]).size
+        out[key] = chosen[off : off + n].reshape(np.shape(scores[key]))
+        off += n
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [0, 1, 9, 40, 72])
+def test_topk_mask_equals_numpy_argsort_reference(k, ties):
+    s = _scores(k, ties)
+    got = masks.topk_mask(s, k)
+    ref = _numpy_topk(s, k)
+    assert masks.count(got) == k
+    for key in s:
+        np.testing.assert_array_equal(got[key], ref[key])
+
+
+def test_or_merge_is_monotone_and_exclude_selected_grows_by_exactly_k():
+    s1, s2 = _scores(1), _scores(2)
+    m1 = masks.topk_mask(s1, 10)
+    plain = masks.merge_masks(m1, masks.topk_mask(s2, 10))
+    assert all(np.all(np.asarray(plain[k]) >= np.asarray(m1[k])) for k in m1)
+    assert 10 <= masks.count(plain) <= 20
+    new = masks.topk_mask(s1, 10, exclude=m1)  # same scores: must pick 10 *other* entries
+    grown = masks.merge_masks(m1, new)
+    assert masks.count(grown) == 20
+    ref = _numpy_topk(s1, 10, exclude=m1)
+    for k in s1:
+        np.testing.assert_array_equal(new[k], ref[k])
+    with pytest.raises(ValueError, match="k:"):
+        masks.topk_mask(s1, 73)
+
+
+def test_schedule_validation_names_the_field():
+    for kw, field in (
+        (dict(recompute_epochs=[1, 6], ratios=[0.1]), "guft.ratios"),
+        (dict(recompute_epochs=[6, 1], ratios=[0.1, 0.1]), "guft.recompute_epochs"),
+        (dict(recompute_epochs=[0], ratios=[0.1]), "guft.recompute_epochs"),
+        (dict(recompute_epochs=[1], ratios=[0.0]), "guft.ratios"),
+        (dict(recompute_epochs=[1, 2], ratios=[0.6, 0.6]), "guft.ratios"),
+        (dict(mode="token"), "guft.mode"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            guft.guft(**kw)
+
+
+def test_eligibility_regex_matching_nothing_is_an_error(tiny):
+    _, params = tiny
+    with pytest.raises(ValueError, match="matches no parameter"):
+        masks.eligible_leaves(params, include=["nonexistent_layer"])
+    e = masks.eligible_leaves(params, exclude=["LayerNorm", "pos_embedding|cls"])
+    assert not any("LayerNorm" in k or "cls" == k for k in e) and "head.kernel" not in e
+
+
+def _fit(tiny, method, epochs=4, wd=1e-2, **kw):
+    model, params = tiny
+    return train.fit(
+        model=model,
+        params=params,
+        method=method,
+        source=make_source(),
+        image_size=16,
+        batch_size=16,
+        epochs=epochs,
+        lr=1e-2,
+        weight_decay=wd,
+        progress=False,
+        log=lambda s: None,
+        **kw,
+    )
+
+
+def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tiny):
+    model, params = tiny
+    m = guft.guft(recompute_epochs=[1, 3], ratios=[0.02, 0.02], sparse=False)
+    r = _fit(tiny, m, wd=0.1)
+    st = r["state"]
+    eff = m.merge(params, st.trainable, st.method_state)
+    sel_total = 0
+    for key, mask in st.method_state["mask"].items():
+        w0 = np.asarray(guft._leaf(params, key))
+        w = np.asarray(guft._leaf(eff, key))
+        mask = np.asarray(mask)
+        assert np.array_equal(w[~mask].view(np.uint32), w0[~mask].view(np.uint32)), key
+        sel_total += mask.sum()
+        # deltas (and so Adam moments' effect) are exactly zero outside the mask
+        assert np.all(np.asarray(st.trainable["delta"][key])[~mask] == 0)
+    assert sel_total > 0
+    moved = sum(
+        int(np.sum(np.asarray(guft._leaf(eff, k)) != np.asarray(guft._leaf(params, k))))
+        for k in st.method_state["mask"]
+    )
+    assert moved > 0
+
+
+def test_sparse_path_follows_the_dense_reference_trajectory(tiny):
+    kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.01, 0.01, 0.01])
+    md, ms = guft.guft(sparse=False, **kw), guft.guft(sparse=True, **kw)
+    rd, rs = _fit(tiny, md, wd=1e-2), _fit(tiny, ms, wd=1e-2)
+    ld = [h["train_loss"] for h in rd["history"]]
+    ls = [h["train_loss"] for h in rs["history"]]
+    np.testing.assert_allclose(ls, ld, rtol=1e-5)
+    _, params = tiny
+    pd = md.merge(params, rd["state"].trainable, rd["state"].method_state)
+    ps = ms.merge(params, rs["state"].trainable, rs["state"].method_state)
+    for a, b in zip(jax.tree.leaves(pd), jax.tree.leaves(ps), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert guft.selected_counts(rd["state"].method_state) == guft.selected_counts(
+        rs["state"].method_state
+    )
+
+
+def test_train_step_is_traced_once_across_mask_growth(tiny):
+    dense = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, sparse=False)
+    assert _fit(tiny, dense)["traces"] == 1
+    # sparse: capacities that hold every later round -> growing the mask never retraces
+    sparse = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, capacity_floor=10**6)
+    r = _fit(tiny, sparse)
+    assert r["traces"] == 1
+    assert int(r["state"].method_state["round"]) == 3
+
+
+def test_sparse_optimizer_state_scales_with_the_budget():
+    p = vit.abstract_params(vit.build_model("ViT-B/16", num_classes=10), 224)
+    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), p)
+    m = guft.guft()
+    tr = m.init(jax.random.PRNGKey(0), params)
+    # before the first recompute: capacity_floor per eligible tensor
+    n = sum(x.size for x in jax.tree.leaves(tr["delta"]))
+    assert n == 16 * len(masks.eligible_leaves(params))
+
+
+def _per_example_loss(model):
+    def f(theta, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": theta}, x), y)
+
+    return f
+
+
+def test_saliency_batch_mode_equals_a_straightforward_loop(tiny):
+    model, params = tiny
+    params = dict(params, head=jax.tree.map(lambda x: x + 0.1, params["head"]))
+    src = make_source(n_train=40, n_val=0)
+    f = _per_example_loss(model)
+    batches = list(src.batches("train800", batch_size=16, image_size=16))  # 16, 16, 8
+    g, info = saliency.compute(f, params, batches, mode="batch")
+    ref = jax.tree.map(jnp.zeros_like, params)
+    for x, y in batches:
+        gb = jax.grad(lambda p, x=x, y=y: jnp.mean(f(p, x, y)))(params)
+        ref = jax.tree.map(lambda a, b: a + jnp.abs(b), ref, gb)
+    assert info["num_examples"] == 40 and info["batch_size"] == 16
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_saliency_example_mode_equals_per_example_sum(tiny):
+    model, params = tiny
+    params = dict(params, head=jax.tree.map(lambda x: x + 0.1, params["head"]))
+    src = make_source(n_train=12, n_val=0)
+    f = _per_example_loss(model)
+    batches = list(src.batches("train800", batch_size=8, image_size=16))  # 8, 4
+    g, _ = saliency.compute(f, params, batches, mode="example", chunk=4)
+    ref = jax.tree.map(jnp.zeros_like, params)
+    for x, y in batches:
+        for i in range(len(x)):
+            gi = jax.grad(lambda p, i=i, x=x, y=y: f(p, x[i : i + 1], y[i : i + 1])[0])(params)
+            ref = jax.tree.map(lambda a, b: a + jnp.abs(b), ref, gi)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_recompute_logs_density_and_records_history(tiny):
+    model, params = tiny
+    m = guft.guft(recompute_epochs=[1], ratios=[0.05])
+    tr = m.init(jax.random.PRNGKey(0), params)
+    st = m.hooks.init_state(params, tr)
+    logs = []
+    src = make_source()
+    loss = jax.jit(_per_example_loss(model))
+    ctx = EpochContext(
+        params,
+        tr,
+        optax.adam(1e-3).init(tr),
+        st,
+        lambda v, x, y: loss(v["params"], x, y),
+        lambda: src.batches("train800val200", batch_size=16, image_size=16),
+        logs.append,
+    )
+    tr2, _, st2 = m.hooks.epoch_start(1, ctx)
+    n = sum(np.prod(s) for s in masks.eligible_leaves(params).values())
+    k = round(0.05 * n)
+    assert sum(guft.selected_counts(st2).values()) == k
+    assert int(st2["history"]["k"][0]) == k and int(st2["history"]["batch_size"][0]) == 16
+    assert "selected" in logs[0] and "%" in logs[0]
+    same = m.hooks.epoch_start(2, ctx._replace(trainable=tr2, state=st2))
+    assert same[2] is st2  # not a recompute epoch: unchanged
