@@ -1,0 +1,69 @@
+"""Fields shared by the experiment configs, and their validation."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from guft_jax.data import NORMALIZATIONS, SPLITS
+from guft_jax.methods import METHODS
+from guft_jax.vit import CONFIGS
+
+PRETRAINED = ("dinov2_s14",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "dinov2_s14"  # a pretrained name, or a ViT config name (random init)
+    c.checkpoint = ""  # optional .npz / .safetensors path for ViT config names
+    c.dataset = "animal_mnist"
+    c.image_size = 56
+    c.normalization = "imagenet"
+    c.train_split = "train800val200"
+    c.eval_split = "test"
+    c.method = "linear"
+    c.method_kwargs = ml_collections.ConfigDict()
+    c.epochs = 10
+    c.batch_size = 50
+    c.lr = 1e-3
+    c.head_lr = 1e-3
+    c.weight_decay = 1e-4
+    c.warmup_epochs = 1.0
+    c.clip_norm = 0.0
+    c.seed = 0
+    c.num_devices = 0  # 0: no mesh (single device); n: a data-parallel mesh of n devices
+    c.stop_after_epoch = 0  # >0: stop after that epoch (checkpointed) to test resuming
+    c.progress = True
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field and its allowed values."""
+
+    def bad(field, value, allowed):
+        raise ValueError(f"config.{field}: {value!r} is not allowed; allowed: {allowed}")
+
+    if c.method not in METHODS:
+        bad("method", c.method, sorted(METHODS))
+    if c.model not in PRETRAINED and c.model not in CONFIGS:
+        bad("model", c.model, list(PRETRAINED) + sorted(CONFIGS))
+    if c.normalization not in NORMALIZATIONS:
+        bad("normalization", c.normalization, list(NORMALIZATIONS))
+    for f in ("train_split", "eval_split"):
+        if c[f] not in SPLITS:
+            bad(f, c[f], list(SPLITS))
+    from guft_jax.data import OFFLINE
+    from guft_jax.data.vtab import TASKS
+
+    ds = c.dataset
+    if not (ds in OFFLINE or ds.startswith(("npz:", "folder:")) or ds[len("vtab/") :] in TASKS):
+        bad(
+            "dataset",
+            ds,
+            sorted(OFFLINE) + ["npz:PATH", "folder:PATH"] + [f"vtab/{t}" for t in sorted(TASKS)],
+        )
+    for f, lo in (("epochs", 1), ("batch_size", 1), ("image_size", 1)):
+        if int(c[f]) < lo:
+            bad(f, c[f], f">= {lo}")
+    for f in ("lr", "head_lr", "weight_decay", "warmup_epochs", "clip_norm"):
+        if float(c[f]) < 0:
+            bad(f, c[f], ">= 0")

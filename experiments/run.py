@@ -1,0 +1,99 @@
+"""Train one (dataset, method) run from an ml_collections config; resumes from --workdir.
+
+    python -m experiments.run --config experiments/configs/offline.py:animal_mnist,guft \
+        --workdir runs/animal_guft [--config.epochs=5 --config.seed=1 ...]
+
+Writes ``workdir/metrics.jsonl``, TensorBoard events in ``workdir/tb``, orbax checkpoints in
+``workdir/checkpoints`` (every epoch) and ``workdir/results.json`` (full config, test accuracy,
+#trainable params, wall time). Re-running the same command resumes from the last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.configs.common import PRETRAINED, validate
+from guft_jax import checkpoint_import, sharding, train, vit
+from guft_jax.data import get_source
+from guft_jax.methods import get_method
+from guft_jax.pretrained import load_pretrained
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file:arg")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, results)")
+
+
+def build(c):
+    """``(model, params, source, method)`` for a validated config."""
+    source = (
+        get_source(c.dataset, seed=c.seed)
+        if not c.dataset.startswith("vtab/")
+        else (get_source(c.dataset))
+    )
+    n = source.num_classes
+    if c.model in PRETRAINED:
+        model, params = load_pretrained(c.model, num_classes=n, image_size=c.image_size)
+    else:
+        model = vit.build_model(c.model, num_classes=n)
+        if c.checkpoint.endswith(".npz"):
+            params = checkpoint_import.load_vit_jax_npz(c.checkpoint, model, c.image_size)
+        elif c.checkpoint.endswith(".safetensors"):
+            params = checkpoint_import.load_hf_safetensors(c.checkpoint, model, c.image_size)
+        else:
+            params = vit.init_params(model, jax.random.PRNGKey(c.seed), c.image_size)
+    method = get_method(c.method, **c.method_kwargs.to_dict())
+    return model, params, source, method
+
+
+def run(c, workdir: str, log=print) -> dict:
+    validate(c)
+    model, params, source, method = build(c)
+    mesh = sharding.make_mesh(c.num_devices) if c.num_devices else None
+    res = train.fit(
+        model=model,
+        params=params,
+        method=method,
+        source=source,
+        image_size=c.image_size,
+        batch_size=c.batch_size,
+        epochs=c.epochs,
+        lr=c.lr,
+        head_lr=c.head_lr,
+        weight_decay=c.weight_decay,
+        warmup_epochs=c.warmup_epochs,
+        clip_norm=c.clip_norm or None,
+        seed=c.seed,
+        normalization=c.normalization,
+        train_split=c.train_split,
+        eval_split=c.eval_split,
+        workdir=workdir,
+        stop_after_epoch=c.stop_after_epoch or None,
+        mesh=mesh,
+        progress=c.progress,
+        log=log,
+        config=c.to_dict(),
+    )
+    res.pop("state", None)
+    return res
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if _WORKDIR.value is None:
+        sys.exit("--workdir is required")
+    try:
+        res = run(_CONFIG.value, _WORKDIR.value)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    summary = {k: v for k, v in res.items() if k not in ("history", "config", "trained_per_tensor")}
+    print(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
