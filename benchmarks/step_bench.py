@@ -1,0 +1,292 @@
+"""Train-step cost of every method relative to full fine-tuning, measured in one run.
+
+    python -m benchmarks.step_bench --models ViT-S/16,ViT-B/16 --image_size 224 --batch 32
+
+For each model and method: median step time (jitted forward + backward + AdamW update, the
+engine's own step; methods interleaved round-robin so machine noise hits all alike), compile
+time, optimizer-state bytes, XLA's peak-memory estimate of the compiled step
+(``memory_analysis``: arguments + outputs + temporaries − aliased), the step's FLOPs
+(``cost_analysis``) and the achieved FLOP/s as a fraction of a large float32 matmul's FLOP/s
+measured in the same run (a CPU "MFU"). GUFT is measured at the paper's final budget (0.34% of
+the backbone, entries spread over tensors in proportion to their size) on its sparse path and on
+the dense reference path, and its saliency pass (batch mode) is timed against the same number of
+plain forward+backward passes. Ratios are taken against full fine-tuning in the same run.
+Writes ``benchmarks/results/step_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guft_jax import guft as guft_lib
+from guft_jax import masks, optim, saliency, train, vit
+from guft_jax.methods import get_method
+
+METHODS = ("full", "linear", "bitfit", "lora", "dora", "vera", "fourierft", "guft", "guft_dense")
+
+
+def _method(name):
+    if name == "guft":
+        return guft_lib.guft(recompute_epochs=[1], ratios=[0.0034])
+    if name == "guft_dense":
+        return guft_lib.guft(recompute_epochs=[1], ratios=[0.0034], sparse=False)
+    return get_method(name)
+
+
+def _guft_state(method, params, trainable, state, ratio=0.0034, seed=0):
+    """Fills the GUFT state with ``ratio`` of the entries, proportional per tensor (no saliency
+    needed to time a step)."""
+    rng = np.random.default_rng(seed)
+    e = masks.eligible_leaves(params)
+    n = sum(math.prod(s) for s in e.values())
+    sparse = "idx" in state
+    idx, count, mask, delta = {}, {}, {}, {}
+    for key, shape in e.items():
+        size = math.prod(shape)
+        c = max(1, round(ratio * size)) if size * ratio >= 0.5 else 0
+        sel = np.sort(rng.choice(size, c, replace=False)).astype(np.int32)
+        if sparse:
+            cap = max(c, 1)
+            arr = np.full(cap, size, np.int32)
+            arr[:c] = sel
+            idx[key], count[key] = jnp.asarray(arr), jnp.asarray(c, jnp.int32)
+            delta[key] = jnp.zeros((cap,), jnp.float32)
+        else:
+            m = np.zeros(size, bool)
+            m[sel] = True
+            mask[key] = jnp.asarray(m.reshape(shape))
+    del n
+    if sparse:
+        return dict(trainable, delta=delta), dict(state, idx=idx, count=count)
+    return trainable, dict(state, mask=mask)
+
+
+def _bytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def matmul_flops_per_s(n=2048, reps=5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(ts))
+
+
+def bench_model(model_name, *, image_size, batch, reps, methods, log):
+    model = vit.build_model(model_name, num_classes=100)
+    params = vit.init_params(model, jax.random.PRNGKey(0), image_size)
+    params = dict(params, head=jax.tree.map(lambda x: x + 0.01, params["head"]))
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, image_size, image_size, 3))
+    y = jnp.arange(batch, dtype=jnp.int32) % 100
+    backbone = vit.count_params({k: v for k, v in params.items() if k != "head"})
+    runs = {}
+    for name in methods:
+        m = _method(name)
+        tr = m.init(jax.random.PRNGKey(0), params)
+        st = m.hooks.init_state(params, tr) if m.hooks else ()
+        if m.hooks:
+            tr, st = _guft_state(m, params, tr, st)
+        tx = optim.make_optimizer(labels=m.labels(tr), lr=1e-3, total_steps=1000)
+        state = train.TrainState(
+            jnp.zeros((), jnp.int32),
+            jax.tree.map(jnp.copy, tr),
+            tx.init(tr),
+            st,
+            jax.random.PRNGKey(0),
+        )
+        mask = ()
+        if m.hooks and m.hooks.update_mask and m.hooks.update_mask(st) is not None:
+            mask = jax.tree.map(jnp.copy, m.hooks.update_mask(st))
+        n_trainable = int(
+            sum(guft_lib.selected_counts(st).values())
+            if m.hooks
+            else vit.count_params(tr) - vit.count_params(tr["head"])
+        )
+        step = train.make_train_step(model, m, tx)
+        t = time.perf_counter()
+        compiled = step.lower(state, params, x, y, mask).compile()
+        compile_s = time.perf_counter() - t
+        mem = compiled.memory_analysis()
+        peak = None
+        if mem is not None:
+            peak = (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes
+            )
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        state, loss = compiled(state, params, x, y, mask)  # warm-up
+        jax.block_until_ready(loss)
+        mstate = _bytes(state.opt_state)
+        runs[name] = dict(
+            compiled=compiled,
+            state=state,
+            mask=mask,
+            times=[],
+            compile_s=compile_s,
+            peak_bytes=peak,
+            flops=float(cost.get("flops", 0.0)) if cost else 0.0,
+            opt_state_bytes=mstate,
+            trainable=n_trainable,
+        )
+        log(f"  {model_name} {name}: compiled in {compile_s:.1f}s")
+    for _ in range(reps):  # round-robin: noise hits every method alike
+        for name, r in runs.items():
+            t = time.perf_counter()
+            r["state"], loss = r["compiled"](r["state"], params, x, y, r["mask"])
+            jax.block_until_ready(loss)
+            r["times"].append(time.perf_counter() - t)
+    out = {}
+    full = runs.get("full")
+    for name, r in runs.items():
+        med = float(np.median(r["times"]))
+        out[name] = dict(
+            step_s=med,
+            images_per_s=batch / med,
+            compile_s=r["compile_s"],
+            flops=r["flops"],
+            flops_per_s=r["flops"] / med if r["flops"] else None,
+            opt_state_bytes=r["opt_state_bytes"],
+            peak_bytes=r["peak_bytes"],
+            trainable=r["trainable"],
+            trainable_pct=100 * r["trainable"] / backbone,
+        )
+    if full:
+        f = out["full"]
+        for name, o in out.items():
+            o["step_vs_full"] = o["step_s"] / f["step_s"]
+            o["opt_state_vs_full"] = o["opt_state_bytes"] / f["opt_state_bytes"]
+            if o["peak_bytes"] and f["peak_bytes"]:
+                o["peak_vs_full"] = o["peak_bytes"] / f["peak_bytes"]
+    # saliency pass vs the same number of plain fwd+bwd passes
+    m = _method("guft")
+    loss = jax.jit(
+        lambda theta, xx, yy: train.optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": theta}, xx), yy
+        )
+    )
+    theta = {k: guft_lib._leaf(params, k) for k in masks.eligible_leaves(params)}
+
+    def per_ex(th, xx, yy):
+        p = dict(params)
+        from guft_jax import paths
+
+        p = paths.merge(params, {})
+        for k, v in th.items():
+            paths._set(p, masks.key_path(k).split("/"), v)
+        return loss(p, xx, yy)
+
+    acc = saliency.make_accumulator(per_ex, mode="batch")
+    grad = jax.jit(jax.grad(lambda th, xx, yy: jnp.mean(per_ex(th, xx, yy))))
+    n_batches = max(2, reps)
+    batches = [(np.asarray(x), np.asarray(y))] * n_batches
+    saliency.compute(per_ex, theta, batches[:1], accumulator=acc)  # compile
+    jax.block_until_ready(grad(theta, x, y))
+    t = time.perf_counter()
+    g, _ = saliency.compute(per_ex, theta, batches, accumulator=acc)
+    jax.block_until_ready(g)
+    sal_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for xx, yy in batches:
+        jax.block_until_ready(grad(theta, xx, yy))
+    plain_s = time.perf_counter() - t
+    t = time.perf_counter()
+    k = masks.budget(0.001, sum(math.prod(s) for s in masks.eligible_leaves(params).values()))
+    mk = masks.topk_mask(g, k)
+    jax.block_until_ready(mk)
+    topk_s = time.perf_counter() - t
+    sal = dict(
+        batches=n_batches,
+        saliency_s=sal_s,
+        plain_fwd_bwd_s=plain_s,
+        ratio=sal_s / plain_s,
+        topk_s=topk_s,
+        topk_k=k,
+    )
+    return dict(methods=out, saliency=sal, backbone_params=backbone)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="ViT-S/16,ViT-B/16")
+    ap.add_argument("--image_size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default="benchmarks/results/step_bench.json")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    res = dict(
+        machine=dict(
+            cpu_count=os.cpu_count(),
+            platform=platform.platform(),
+            device=str(jax.devices()[0]),
+            jax=jax.__version__,
+        ),
+        args=vars(a),
+        matmul_flops_per_s=matmul_flops_per_s(),
+        models={},
+    )
+    for name in a.models.split(","):
+        print(f"{name} @ {a.image_size}px, batch {a.batch}", flush=True)
+        r = bench_model(
+            name,
+            image_size=a.image_size,
+            batch=a.batch,
+            reps=a.reps,
+            methods=a.methods.split(","),
+            log=lambda s: print(s, flush=True),
+        )
+        for o in r["methods"].values():
+            if o["flops_per_s"]:
+                o["mfu_vs_matmul"] = o["flops_per_s"] / res["matmul_flops_per_s"]
+        res["models"][name] = r
+        print(table(name, r), flush=True)
+    res["wall_s"] = time.time() - t0
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {a.out} ({res['wall_s']:.0f} s)")
+
+
+def table(name, r) -> str:
+    lines = [
+        f"| {name} | trainable % | step s | step / full | opt state MB | opt / full "
+        f"| peak MB | peak / full | MFU vs matmul |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, o in r["methods"].items():
+        lines.append(
+            f"| {m} | {o['trainable_pct']:.3f} | {o['step_s']:.3f} | "
+            f"{o.get('step_vs_full', float('nan')):.3f} | {o['opt_state_bytes'] / 2**20:.2f} | "
+            f"{o.get('opt_state_vs_full', float('nan')):.4f} | "
+            f"{(o['peak_bytes'] or 0) / 2**20:.0f} | {o.get('peak_vs_full', float('nan')):.3f} | "
+            f"{o.get('mfu_vs_matmul') or float('nan'):.3f} |"
+        )
+    s = r["saliency"]
+    lines.append(
+        f"\nsaliency pass over {s['batches']} batches: {s['saliency_s']:.2f}s vs plain fwd+bwd "
+        f"{s['plain_fwd_bwd_s']:.2f}s (ratio {s['ratio']:.3f}); global top-k "
+        f"(k={s['topk_k']:,}) {s['topk_s']:.2f}s"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
