@@ -147,7 +147,7 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
         )
         log(f"  {model_name} {name}: compiled in {compile_s:.1f}s")
     for _ in range(reps):  # round-robin: noise hits every method alike
-        for name, r in runs.items():
+        for r in runs.values():
             t = time.perf_counter()
             r["state"], loss = r["compiled"](r["state"], params, x, y, r["mask"])
             jax.block_until_ready(loss)
@@ -169,7 +169,7 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
         )
     if full:
         f = out["full"]
-        for name, o in out.items():
+        for o in out.values():
             o["step_vs_full"] = o["step_s"] / f["step_s"]
             o["opt_state_vs_full"] = o["opt_state_bytes"] / f["opt_state_bytes"]
             if o["peak_bytes"] and f["peak_bytes"]:
