@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from guft_jax import checkpoint as ckpt_lib
 from guft_jax import optim
+from guft_jax import paths as paths_lib
 from guft_jax import sharding as shard_lib
 from guft_jax.methods.base import EpochContext, Method
 from guft_jax.methods.report import count_trainable, per_tensor, trainable_report
@@ -405,6 +406,11 @@ def fit(
             }
         )
     results["trained_per_tensor"] = per_tensor(state.trainable, state.method_state)
+    if method.hooks is not None:  # sizes of the tensors a mask method selects from (for plots)
+        results["tensor_sizes"] = {
+            k: int(np.size(paths_lib.get(params, k.replace(".", "/"))))
+            for k in results["trained_per_tensor"]
+        }
     results["wall_seconds"] = time.time() - t_start
     if workdir and jax.process_index() == 0:
         ckpt_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)

@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "dinov2_s14"  # a pretrained name, or a ViT config name (random init)
     c.checkpoint = ""  # optional .npz / .safetensors path for ViT config names
     c.dataset = "animal_mnist"
+    c.test_size = 0  # offline datasets: 0 = the dataset's default held-out test size
     c.image_size = 56
     c.normalization = "imagenet"
     c.train_split = "train800val200"
