@@ -226,7 +226,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ViT-S/16,ViT-B/16")
     ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", default="32", help="one batch size, or one per model (comma)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="benchmarks/results/step_bench.json")
@@ -243,12 +243,15 @@ def main(argv=None):
         matmul_flops_per_s=matmul_flops_per_s(),
         models={},
     )
-    for name in a.models.split(","):
-        print(f"{name} @ {a.image_size}px, batch {a.batch}", flush=True)
+    models = a.models.split(",")
+    batches = [int(b) for b in str(a.batch).split(",")]
+    batches = batches * len(models) if len(batches) == 1 else batches
+    for name, batch in zip(models, batches, strict=True):
+        print(f"{name} @ {a.image_size}px, batch {batch}", flush=True)
         r = bench_model(
             name,
             image_size=a.image_size,
-            batch=a.batch,
+            batch=batch,
             reps=a.reps,
             methods=a.methods.split(","),
             log=lambda s: print(s, flush=True),
@@ -256,13 +259,14 @@ def main(argv=None):
         for o in r["methods"].values():
             if o["flops_per_s"]:
                 o["mfu_vs_matmul"] = o["flops_per_s"] / res["matmul_flops_per_s"]
+        r["batch"] = batch
         res["models"][name] = r
         print(table(name, r), flush=True)
-    res["wall_s"] = time.time() - t0
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {a.out} ({res['wall_s']:.0f} s)")
+        res["wall_s"] = time.time() - t0
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w") as f:  # after every model, so a long run keeps what it measured
+            json.dump(res, f, indent=1)
+        print(f"wrote {a.out} ({res['wall_s']:.0f} s)", flush=True)
 
 
 def table(name, r) -> str:
