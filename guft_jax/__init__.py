@@ -1,10 +1,37 @@
-"""guft_jax: GUFT (Gradual Unfreeze Fine-Tuning) and PEFT methods for vision transformers in JAX."""
+"""guft_jax: GUFT (Gradual Unfreeze Fine-Tuning) and PEFT methods for vision transformers in JAX.
+
+The public API, flat. Modules: ``vit`` (the model), ``checkpoint_import`` / ``pretrained``
+(weights), ``data`` (VTAB-1K and offline datasets), ``methods`` (the method interface and
+registry), ``guft`` / ``masks`` / ``saliency`` (GUFT), ``optim`` / ``train`` / ``checkpoint`` /
+``sharding`` (the engine), ``artifacts`` (adapter files).
+"""
 
 __version__ = "0.1.0"
 
+from guft_jax.artifacts import load_artifact, save_artifact
+from guft_jax.checkpoint_import import (
+    CheckpointMismatchError,
+    load_hf_safetensors,
+    load_onnx_vit,
+    load_vit_jax_npz,
+    replace_head,
+)
+from guft_jax.data import SPLITS, ArraySource, DataSource, get_source, load_offline
+from guft_jax.guft import guft, oneshot
+from guft_jax.masks import eligible_leaves, mask_report, merge_masks, topk_mask
+from guft_jax.methods import METHODS, get_method
 from guft_jax.methods.base import EpochContext, Method, MethodHooks
+from guft_jax.methods.fourierft import fourierft
+from guft_jax.methods.lora import dora, lora
+from guft_jax.methods.simple import bitfit, full, linear
+from guft_jax.methods.vera import vera
 from guft_jax.ops import sparse_delta_matmul
+from guft_jax.optim import make_optimizer, masked_step
 from guft_jax.paths import key_to_str, leaf_paths, path_map, select
+from guft_jax.pretrained import load_pretrained
+from guft_jax.saliency import compute as saliency
+from guft_jax.sharding import make_mesh, tree_shardings
+from guft_jax.train import TrainState, evaluate, fit, make_eval_step, make_train_step
 from guft_jax.vit import (
     CONFIGS,
     VisionTransformer,
