@@ -38,7 +38,7 @@ test: setup data weights lint
 	$(PY) -m pytest tests
 
 demo: setup data weights
-	$(PY) -m experiments.linear_probe
+	$(PY) -m experiments.offline_benchmark --preset demo
 
 clean:
 	rm -rf $(VENV)
