@@ -15,8 +15,10 @@ def sparse_delta_matmul(x: Array, w0: Array, rows: Array, cols: Array, values: A
     The backward pass computes ``dx`` in full but the weight gradient only at the selected entries,
     ``d values_k = sum_tokens x[:, rows_k] * dy[:, cols_k]``, so no dense ``(in, out)`` weight
     gradient is formed (the idea of SPT's SparseGradLinear and LoSiA-Pro). ``w0`` receives no
-    gradient (it is frozen). Padding slots use ``rows == w0.shape[0]`` (out of range): they are
-    dropped from the scatter and get a zero gradient.
+    gradient (it is frozen). Where the selected density exceeds a backend-dependent break-even
+    (``GATHER_MAX_DENSITY``), the weight gradient is formed densely and read at the entries
+    instead, which is faster there. Padding slots use ``rows == w0.shape[0]`` (out of range):
+    they are dropped from the scatter and get a zero gradient.
 
     Args:
       x: ``(..., in)`` activations.
@@ -39,14 +41,33 @@ def _fwd(x, w0, rows, cols, values):
     return x @ w, (x, w, rows, cols)
 
 
+# Above this density (selected entries / matrix entries) the weight gradient is computed densely
+# and then read at the selected entries. Gathering a token-length column of x and of dy per entry
+# is memory-bound: on CPU it loses to one dense matmul already at ~0.07% density (measured with
+# benchmarks/step_bench.py: 2x400-element gathers of 6,304 tokens cost more than the 384x1536
+# dW matmul), on accelerators the break-even density is much higher.
+GATHER_MAX_DENSITY = {"cpu": 0.0005}
+DEFAULT_GATHER_MAX_DENSITY = 0.05
+
+
+def _use_gather(capacity: int, d_in: int, d_out: int) -> bool:
+    limit = GATHER_MAX_DENSITY.get(jax.default_backend(), DEFAULT_GATHER_MAX_DENSITY)
+    return capacity <= limit * d_in * d_out
+
+
 def _bwd(res, dy):
     x, w, rows, cols = res
     dx = dy @ w.T
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    xr = jnp.asarray(x2).at[:, rows].get(mode="fill", fill_value=0)
-    dyc = jnp.asarray(dy2).at[:, cols].get(mode="fill", fill_value=0)
-    dvalues = jnp.einsum("tk,tk->k", xr, dyc)
+    if _use_gather(rows.shape[0], *w.shape):
+        # rows of the transposed activations are contiguous token vectors
+        xr = jnp.take(x2.T, rows, axis=0, mode="fill", fill_value=0)
+        dyc = jnp.take(dy2.T, cols, axis=0, mode="fill", fill_value=0)
+        dvalues = jnp.sum(xr * dyc, axis=1)
+    else:
+        dw = x2.T @ dy2
+        dvalues = dw.at[rows, cols].get(mode="fill", fill_value=0)
     return dx, jnp.zeros_like(w), None, None, dvalues
 
 

@@ -4,6 +4,7 @@ gathered at the selected entries, and padding slots are inert."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from guft_jax import ops
 
@@ -29,7 +30,9 @@ def test_forward_matches_dense():
     np.testing.assert_allclose(y, x @ dense, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_dense_gather_and_padding_is_inert():
+@pytest.mark.parametrize("gather_limit", [1.0, 0.0])  # the gather path and the dense-dW path
+def test_gradients_match_dense_gather_and_padding_is_inert(gather_limit, monkeypatch):
+    monkeypatch.setitem(ops.GATHER_MAX_DENSITY, jax.default_backend(), gather_limit)
     x, w0, rows, cols, values = _setup(seed=1)
     tgt = np.random.default_rng(2).normal(size=(3, 4, w0.shape[1])).astype(np.float32)
 
