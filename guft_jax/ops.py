@@ -37,8 +37,9 @@ def _densify(w0: Array, rows: Array, cols: Array, values: Array) -> Array:
 
 
 def _fwd(x, w0, rows, cols, values):
-    w = _densify(w0, rows, cols, values)
-    return x @ w, (x, w, rows, cols)
+    # Keep w0 (the frozen param, alive anyway) rather than the densified copy: the backward
+    # re-applies the cheap scatter, so no extra dense weight per layer is held for the backward.
+    return x @ _densify(w0, rows, cols, values), (x, w0, rows, cols, values)
 
 
 # Above this density (selected entries / matrix entries) the weight gradient is computed densely
@@ -56,7 +57,8 @@ def _use_gather(capacity: int, d_in: int, d_out: int) -> bool:
 
 
 def _bwd(res, dy):
-    x, w, rows, cols = res
+    x, w0, rows, cols, values = res
+    w = _densify(w0, rows, cols, values)
     dx = dy @ w.T
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
