@@ -4,6 +4,9 @@ The public API, flat. Modules: ``vit`` (the model), ``checkpoint_import`` / ``pr
 (weights), ``data`` (VTAB-1K and offline datasets), ``methods`` (the method interface and
 registry), ``guft`` / ``masks`` / ``saliency`` (GUFT), ``optim`` / ``train`` / ``checkpoint`` /
 ``sharding`` (the engine), ``artifacts`` (adapter files).
+
+GUFT itself is ``guft_jax.guft.guft(...)`` (or ``get_method("guft", ...)``): the function is not
+re-exported here, so that ``guft_jax.guft`` stays the module.
 """
 
 __version__ = "0.1.0"
@@ -17,7 +20,7 @@ from guft_jax.checkpoint_import import (
     replace_head,
 )
 from guft_jax.data import SPLITS, ArraySource, DataSource, get_source, load_offline
-from guft_jax.guft import guft, oneshot
+from guft_jax.guft import oneshot
 from guft_jax.masks import eligible_leaves, mask_report, merge_masks, topk_mask
 from guft_jax.methods import METHODS, get_method
 from guft_jax.methods.base import EpochContext, Method, MethodHooks
@@ -29,7 +32,6 @@ from guft_jax.ops import sparse_delta_matmul
 from guft_jax.optim import make_optimizer, masked_step
 from guft_jax.paths import key_to_str, leaf_paths, path_map, select
 from guft_jax.pretrained import load_pretrained
-from guft_jax.saliency import compute as saliency
 from guft_jax.sharding import make_mesh, tree_shardings
 from guft_jax.train import TrainState, evaluate, fit, make_eval_step, make_train_step
 from guft_jax.vit import (
