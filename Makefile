@@ -38,6 +38,7 @@ test: setup data weights lint
 	$(PY) -m pytest tests
 
 demo: setup data weights
+	$(PY) -m experiments.linear_probe --dataset animal_mnist --image_size 112
 	$(PY) -m experiments.offline_benchmark --preset demo
 
 clean:

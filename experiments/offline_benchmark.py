@@ -91,8 +91,11 @@ def run_one(task, method, seed, *, epochs, image_size, workdir, quiet=True) -> d
     c = get_config(f"{task},{method}")
     c.seed, c.epochs, c.image_size, c.progress = seed, epochs, image_size, False
     if method == "guft":
-        c.method_kwargs.recompute_epochs = list(range(1, min(epochs, 3) + 1))
-        c.method_kwargs.ratios = [0.001] * min(epochs, 3)
+        # The task head starts at zero, so the backbone's gradient (and GUFT's saliency) is zero
+        # before the head has trained: the first recompute comes after one head-only epoch.
+        rounds = list(range(2, min(epochs, 4) + 1))
+        c.method_kwargs.recompute_epochs = rounds
+        c.method_kwargs.ratios = [0.001] * len(rounds)
     c.test_size = TEST_SIZE.get(task, 0)
     res = run(c, workdir, log=(lambda s: None) if quiet else print)
     hist = res["history"]

@@ -233,6 +233,12 @@ def guft(
         scores, info = sal.compute(
             loss_per_example, theta, ctx.batches(), score=score, mode=mode, chunk=chunk
         )
+        if not any(bool(jnp.any(v != 0)) for v in scores.values()):
+            ctx.log(
+                f"{name} WARNING: all saliency scores are zero at epoch {epoch} (a zero-initialised"
+                " head gives the backbone no gradient before it has trained); the selection falls"
+                " back to the lowest indices. Recompute after at least one epoch."
+            )
         prev = current_mask(state, e)
         new = masks_lib.topk_mask(scores, k, exclude=prev if exclude_selected else None)
         merged = masks_lib.merge_masks(prev, new)

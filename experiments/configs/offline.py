@@ -16,13 +16,15 @@ METHOD_DEFAULTS = {
     "dora": dict(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0)),
     "vera": dict(lr=1e-2, head_lr=1e-2, kwargs=dict(rank=256)),
     "fourierft": dict(lr=0.1, head_lr=1e-2, kwargs=dict(n=1000, alpha=300.0)),
+    # GUFT and the one-shot masks edit raw weights, like full fine-tuning: its learning rate.
+    # (A first demo run with lr 1e-3 reached 62.3% on Animal-MNIST, below the linear probe.)
     "guft": dict(
-        lr=1e-3, head_lr=1e-2, kwargs=dict(recompute_epochs=[1, 3, 5], ratios=[0.001] * 3)
+        lr=1e-4, head_lr=1e-2, kwargs=dict(recompute_epochs=[1, 3, 5], ratios=[0.001] * 3)
     ),
-    "magnitude": dict(lr=1e-3, head_lr=1e-2, kwargs=dict(ratio=0.003)),
-    "snip": dict(lr=1e-3, head_lr=1e-2, kwargs=dict(ratio=0.003)),
-    "salun": dict(lr=1e-3, head_lr=1e-2, kwargs=dict(ratio=0.003)),
-    "fisher": dict(lr=1e-3, head_lr=1e-2, kwargs=dict(ratio=0.003)),
+    "magnitude": dict(lr=1e-4, head_lr=1e-2, kwargs=dict(ratio=0.003)),
+    "snip": dict(lr=1e-4, head_lr=1e-2, kwargs=dict(ratio=0.003)),
+    "salun": dict(lr=1e-4, head_lr=1e-2, kwargs=dict(ratio=0.003)),
+    "fisher": dict(lr=1e-4, head_lr=1e-2, kwargs=dict(ratio=0.003)),
 }
 
 
