@@ -129,8 +129,8 @@ def module_type(key: str) -> str:
         ("LayerNorm", "layernorm"),
         ("encoder_norm", "layernorm"),
         ("LayerScale", "layerscale"),
-        ("embedding", "patch_embed"),
         ("pos_embedding", "pos_embed"),
+        ("embedding", "patch_embed"),
         ("cls", "cls"),
     ):
         if name in p or p == name:
