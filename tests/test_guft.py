@@ -204,6 +204,8 @@ def test_saliency_example_mode_equals_per_example_sum(tiny):
 
 def test_recompute_logs_density_and_records_history(tiny):
     model, params = tiny
+    zero_head_logs = []
+    params = dict(params, head=jax.tree.map(lambda x: x + 0.1, params["head"]))
     m = guft.guft(recompute_epochs=[1], ratios=[0.05])
     tr = m.init(jax.random.PRNGKey(0), params)
     st = m.hooks.init_state(params, tr)
@@ -224,6 +226,17 @@ def test_recompute_logs_density_and_records_history(tiny):
     k = round(0.05 * n)
     assert sum(guft.selected_counts(st2).values()) == k
     assert int(st2["history"]["k"][0]) == k and int(st2["history"]["batch_size"][0]) == 16
-    assert "selected" in logs[0] and "%" in logs[0]
+    assert "selected" in logs[-1] and "%" in logs[-1]
+    assert not any("WARNING" in line for line in logs)
+    # a zero-initialised head gives the backbone no gradient: the recompute says so
+    zp = dict(params, head=jax.tree.map(jnp.zeros_like, params["head"]))
+    ztr = m.init(jax.random.PRNGKey(0), zp)
+    m.hooks.epoch_start(
+        1,
+        ctx._replace(
+            params=zp, trainable=ztr, state=m.hooks.init_state(zp, ztr), log=zero_head_logs.append
+        ),
+    )
+    assert any("scores are zero" in line for line in zero_head_logs)
     same = m.hooks.epoch_start(2, ctx._replace(trainable=tr2, state=st2))
     assert same[2] is st2  # not a recompute epoch: unchanged
