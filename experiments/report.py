@@ -1,12 +1,17 @@
 """Tables and plots from JSON-lines run records (one record per run).
 
 A record holds at least ``task``, ``method``, ``seed``, ``test_accuracy``, ``trainable_params``,
-``backbone_params`` and ``step_s``; GUFT-family records may hold ``trained_per_tensor``.
+``backbone_params`` and ``step_s``; optionally ``val_accuracy`` (the val200 score of the chosen
+hyperparameters) and, for GUFT-family runs, ``trained_per_tensor`` / ``tensor_sizes`` (selected
+entries and sizes per ``.``-joined param path).
+
+    python -m experiments.report results/offline   # rewrites table.md and the PNGs from records
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -35,6 +40,98 @@ def aggregate(records: Iterable[dict]) -> dict:
             step_s=float(np.mean([r.get("step_s", np.nan) for r in rs])),
         )
     return out
+
+
+def best_choice(candidates: list[dict]) -> dict:
+    """The selection record with the best val200 accuracy; ties go to the candidate nearest the
+    default (``lr_factor`` or ``C`` closest to 1 in log scale), so the rule never reads test."""
+    key = "C" if "C" in candidates[0] else "lr_factor"
+    return max(candidates, key=lambda r: (r["val_accuracy"], -abs(math.log(r[key]))))
+
+
+def selection_table(selection: list[dict]) -> str:
+    """Val200 accuracy of every candidate hyperparameter per (task, method) and the chosen one.
+
+    Selection records hold ``task``, ``method``, ``val_accuracy`` and ``lr_factor`` (with ``lr``)
+    or ``C`` (the raw-pixel logistic regression).
+    """
+    groups: dict = defaultdict(list)
+    for r in selection:
+        groups[(r["task"], r["method"])].append(r)
+    lines = [
+        "Hyperparameters chosen on val200 (train800 -> val200, seed 0; never on test):",
+        "",
+        "| task | method | candidates: val200 accuracy | chosen |",
+        "|---|---|---|---|",
+    ]
+    for (task, method), rs in sorted(groups.items()):
+        key = "C" if "C" in rs[0] else "lr"
+        rs = sorted(rs, key=lambda r: r[key])
+        best = best_choice(rs)
+        cells = ", ".join(f"{key}={r[key]:.3g}: {100 * r['val_accuracy']:.1f}" for r in rs)
+        lines.append(f"| {task} | {method} | {cells} | {key}={best[key]:.3g} |")
+    return "\n".join(lines)
+
+
+def comparison(records: list[dict], method: str, others: list[str]) -> list[str]:
+    """Plain sentences: is ``method``'s mean test accuracy over seeds >= each other's, per task."""
+    agg = aggregate(records)
+    tasks = sorted({t for _, t in agg})
+    lines = []
+    for o in others:
+        for t in tasks:
+            if (method, t) not in agg or (o, t) not in agg:
+                continue
+            a, b = agg[(method, t)], agg[(o, t)]
+            verdict = ">=" if a["mean"] >= b["mean"] else "<"
+            lines.append(
+                f"{t}: {method} {100 * a['mean']:.2f} (n={a['n']}) {verdict} {o} "
+                f"{100 * b['mean']:.2f} (n={b['n']}): {'yes' if verdict == '>=' else 'no'}"
+            )
+    return lines
+
+
+def _layer_of(key: str) -> str:
+    layer = next((p for p in key.split(".") if p.startswith("encoderblock_")), None)
+    return "other" if layer is None else layer.replace("encoderblock_", "block ")
+
+
+def guft_density(records: list[dict], method: str = "guft") -> tuple[dict, dict]:
+    """Selected-entry density (fraction) per layer and per module type, pooled over the runs.
+
+    Returns:
+      ``(by_layer, by_type)``: ``{group: selected entries / entries}`` summed over every run of
+      ``method`` that carries ``trained_per_tensor`` and ``tensor_sizes``.
+    """
+    from guft_jax.masks import module_type
+
+    num = {"layer": defaultdict(float), "type": defaultdict(float)}
+    den = {"layer": defaultdict(float), "type": defaultdict(float)}
+    for r in records:
+        if r["method"] != method or not r.get("trained_per_tensor"):
+            continue
+        sizes = r.get("tensor_sizes", {})
+        for key, c in r["trained_per_tensor"].items():
+            for kind, group in (("layer", _layer_of(key)), ("type", module_type(key))):
+                num[kind][group] += c
+                den[kind][group] += sizes.get(key, 0)
+    out = tuple({g: num[k][g] / den[k][g] for g in num[k] if den[k][g]} for k in ("layer", "type"))
+    return out
+
+
+def density_table(records: list[dict], method: str = "guft") -> str:
+    """Markdown: GUFT's selected-entry density per module type (``""`` without GUFT records)."""
+    _, by_type = guft_density(records, method)
+    if not by_type:
+        return ""
+    lines = [
+        f"{method} selected entries per module type (% of that type's entries, all runs):",
+        "",
+        "| module type | density % |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {100 * v:.3f} |" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
 
 
 def markdown_table(records: list[dict], *, method_order: list[str] | None = None) -> str:
@@ -90,39 +187,50 @@ def plot_accuracy_vs_params(records: list[dict], path: str) -> None:
 
 
 def plot_guft_density(records: list[dict], path: str, method: str = "guft") -> None:
-    """Selected-entry density per layer and per module type (mean over GUFT runs)."""
+    """Selected-entry density per layer and per module type (pooled over GUFT runs)."""
+    by_layer, by_type = guft_density(records, method)
+    if not by_layer:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from guft_jax.masks import module_type
-
-    rs = [r for r in records if r["method"] == method and r.get("trained_per_tensor")]
-    if not rs:
-        return
-    sizes = rs[0].get("tensor_sizes", {})
-    by_layer, by_type = defaultdict(float), defaultdict(float)
-    size_layer, size_type = defaultdict(float), defaultdict(float)
-    for r in rs:
-        for key, c in r["trained_per_tensor"].items():
-            layer = next((p for p in key.split(".") if p.startswith("encoderblock_")), "other")
-            layer = layer.replace("encoderblock_", "block ")
-            by_layer[layer] += c
-            by_type[module_type(key)] += c
-            size_layer[layer] += sizes.get(key, 0)
-            size_type[module_type(key)] += sizes.get(key, 0)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, num, den, title in (
-        (axes[0], by_layer, size_layer, "per layer"),
-        (axes[1], by_type, size_type, "per module type"),
+    for ax, dens, title in (
+        (axes[0], by_layer, "per layer"),
+        (axes[1], by_type, "per module type"),
     ):
-        keys = sorted(num, key=lambda k: (len(k), k))
-        dens = [100 * num[k] / den[k] if den.get(k) else 0.0 for k in keys]
-        ax.bar(range(len(keys)), dens)
+        keys = sorted(dens, key=lambda k: (len(k), k))
+        ax.bar(range(len(keys)), [100 * dens[k] for k in keys])
         ax.set_xticks(range(len(keys)), keys, rotation=75, fontsize=7)
         ax.set_ylabel("selected entries (% of the group)")
-        ax.set_title(f"GUFT selected-entry density {title}")
+        ax.set_title(f"{method} selected-entry density {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None):
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description="table.md and plots from OUT/records.jsonl")
+    ap.add_argument("out", help="folder holding records.jsonl (and optionally selection.jsonl)")
+    a = ap.parse_args(argv)
+    records = read_jsonl(os.path.join(a.out, "records.jsonl"))
+    sel = os.path.join(a.out, "selection.jsonl")
+    parts = [markdown_table(records)]
+    if os.path.exists(sel):
+        parts.append(selection_table(read_jsonl(sel)))
+    if density_table(records):
+        parts.append(density_table(records))
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    plot_accuracy_vs_params(records, os.path.join(a.out, "accuracy_vs_params.png"))
+    plot_guft_density(records, os.path.join(a.out, "guft_density.png"))
+    print("\n\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

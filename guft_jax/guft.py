@@ -213,6 +213,10 @@ def guft(
             out[k] = jnp.zeros((size,), bool).at[state["idx"][k]].set(True, mode="drop").reshape(s)
         return out
 
+    # Recomputes run a few compiled programs, not one eager op (and compile) per tensor.
+    dense_j = jax.jit(lambda p, t, st: effective(p, t, st, dense=True)[0])
+    current_mask_j = jax.jit(lambda st: current_mask(st, elig_shapes()))
+
     def epoch_start(epoch, ctx):
         if epoch not in recompute_epochs:
             return ctx.trainable, ctx.opt_state, ctx.state
@@ -221,7 +225,7 @@ def guft(
         e = elig(params)
         n_elig = sum(math.prod(s) for s in e.values())
         k = masks_lib.budget(ratios[i], n_elig)
-        dense_params = effective(params, ctx.trainable, state, dense=True)[0]
+        dense_params = dense_j(params, ctx.trainable, state)
         theta = {key: _leaf(dense_params, key) for key in e}
 
         def loss_per_example(th, x, y):
@@ -233,13 +237,13 @@ def guft(
         scores, info = sal.compute(
             loss_per_example, theta, ctx.batches(), score=score, mode=mode, chunk=chunk
         )
-        if not any(bool(jnp.any(v != 0)) for v in scores.values()):
+        if not bool(_any_nonzero(scores)):
             ctx.log(
                 f"{name} WARNING: all saliency scores are zero at epoch {epoch} (a zero-initialised"
                 " head gives the backbone no gradient before it has trained); the selection falls"
                 " back to the lowest indices. Recompute after at least one epoch."
             )
-        prev = current_mask(state, e)
+        prev = current_mask_j(state)
         new = masks_lib.topk_mask(scores, k, exclude=prev if exclude_selected else None)
         merged = masks_lib.merge_masks(prev, new)
         rep = masks_lib.mask_report(merged, top=5)
@@ -308,6 +312,9 @@ def guft(
         """Zero-pads (or truncates) δ, its optimizer leaves and the indices to ``caps``."""
         if not sparse:
             return trainable, opt_state, state
+        return jax.jit(lambda t, o, st: _resize(t, o, st, caps))(trainable, opt_state, state)
+
+    def _resize(trainable, opt_state, state, caps: dict):
         old = {key: int(v.shape[0]) for key, v in trainable["delta"].items()}
 
         def fix(path, x):
@@ -402,6 +409,11 @@ def oneshot(
         capacity_slack=1.0,
         name=score,
     )
+
+
+@jax.jit
+def _any_nonzero(tree: dict) -> jax.Array:
+    return jnp.any(jnp.stack([jnp.any(v != 0) for v in tree.values()]))
 
 
 def selected_counts(state: Any) -> dict[str, int]:

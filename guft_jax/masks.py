@@ -6,6 +6,7 @@ Masks here are dicts ``{key: bool array}`` over the *eligible* leaves (``key`` i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,14 +62,27 @@ def topk_mask(
       ValueError: ``k`` is negative or larger than the number of selectable entries.
     """
     keys = sorted(scores)
-    flat = jnp.concatenate([jnp.ravel(scores[key]).astype(jnp.float32) for key in keys])
-    n_sel = flat.size
+    n_sel = sum(math.prod(scores[key].shape) for key in keys)
     if exclude is not None:
-        ex = jnp.concatenate([jnp.ravel(exclude[key]) for key in keys])
-        n_sel = flat.size - int(jnp.sum(ex))
-        flat = jnp.where(ex, -jnp.inf, flat)
+        n_sel -= int(_count_true({key: exclude[key] for key in keys}))
     if not 0 <= k <= n_sel:
         raise ValueError(f"k: must be in [0, {n_sel}] selectable entries, got {k}")
+    return _topk_flat(scores, k, exclude)
+
+
+@jax.jit
+def _count_true(mask: dict) -> jax.Array:
+    return sum(jnp.sum(m, dtype=jnp.int32) for m in mask.values())
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _topk_flat(scores: dict, k: int, exclude: dict | None) -> dict:
+    # One compiled program (not one eager op per tensor): a mask recompute costs one compile.
+    keys = sorted(scores)
+    flat = jnp.concatenate([jnp.ravel(scores[key]).astype(jnp.float32) for key in keys])
+    if exclude is not None:
+        ex = jnp.concatenate([jnp.ravel(exclude[key]) for key in keys])
+        flat = jnp.where(ex, -jnp.inf, flat)
     flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
     _, idx = jax.lax.top_k(flat, k)
     chosen = jnp.zeros(flat.shape, bool).at[idx].set(True)
@@ -85,18 +99,24 @@ def budget(ratio: float, n_eligible: int) -> int:
     return int(round(ratio * n_eligible))
 
 
+@jax.jit
 def merge_masks(a: dict, b: dict) -> dict:
     """Element-wise OR (``jnp.logical_or``) of two masks with the same keys."""
     return {k: jnp.logical_or(a[k], b[k]) for k in a}
 
 
+@jax.jit
+def _per_leaf_counts(mask: dict) -> dict:
+    return {k: jnp.sum(m, dtype=jnp.int32) for k, m in mask.items()}
+
+
 def count(mask: dict) -> int:
-    return int(sum(int(jnp.sum(m)) for m in mask.values()))
+    return int(sum(int(v) for v in jax.device_get(_per_leaf_counts(mask)).values()))
 
 
 def mask_report(mask: dict, *, top: int | None = None) -> dict:
     """Per-tensor selected counts, per module type and layer, and the total density."""
-    per = {k: int(jnp.sum(m)) for k, m in mask.items()}
+    per = {k: int(v) for k, v in jax.device_get(_per_leaf_counts(mask)).items()}
     n = sum(math.prod(np.shape(m)) for m in mask.values())
     total = sum(per.values())
     by_type: dict[str, int] = {}

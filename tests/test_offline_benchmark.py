@@ -1,0 +1,102 @@
+"""The offline benchmark's selection rule, configs, report helpers and argument errors (no
+training: the runs themselves are exercised by tests/test_cli.py and the benchmark)."""
+
+import math
+
+import pytest
+
+from experiments import offline_benchmark as ob
+from experiments import report
+
+
+def test_best_choice_max_val_then_nearest_default():
+    rs = [
+        dict(lr_factor=0.3, val_accuracy=0.80),
+        dict(lr_factor=1.0, val_accuracy=0.85),
+        dict(lr_factor=3.0, val_accuracy=0.85),
+    ]
+    assert report.best_choice(rs)["lr_factor"] == 1.0  # tie: |log f| smallest
+    rs[0]["val_accuracy"] = 0.9
+    assert report.best_choice(rs)["lr_factor"] == 0.3
+    cs = [dict(C=0.01, val_accuracy=0.7), dict(C=0.1, val_accuracy=0.7)]
+    assert report.best_choice(cs)["C"] == 0.1
+
+
+def test_comparison_verdicts_follow_the_means():
+    recs = []
+    for seed, (g, lo, fu) in enumerate([(0.9, 0.8, 0.95), (0.7, 0.8, 0.85)]):
+        for m, acc in (("guft", g), ("lora", lo), ("full", fu)):
+            recs.append(dict(task="t", method=m, seed=seed, test_accuracy=acc))
+    lines = report.comparison(recs, "guft", ["lora", "full"])
+    assert lines == [
+        "t: guft 80.00 (n=2) >= lora 80.00 (n=2): yes",
+        "t: guft 80.00 (n=2) < full 90.00 (n=2): no",
+    ]
+
+
+def test_guft_density_pools_counts_over_sizes():
+    key_a = "Transformer.encoderblock_0.MlpBlock_0.Dense_0.kernel"
+    key_b = "Transformer.encoderblock_1.MlpBlock_0.Dense_0.kernel"
+    recs = [
+        dict(
+            method="guft",
+            trained_per_tensor={key_a: 3, key_b: 1},
+            tensor_sizes={key_a: 100, key_b: 100},
+        ),  # fmt: skip
+        dict(
+            method="guft",
+            trained_per_tensor={key_a: 1, key_b: 0},
+            tensor_sizes={key_a: 100, key_b: 100},
+        ),  # fmt: skip
+        dict(method="lora", trained_per_tensor={key_a: 50}, tensor_sizes={key_a: 100}),
+    ]
+    by_layer, by_type = report.guft_density(recs)
+    assert by_layer == {"block 0": 4 / 200, "block 1": 1 / 200}
+    assert by_type == {"mlp.fc1.kernel": 5 / 400}
+
+
+def test_configs_scale_the_selected_lr_and_route_masks():
+    base = ob._config("digits", "lora", seed=0, epochs=4, image_size=28)
+    c = ob._config("digits", "lora", seed=1, epochs=4, image_size=28, lr_factor=3.0)
+    assert math.isclose(c.lr, 3 * base.lr) and c.head_lr == base.head_lr and c.seed == 1
+    lin = ob._config("digits", "linear", seed=0, epochs=4, image_size=28, lr_factor=0.3)
+    lin0 = ob._config("digits", "linear", seed=0, epochs=4, image_size=28)
+    assert math.isclose(lin.head_lr, 0.3 * lin0.head_lr) and lin.lr == lin0.lr
+    g = ob._config("digits", "guft", seed=0, epochs=10, image_size=28)
+    assert list(g.method_kwargs.recompute_epochs) == [2, 3, 4]
+    assert list(g.method_kwargs.ratios) == [0.001] * 3
+    s = ob._config("digits", "snip", seed=0, epochs=10, image_size=28)
+    assert s.method == "guft" and s.method_kwargs.score == "snip"
+    assert list(s.method_kwargs.recompute_epochs) == [2]
+    try:
+        ob.GUFT_SPARSE[0] = False
+        assert ob._config("digits", "magnitude", seed=0, epochs=2, image_size=28).method_kwargs[
+            "sparse"
+        ] is False  # fmt: skip
+    finally:
+        ob.GUFT_SPARSE[0] = True
+    assert (
+        "sparse" not in ob._config("digits", "guft", seed=0, epochs=4, image_size=28).method_kwargs
+    )
+
+
+def test_estimate_scales_with_tokens():
+    jobs = [("final", "digits", "full", 0)]
+    e28 = ob.estimate_seconds(jobs, epochs=2)
+    e56 = ob.estimate_seconds(jobs, epochs=2, image_size=56)
+    steps = 1000 // ob.BATCH * 2
+    assert math.isclose(e28, steps * ob.STEP_S["full"] + ob.OVERHEAD_S)
+    assert math.isclose(e56 - ob.OVERHEAD_S, (e28 - ob.OVERHEAD_S) * (17 / 5) ** 0.8)
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--methods", "lora,bogus"], "--methods"),
+        (["--tasks", "cifar10"], "--tasks"),
+        (["--epochs", "-1"], "--epochs"),
+    ],
+)
+def test_bad_arguments_name_the_field(argv, field, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        ob.main(["--preset", "full", "--out", str(tmp_path), *argv])
