@@ -39,7 +39,7 @@ test: setup data weights lint
 
 demo: setup data weights
 	$(PY) -m experiments.linear_probe --dataset animal_mnist --image_size 112
-	$(PY) -m experiments.offline_benchmark --preset demo
+	$(PY) -m experiments.offline_benchmark --preset demo --fresh
 
 clean:
 	rm -rf $(VENV)

@@ -343,6 +343,8 @@ def main(argv=None):
     ap.add_argument("--image_size", type=int, default=0, help="override the preset's image size")
     ap.add_argument("--guft_path", choices=("sparse", "dense"), default="sparse",
                     help="GUFT-family training path (see GUFT_SPARSE)")  # fmt: skip
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over: drop OUT's earlier records instead of resuming")  # fmt: skip
     ap.add_argument("--workers", type=int, default=1, help="parallel processes (share a GPU)")
     a = ap.parse_args(argv)
     p = dict(PRESETS[a.preset], name=a.preset, guft_path=a.guft_path)
@@ -363,6 +365,10 @@ def main(argv=None):
     out = a.out or ("results/offline" if a.preset == "full" else "results/offline_demo")
     os.makedirs(out, exist_ok=True)
     rec_path, sel_path = os.path.join(out, "records.jsonl"), os.path.join(out, "selection.jsonl")
+    if a.fresh:
+        for q in (rec_path, sel_path):
+            if os.path.exists(q):
+                os.remove(q)
     read = lambda q: report.read_jsonl(q) if os.path.exists(q) else []  # noqa: E731
     done = {(r["task"], r["method"], r["seed"]) for r in read(rec_path)}
     sel_done = {(r["task"], r["method"], r.get("C", r.get("lr_factor"))) for r in read(sel_path)}

@@ -100,3 +100,23 @@ def test_estimate_scales_with_tokens():
 def test_bad_arguments_name_the_field(argv, field, tmp_path):
     with pytest.raises(ValueError, match=field):
         ob.main(["--preset", "full", "--out", str(tmp_path), *argv])
+
+
+def test_resume_skips_finished_runs_and_fresh_starts_over(tmp_path):
+    import json
+
+    argv = ["--preset", "demo", "--methods", "pixels", "--tasks", "digits", "--out", str(tmp_path)]
+    stale = dict(task="old", method="pixels", seed=0, test_accuracy=0.0)
+    (tmp_path / "records.jsonl").write_text(json.dumps(stale) + "\n")
+    ob.main(argv)
+    recs = report.read_jsonl(str(tmp_path / "records.jsonl"))
+    assert [(r["task"], r["method"], r["seed"]) for r in recs] == [
+        ("old", "pixels", 0),
+        ("digits", "pixels", 0),
+    ]
+    ob.main(argv)  # everything done: nothing is appended
+    assert len(report.read_jsonl(str(tmp_path / "records.jsonl"))) == 2
+    ob.main([*argv, "--fresh"])
+    recs = report.read_jsonl(str(tmp_path / "records.jsonl"))
+    assert [(r["task"], r["seed"]) for r in recs] == [("digits", 0)]
+    assert 0.5 < recs[0]["test_accuracy"] <= 1.0 and (tmp_path / "table.md").exists()
