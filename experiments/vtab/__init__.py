@@ -1,0 +1,1 @@
+"""VTAB-1K experiment scripts: configs per (task, method), a resumable sweep, the aggregator."""
