@@ -138,52 +138,25 @@ def _config(task, method, *, seed, epochs, image_size, lr_factor=1.0):
     return c
 
 
-def _fit(c, workdir, source):
-    """``experiments.run.run`` with our own source (it carries the fixed test subsample)."""
-    from experiments.configs.common import validate
-    from experiments.run import build
-    from guft_jax import train
+def _fit(c, workdir):
+    """``experiments.run.run``, silent (the config carries the fixed test subsample)."""
+    from experiments.run import run
 
-    validate(c)
-    model, params, _, method = build(c)
-    res = train.fit(
-        model=model,
-        params=params,
-        method=method,
-        source=source,
-        image_size=c.image_size,
-        batch_size=c.batch_size,
-        epochs=c.epochs,
-        lr=c.lr,
-        head_lr=c.head_lr,
-        weight_decay=c.weight_decay,
-        warmup_epochs=c.warmup_epochs,
-        clip_norm=c.clip_norm or None,
-        seed=c.seed,
-        normalization=c.normalization,
-        train_split=c.train_split,
-        eval_split=c.eval_split,
-        workdir=workdir,
-        progress=False,
-        log=lambda s: None,
-        config=c.to_dict(),
-    )
-    res.pop("state", None)
-    return res
+    return run(c, workdir, log=lambda s: None)
 
 
 def select_one(task, method, *, epochs, image_size, factor, workdir) -> dict:
     """One val200 selection run: train on train800 (seed 0), score val200."""
     t0 = time.time()
-    src = _source(task, 0)
     if method == "pixels":
+        src = _source(task, 0)
         xtr, ytr = _pixels(src, "train800", image_size)
         xva, yva = _pixels(src, "val200", image_size)
         acc = logistic_accuracy(xtr, ytr, xva, yva, c=factor)
         return dict(task=task, method=method, C=factor, val_accuracy=acc, wall_s=time.time() - t0)
     c = _config(task, method, seed=0, epochs=epochs, image_size=image_size, lr_factor=factor)
     c.train_split, c.eval_split = "train800", "val200"
-    res = _fit(c, workdir, src)
+    res = _fit(c, workdir)
     return dict(
         task=task,
         method=method,
@@ -198,8 +171,8 @@ def run_one(task, method, seed, *, epochs, image_size, workdir, choice=None) -> 
     """One final run on train800val200, scored on test; ``choice`` is the val200 selection."""
     t0 = time.time()
     choice = choice or {}
-    src = _source(task, seed)
     if method == "pixels":
+        src = _source(task, seed)
         cval = choice.get("C", 1.0)
         xtr, ytr = _pixels(src, "train800val200", image_size)
         xte, yte = _pixels(src, "test", image_size)
@@ -217,7 +190,7 @@ def run_one(task, method, seed, *, epochs, image_size, workdir, choice=None) -> 
         )
     factor = choice.get("lr_factor", 1.0)
     c = _config(task, method, seed=seed, epochs=epochs, image_size=image_size, lr_factor=factor)
-    res = _fit(c, workdir, src)
+    res = _fit(c, workdir)
     hist = res["history"]
     steady = hist[1:] or hist
     rec = dict(

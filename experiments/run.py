@@ -27,13 +27,19 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, results)")
 
 
+def source_for(c):
+    """The config's data source: offline sets split with ``c.seed`` (and ``c.test_size`` when
+    set); VTAB tasks read tfds' ``c.data_dir`` / ``c.version`` when the config has them."""
+    if c.dataset.startswith("vtab/"):
+        kw = {k: c.get(k) for k in ("data_dir", "version") if c.get(k)}
+        return get_source(c.dataset, **kw)
+    kw = {"test_size": c.test_size} if c.get("test_size") else {}
+    return get_source(c.dataset, seed=c.seed, **kw)
+
+
 def build(c):
     """``(model, params, source, method)`` for a validated config."""
-    source = (
-        get_source(c.dataset, seed=c.seed)
-        if not c.dataset.startswith("vtab/")
-        else (get_source(c.dataset))
-    )
+    source = source_for(c)
     n = source.num_classes
     if c.model in PRETRAINED:
         model, params = load_pretrained(c.model, num_classes=n, image_size=c.image_size)

@@ -71,39 +71,14 @@ def make_config(task, method, seed, *, dry, checkpoint="", data_dir="", version=
 
 
 def train_one(c, workdir: str) -> dict:
-    """One run of a VTAB config (``experiments.run.run`` with ``data_dir`` / ``version``)."""
+    """One run of a VTAB config: ``experiments.run.run`` (it reads ``data_dir`` / ``version``)."""
     from experiments.configs.common import validate
-    from experiments.run import build
-    from guft_jax import train
-    from guft_jax.data import get_source
+    from experiments.run import run
 
     validate(c)
     if not c.checkpoint and c.model == "ViT-B/16":
         raise ValueError("config.checkpoint: the ViT-B/16 in21k .npz path is required")
-    model, params, _, method = build(c)
-    source = get_source(c.dataset, data_dir=c.data_dir or None, version=c.version or None)
-    return train.fit(
-        model=model,
-        params=params,
-        method=method,
-        source=source,
-        image_size=c.image_size,
-        batch_size=c.batch_size,
-        epochs=c.epochs,
-        lr=c.lr,
-        head_lr=c.head_lr,
-        weight_decay=c.weight_decay,
-        warmup_epochs=c.warmup_epochs,
-        clip_norm=c.clip_norm or None,
-        seed=c.seed,
-        normalization=c.normalization,
-        train_split=c.train_split,
-        eval_split=c.eval_split,
-        workdir=workdir,
-        progress=c.progress,
-        log=(lambda s: None) if not c.progress else print,
-        config=c.to_dict(),
-    )
+    return run(c, workdir, log=print if c.progress else (lambda s: None))
 
 
 def to_record(task: str, method: str, seed: int, res: dict, wall_s: float | None = None) -> dict:
