@@ -1,26 +1,53 @@
-"""Train-state checkpoints with orbax: atomic saves every epoch, strict restores.
+"""Train-state checkpoints with orbax: atomic saves every epoch, strict and verified restores.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint intact. Next to the arrays we store the tree's
-``/``-joined paths, shapes and dtypes; :func:`restore` compares them with the target state and
-raises one error listing every difference instead of restoring part of a state.
+mid-save leaves the previous checkpoint intact (leftover temporary directories are removed when
+the next manager opens the directory). Next to the arrays we store the tree's ``/``-joined paths,
+shapes and dtypes, and a SHA-256 of every leaf's bytes:
+
+- :func:`restore` compares the structure with the target state and raises one
+  :class:`CheckpointStructureError` (one line) instead of restoring part of a state, and checks
+  every restored leaf against its checksum (tensorstore checks its own index nodes with CRC-32C
+  but not the compressed array chunks: bytes flipped in a chunk otherwise restore silently).
+- :func:`restore_intact` restores the newest *intact* step: a step that fails to read or
+  verify is named in one line with the check that failed, moved aside to ``<step>.damaged``,
+  and the previous step is tried (said in the log); if none is intact,
+  :class:`~guft_jax.errors.CheckpointDamagedError`.
 """
 
 from __future__ import annotations
 
-import json
+import gc
+import hashlib
 import os
+import re
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from guft_jax.errors import CheckpointDamagedError, one_line
 from guft_jax.paths import key_to_str
+from guft_jax.rundir import write_json_atomic  # noqa: F401  (kept importable from here)
 
 
 class CheckpointStructureError(ValueError):
-    """The checkpoint's tree differs from the state it is restored into."""
+    """The checkpoint's tree differs from the state it is restored into (one-line message).
+
+    Attributes:
+      missing, unexpected, mismatched: the full lists of differing leaves.
+    """
+
+    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+        super().__init__(one_line(message, limit=600))
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+class _Damaged(Exception):
+    """Internal: a step could not be read or verified; ``str`` is the failed check."""
 
 
 def describe(tree: Any) -> dict[str, list]:
@@ -32,74 +59,261 @@ def describe(tree: Any) -> dict[str, list]:
     return out
 
 
+def checksums(tree: Any) -> dict[str, str | None]:
+    """``{path: sha256 hex}`` of every leaf's bytes (``None`` for arrays not on this host)."""
+    out = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            out[key_to_str(p)] = None
+            continue
+        a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+        out[key_to_str(p)] = hashlib.sha256(a.tobytes()).hexdigest()
+    return out
+
+
 def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` keeping the last ``max_to_keep`` steps."""
     directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(
-        directory, options=options, item_names=("state", "meta", "structure")
+        directory, options=options, item_names=("state", "meta", "structure", "checksums")
     )
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` (any pytree of arrays) and a JSON ``meta`` at ``step``; waits until done."""
+    """Saves ``state`` (any pytree of arrays) and a JSON ``meta`` at ``step``; waits until done.
+
+    ``meta`` may carry anything JSON-serialisable; the engine stores the epoch, the data
+    position, the method name and the config fingerprint (:func:`guft_jax.rundir.fingerprint`).
+    """
     mgr.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta),
             structure=ocp.args.JsonSave(describe(state)),
+            checksums=ocp.args.JsonSave(checksums(state)),
         ),
     )
     mgr.wait_until_finished()
 
 
+def _step_dir(mgr, step) -> str:
+    return os.path.join(str(mgr.directory), str(step))
+
+
+def _read_json_items(mgr, step, names) -> dict:
+    """Reads JSON items of a step; a missing or unreadable item is damage."""
+    out = {}
+    for name in names:
+        if not os.path.isdir(os.path.join(_step_dir(mgr, step), name)):
+            if name == "checksums":  # checkpoints written before checksums existed
+                out[name] = None
+                continue
+            raise _Damaged(f"its {name!r} item is missing")
+        try:
+            got = mgr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+        except Exception as e:  # orbax wraps JSON and file errors in several types
+            raise _Damaged(f"its {name!r} item cannot be read ({_reason(e)})") from e
+        out[name] = got[name]
+    return out
+
+
 def saved_structure(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
     """The ``{path: [shape, dtype]}`` stored with a checkpoint (latest by default)."""
     step = mgr.latest_step() if step is None else step
-    out = mgr.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
-    return out["structure"]
+    try:
+        return _read_json_items(mgr, step, ["structure"])["structure"]
+    except _Damaged as e:
+        raise CheckpointDamagedError(f"checkpoint {_step_dir(mgr, step)} is damaged: {e}") from e
 
 
-def restore(mgr: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[Any, dict]:
+def read_meta(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The JSON ``meta`` stored with a checkpoint (latest by default)."""
+    step = mgr.latest_step() if step is None else step
+    try:
+        return _read_json_items(mgr, step, ["meta"])["meta"]
+    except _Damaged as e:
+        raise CheckpointDamagedError(f"checkpoint {_step_dir(mgr, step)} is damaged: {e}") from e
+
+
+def _compare(have: dict, want: dict, where: str, meta: dict, method: str | None) -> None:
+    saved_method = meta.get("method")
+    if method is not None and saved_method is not None and saved_method != method:
+        raise CheckpointStructureError(
+            f"{where} holds a {saved_method} run, not {method}; use another workdir or start "
+            "over (--fresh)"
+        )
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    mismatched = sorted(
+        f"{k} (checkpoint {have[k]} vs state {want[k]})"
+        for k in set(want) & set(have)
+        if have[k] != want[k]
+    )
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{len(keys)} {title} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+            for title, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mismatched", mismatched),
+            )
+            if keys
+        ]
+        raise CheckpointStructureError(
+            f"{where} does not match the train state: {'; '.join(parts)}",
+            missing,
+            unexpected,
+            mismatched,
+        )
+
+
+_NOISE = re.compile(
+    r'Error (opening "[^"]*" driver|reading "[^"]*" in OCDBT|reading Byte range|'
+    r"decoding local file|reading local file)"
+)
+
+
+def _reason(e: BaseException) -> str:
+    """The failed check of a tensorstore / orbax read error, in one short phrase."""
+    chain, x = [], e
+    while x is not None and len(chain) < 6:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    texts = [re.sub(r"\s*\[tensorstore_spec.*", "", str(c), flags=re.S) for c in chain]
+    status = [t for t in texts if re.match(r"[A-Z_]{4,}: ", t)]
+    segments = (status[-1] if status else texts[0]).split(": ")
+    code = segments.pop(0) if re.fullmatch(r"[A-Z_]{4,}", segments[0]) else None
+    body = ": ".join(s for s in segments if not _NOISE.match(s)) or ": ".join(segments)
+    return one_line(f"{code}: {body}" if code else body, limit=200)
+
+
+def restore(
+    mgr: ocp.CheckpointManager,
+    target: Any,
+    step: int | None = None,
+    *,
+    method: str | None = None,
+) -> tuple[Any, dict]:
     """Restores the latest (or ``step``) checkpoint into the structure of ``target``.
 
+    Args:
+      mgr: from :func:`manager`.
+      target: a pytree of arrays shaped like the saved state.
+      step: the step to restore (default: the latest).
+      method: the method name the caller trains; a checkpoint whose meta names another method
+        is refused in one line ("holds a guft run, not lora").
+
+    Returns:
+      ``(state, meta)``.
+
     Raises:
-      CheckpointStructureError: listing missing, unexpected and mismatched leaves.
+      CheckpointStructureError: another method, or missing / unexpected / mismatched leaves
+        (one line; the full lists are attributes).
+      CheckpointDamagedError: the step cannot be read or fails its checksums (one line naming
+        the step directory and the failed check).
       FileNotFoundError: no checkpoint in the directory.
     """
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
-    saved = mgr.restore(
-        step,
-        args=ocp.args.Composite(structure=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()),
-    )
-    want, have = describe(target), saved["structure"]
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    mismatched = sorted(
-        f"{k}: checkpoint {have[k]} vs state {want[k]}"
-        for k in set(want) & set(have)
-        if have[k] != want[k]
-    )
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {mgr.directory}/{step} does not match the train state:"]
-        for title, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mismatched", mismatched),
-        ):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]))
-        raise CheckpointStructureError("\n".join(lines))
+    try:
+        return _restore_step(mgr, target, step, method)
+    except _Damaged as e:
+        raise CheckpointDamagedError(f"checkpoint {_step_dir(mgr, step)} is damaged: {e}") from e
+
+
+def _restore_step(mgr, target, step, method, check_meta=None):
+    where = f"checkpoint {_step_dir(mgr, step)}"
+    items = _read_json_items(mgr, step, ["meta", "structure", "checksums"])
+    if check_meta is not None:
+        check_meta(items["meta"])
+    if callable(target):
+        target = target(items["structure"])
+    _compare(items["structure"], describe(target), where, items["meta"], method)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return out["state"], saved["meta"]
+    try:
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # tensorstore / orbax raise several types for unreadable data
+        raise _Damaged(_reason(e)) from e
+    state = out["state"]
+    saved_sums = items["checksums"]
+    if saved_sums:
+        got = checksums(state)
+        bad = sorted(k for k, v in saved_sums.items() if v is not None and got.get(k) != v)
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise _Damaged(f"array {bad[0]} fails its SHA-256 checksum{more}")
+    return state, items["meta"]
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+def _collect_quietly() -> None:
+    # A failed tensorstore read leaves un-awaited coroutines in the dropped exception's frames;
+    # collect them now so Python's "never awaited" warnings do not reach the user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gc.collect()
+
+
+def quarantine(mgr: ocp.CheckpointManager, step: int) -> str:
+    """Moves a damaged step aside to ``<step>.damaged[.n]`` (kept for inspection); the path."""
+    src = _step_dir(mgr, step)
+    dst, n = f"{src}.damaged", 1
+    while os.path.exists(dst):
+        dst, n = f"{src}.damaged.{n}", n + 1
+    os.replace(src, dst)
+    mgr.reload()
+    return dst
+
+
+def restore_intact(
+    mgr: ocp.CheckpointManager,
+    target: Any | Callable[[dict], Any],
+    *,
+    method: str | None = None,
+    check_meta: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Any, dict, int] | None:
+    """Restores the newest intact checkpoint, moving damaged newer ones aside.
+
+    Args:
+      mgr: from :func:`manager`.
+      target: the state to restore into, or a function ``structure -> state`` (for methods
+        whose trainable shapes are read from the checkpoint's stored structure).
+      method: see :func:`restore`.
+      check_meta: called with each step's meta before its arrays are read; raise from it to
+        refuse the resume (e.g. :func:`guft_jax.rundir.check_resume_config`).
+      log: receives one line per damaged step and one for the fallback.
+
+    Returns:
+      ``(state, meta, step)``, or ``None`` when the directory holds no checkpoint.
+
+    Raises:
+      CheckpointStructureError: as :func:`restore` (not damage: nothing is moved).
+      CheckpointDamagedError: every step is damaged; one line naming the directory and each
+        step's failed check.
+    """
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if not steps:
+        return None
+    failures = []
+    for i, step in enumerate(steps):
+        try:
+            state, meta = _restore_step(mgr, target, step, method, check_meta)
+        except _Damaged as e:
+            failures.append(f"step {step}: {e}")
+            moved = quarantine(mgr, step)
+            nxt = f"; trying step {steps[i + 1]}" if i + 1 < len(steps) else ""
+            log(f"checkpoint {_step_dir(mgr, step)} is damaged ({e}); moved to {moved}{nxt}")
+            _collect_quietly()
+            continue
+        if failures:
+            log(f"resuming from the intact checkpoint {_step_dir(mgr, step)} (step {step})")
+        return state, meta, step
+    raise CheckpointDamagedError(
+        f"no intact checkpoint in {mgr.directory}: {'; '.join(failures)}; the damaged steps were "
+        "moved to <step>.damaged; rerun with --fresh to start over"
+    )

@@ -143,8 +143,8 @@ def test_npz_round_trip(tmp_path):
         "train800", batch_size=4, image_size=5, normalization="0.5"))  # fmt: skip
     assert x.shape == (4, 5, 5, 3) and np.array_equal(x[..., 0], x[..., 2])
     bad = tmp_path / "bad.npz"
-    np.savez(bad, images=images.astype(np.float32), labels=labels)
-    with pytest.raises(ValueError, match="uint8"):
+    np.savez(bad, images=images.astype(np.float32) * 2, labels=labels)  # floats beyond 255
+    with pytest.raises(ValueError, match=r"\[0, 1\] or \[0, 255\]"):
         get_source(f"npz:{bad}")
     np.savez(bad, pixels=images, labels=labels)
     with pytest.raises(ValueError, match="images"):

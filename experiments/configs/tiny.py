@@ -1,6 +1,9 @@
 """A tiny randomly initialised ViT on scikit-learn's real 8x8 digits: seconds per run (tests).
 
 python -m experiments.run --config experiments/configs/tiny.py:digits,lora --workdir /tmp/t
+
+The argument is ``dataset,method``; the dataset may itself hold commas (``npz:A.npz,test:B.npz``):
+the method is the text after the last comma.
 """
 
 from experiments.configs.common import base_config
@@ -8,10 +11,15 @@ from experiments.configs.offline import METHOD_DEFAULTS
 
 
 def get_config(arg: str = "digits,linear"):
-    dataset, method = arg.split(",")
+    dataset, method = arg.rsplit(",", 1)
     c = base_config()
     c.model = "ViT-tiny/4"
     c.dataset, c.method = dataset, method
+    # User-data split options (0 = the dataset's default; counts or fractions): here until
+    # common.base_config has them.
+    for field, default in (("train_size", 0.0), ("val_size", 0.0), ("skip_bad", False)):
+        if field not in c:
+            c[field] = default
     c.image_size = 16
     c.batch_size = 50
     c.epochs = 2

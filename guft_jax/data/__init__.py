@@ -28,11 +28,15 @@ from guft_jax.data.pipeline import (
     NORMALIZATIONS,
     SPLITS,
     ArraySource,
+    describe_source,
     normalize,
     preprocess,
     resize_images,
     resize_matrix,
+    summary_line,
 )
+from guft_jax.data.user import load_user_data, split_sizes
+from guft_jax.errors import InputError
 
 
 @runtime_checkable
@@ -69,19 +73,31 @@ def get_source(name: str, **kw) -> DataSource:
     Args:
       name: "fashion_mnist", "animal_mnist", "digits", "npz:/path/file.npz",
         "folder:/path/dir", or "vtab/<task>" (one of ``vtab.TASKS``, e.g. "vtab/cifar100").
-      **kw: offline sources: ``seed``, ``test_size``, ``train_size``, ``val_size``, ``data_dir``,
-        ``num_classes``, ``resize_method``; VTAB: ``data_dir``, ``version``, ``resize_method``,
-        ``test_size``.
+      **kw: offline sources: ``seed``, ``train_size``, ``val_size``, ``test_size`` (counts or
+        fractions, ``None`` for the default), ``data_dir``, ``num_classes``, ``resize_method``,
+        ``skip_bad`` (user folders: skip unreadable images); VTAB: ``data_dir``, ``version``,
+        ``resize_method``. User data (``npz:`` / ``folder:``) of any size is split by the rule
+        of :mod:`guft_jax.data.user` (VTAB-1K 800/200/rest from 1,250 images, stratified
+        70/10/20 below); the source records ``class_names``, ``split_sizes``, ``notes`` and
+        ``info`` (see :func:`describe_source`).
 
     Returns:
       A :class:`DataSource`.
 
     Raises:
-      ValueError: unknown name (the message lists the allowed ones) or bad options.
+      InputError: (a ``ValueError``) unknown name (the message lists the allowed ones), bad
+        options, or a bad user file; one line naming the field or path.
     """
     if name.startswith("vtab/"):
         from guft_jax.data import vtab  # imports tensorflow lazily
 
+        for field in ("train_size", "val_size", "test_size", "skip_bad", "seed"):
+            if kw.get(field) not in (None, False, 0):
+                raise InputError(
+                    f"{field}={kw[field]!r}: VTAB-1K tasks have fixed splits; allowed only for "
+                    "fashion_mnist, animal_mnist, digits, npz:PATH and folder:PATH"
+                )
+            kw.pop(field, None)
         return vtab.vtab_source(name[len("vtab/") :], **kw)
     return offline_source(name, **kw)
 
@@ -93,12 +109,16 @@ __all__ = [
     "ArraySource",
     "DataSource",
     "dedupe",
+    "describe_source",
     "get_source",
     "load_offline",
+    "load_user_data",
     "normalize",
     "offline_source",
     "preprocess",
     "resize_images",
     "resize_matrix",
     "split_indices",
+    "split_sizes",
+    "summary_line",
 ]

@@ -16,10 +16,10 @@ digits          scikit-learn (``load_digits``, 8x8)       1,797   797 held out  
 group carries two labels); they are removed, keeping the first occurrence, *before* splitting so
 that no test image is also a training image.
 
-``npz:/path/file.npz`` (arrays ``images`` (N, H, W[, C]) uint8 and ``labels`` (N,) int) and
-``folder:/path/dir`` (``dir/<class>/<image>``, or ``dir/{train,test}/<class>/<image>`` as in
-``tfds.folder_dataset.ImageFolder``; classes are the sorted sub-folder names) take the same split
-options.
+``npz:PATH`` and ``folder:PATH`` (users' own data, any size) are read, checked and split by
+:mod:`guft_jax.data.user`: the VTAB-1K 800/200/rest split from 1,250 images up, a stratified
+70/10/20 split below, ``train_size`` / ``val_size`` / ``test_size`` as counts or fractions, an
+explicit test set, and one-line :class:`~guft_jax.errors.InputError` messages for bad files.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ import struct
 
 import numpy as np
 
+from guft_jax.data import user
 from guft_jax.data.pipeline import RESIZE_METHODS, ArraySource, check_choice
+from guft_jax.data.user import IMAGE_EXTENSIONS, resolve_size  # noqa: F401  (re-exported)
+from guft_jax.errors import InputError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # The test subsample and the held-out test draw use this fixed seed, never the run's seed.
 TEST_SEED = 20240611
 OFFLINE = ("fashion_mnist", "animal_mnist", "digits")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -89,9 +91,9 @@ def split_indices(
         test_size = n - train_size - val_size
     for field, v in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
         if v < 0 or (field != "val_size" and v == 0):
-            raise ValueError(f"{field} must be positive, got {v}")
+            raise InputError(f"{field} must be positive, got {v}")
     if train_size + val_size + test_size > n:
-        raise ValueError(
+        raise InputError(
             f"train_size + val_size + test_size = {train_size + val_size + test_size} exceeds the "
             f"{n} examples available"
         )
@@ -124,19 +126,19 @@ def split_pools(
         )
         return {k: (_take(x, v), np.asarray(y)[v]) for k, v in idx.items()}
     if train_size + val_size > len(y):
-        raise ValueError(
+        raise InputError(
             f"train_size + val_size = {train_size + val_size} exceeds the {len(y)} training "
             "examples available"
         )
     if train_size < 1 or val_size < 0:
-        raise ValueError(
+        raise InputError(
             f"train_size must be positive and val_size >= 0, got {train_size}, {val_size}"
         )
     order = np.random.default_rng(seed).permutation(len(y))
     tx, ty = test_pool
     if test_size is not None:
         if not 0 < test_size <= len(ty):
-            raise ValueError(f"test_size must be in [1, {len(ty)}], got {test_size}")
+            raise InputError(f"test_size must be in [1, {len(ty)}], got {test_size}")
         t = np.sort(np.random.default_rng(TEST_SEED).permutation(len(ty))[:test_size])
         tx, ty = _take(tx, t), np.asarray(ty)[t]
     return {
@@ -246,112 +248,68 @@ def _digits():
     return x, d.target.astype(np.int64)
 
 
-def read_npz(path: str):
-    """Loads ``images`` (uint8, (N,H,W) or (N,H,W,C)) and ``labels`` (N,) from an ``.npz`` file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"npz file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("images", "labels") if k not in f.files]
-        if missing:
-            raise ValueError(f"{path}: missing array(s) {missing}; found {sorted(f.files)}")
-        x, y = f["images"], f["labels"]
-    if x.dtype != np.uint8:
-        raise ValueError(f"{path}: images must be uint8 in [0, 255], got {x.dtype}")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4) or y.shape != (len(x),):
-        raise ValueError(f"{path}: images {x.shape} / labels {y.shape} are not (N,H,W[,C]) / (N,)")
-    return x, _check_labels(y, path)
-
-
-def _check_labels(y, where):
-    y = np.asarray(y)
-    if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
-        raise ValueError(f"{where}: labels must be non-negative integers")
-    return y.astype(np.int64)
-
-
-def _read_image(path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        mode = "L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB"
-        a = np.asarray(im.convert(mode), np.uint8)
-    return a[..., None] if a.ndim == 2 else a
-
-
-def _read_class_dirs(root, classes=None):
-    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    classes = classes if classes is not None else found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise ValueError(f"{root}: class folders {unknown} are not among the classes {classes}")
-    images, labels = [], []
-    for k, c in enumerate(classes):
-        d = os.path.join(root, c)
-        if not os.path.isdir(d):
-            continue
-        for f in sorted(os.listdir(d)):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(_read_image(os.path.join(d, f)))
-                labels.append(k)
-    if not images:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
-    shapes = {im.shape for im in images}
-    if len(shapes) == 1:
-        images = np.stack(images)
-    elif len({s[-1] for s in shapes}) > 1:  # mixed grey and colour: make all RGB
-        images = [np.repeat(im, 3, -1) if im.shape[-1] == 1 else im for im in images]
-    return images, np.asarray(labels, np.int64), classes
-
-
-def read_folder(path: str):
-    """Reads an image-folder dataset; returns ``(train_pool, test_pool or None, classes)``."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"image folder not found: {path}")
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if subdirs and set(subdirs) <= {"train", "test"} and "train" in subdirs:
-        tx, ty, classes = _read_class_dirs(os.path.join(path, "train"))
-        test = None
-        if "test" in subdirs:
-            ex, ey, _ = _read_class_dirs(os.path.join(path, "test"), classes)
-            test = (ex, ey)
-        return (tx, ty), test, classes
-    x, y, classes = _read_class_dirs(path)
-    return (x, y), None, classes
-
-
 # ----------------------------------------------------------------------------- public API
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+
+
+def _packaged(name: str, *, seed, test_size, train_size, val_size, data_dir):
+    """Splits, split rule and class names of a packaged dataset."""
+    if name == "fashion_mnist":
+        train, test = _fashion_mnist(data_dir)
+        pool_n, names, default_test = len(train[1]), FASHION_MNIST_CLASSES, None
+    elif name == "animal_mnist":
+        x, y, _ = animal_mnist_deduped()
+        train, test = (x, y), None
+        pool_n, names, default_test = len(y), tuple(str(i) for i in range(10)), 2000
+    else:
+        train, test = _digits(), None
+        pool_n, names, default_test = len(train[1]), tuple(str(i) for i in range(10)), None
+    tr = resolve_size("train_size", train_size, pool_n)
+    va = resolve_size("val_size", val_size, pool_n, allow_zero=True)
+    te = resolve_size("test_size", test_size, pool_n if test is None else len(test[1]))
+    splits = split_pools(
+        train,
+        test,
+        train_size=800 if tr is None else tr,
+        val_size=200 if va is None else va,
+        test_size=default_test if te is None else te,
+        seed=seed,
+    )
+    return splits, "VTAB-1K: 800 train, 200 val, held-out test", names
 
 
 def load_offline(
     name: str,
     *,
     seed: int = 0,
-    test_size: int | None = None,
-    train_size: int = 800,
-    val_size: int = 200,
+    test_size: int | float | None = None,
+    train_size: int | float | None = None,
+    val_size: int | float | None = None,
     data_dir: str | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Loads a real offline dataset split VTAB-1K style.
 
     Args:
       name: "fashion_mnist", "animal_mnist", "digits", "npz:/path/file.npz" or
-        "folder:/path/dir".
+        "folder:/path/dir" (optionally followed by ",test:PATH", see :mod:`guft_jax.data.user`).
       seed: draws train800/val200 from the training pool.
-      test_size: size of the held-out test set (defaults: Fashion-MNIST its official 10,000,
-        Animal-MNIST 2,000, digits 797, npz/folder everything not in train/val, or the whole
-        ``test`` sub-folder).
-      train_size: images in ``train800`` (800 in VTAB-1K).
-      val_size: images in ``val200`` (200 in VTAB-1K).
+      test_size: size of the held-out test set, a count or a fraction (defaults: Fashion-MNIST
+        its official 10,000, Animal-MNIST 2,000, digits 797, user data by the rule of
+        :mod:`guft_jax.data.user`).
+      train_size: images in ``train800`` (default 800, or the user-data rule), count or fraction.
+      val_size: images in ``val200`` (default 200, or the user-data rule), count or fraction.
       data_dir: Fashion-MNIST only: a folder with the four IDX files.
+      skip_bad: user folders only: skip unreadable images instead of raising.
 
     Returns:
       ``{"train800", "val200", "test"} -> (uint8 images (N, H, W, C), int64 labels (N,))``
       (a folder of differently sized images gives a list of images instead of an array).
 
     Raises:
-      ValueError: unknown name or sizes that do not fit.
+      InputError: unknown name, sizes that do not fit, or a bad user file (one line naming it).
       FileNotFoundError / ModuleNotFoundError: the data is missing; the message says which
         command installs it.
 
@@ -359,20 +317,11 @@ def load_offline(
     >>> {k: len(v[1]) for k, v in splits.items()}  # doctest: +SKIP
     {'train800': 800, 'val200': 200, 'test': 797}
     """
-    kw = dict(train_size=train_size, val_size=val_size, seed=seed)
-    if name == "fashion_mnist":
-        train, test = _fashion_mnist(data_dir)
-        return split_pools(train, test, test_size=test_size, **kw)
-    if name == "animal_mnist":
-        x, y, _ = animal_mnist_deduped()
-        return split_pools((x, y), None, test_size=2000 if test_size is None else test_size, **kw)
-    if name == "digits":
-        return split_pools(_digits(), None, test_size=test_size, **kw)
-    if name.startswith("npz:"):
-        return split_pools(read_npz(name[4:]), None, test_size=test_size, **kw)
-    if name.startswith("folder:"):
-        train, test, _ = read_folder(name[7:])
-        return split_pools(train, test, test_size=test_size, **kw)
+    kw = dict(seed=seed, test_size=test_size, train_size=train_size, val_size=val_size)
+    if name in OFFLINE:
+        return _packaged(name, data_dir=data_dir, **kw)[0]
+    if name.startswith(("npz:", "folder:")):
+        return user.load_user_data(name, skip_bad=skip_bad, **kw).splits
     check_choice("dataset", name, (*OFFLINE, "npz:<path>", "folder:<path>"))
     raise AssertionError("unreachable")
 
@@ -381,46 +330,45 @@ def offline_source(
     name: str,
     *,
     seed: int = 0,
-    test_size: int | None = None,
-    train_size: int = 800,
-    val_size: int = 200,
+    test_size: int | float | None = None,
+    train_size: int | float | None = None,
+    val_size: int | float | None = None,
     data_dir: str | None = None,
     num_classes: int | None = None,
     resize_method: str = "bilinear",
+    skip_bad: bool = False,
 ) -> ArraySource:
     """:func:`load_offline` wrapped as a :class:`~guft_jax.data.DataSource`.
 
-    ``num_classes`` defaults to 10 for the packaged datasets and to ``max(label) + 1`` over all
-    splits (or the number of class folders) for user data.
+    ``num_classes`` defaults to 10 for the packaged datasets and to the number of classes found
+    for user data (see :mod:`guft_jax.data.user` for how labels are remapped). The source's
+    ``class_names``, ``split_sizes``, ``notes`` and ``info`` (``split_rule``, file counts,
+    ``label_map``) are for the run report.
     """
     check_choice("resize_method", resize_method, RESIZE_METHODS)
-    splits = load_offline(
-        name,
-        seed=seed,
-        test_size=test_size,
-        train_size=train_size,
-        val_size=val_size,
-        data_dir=data_dir,
-    )
+    kw = dict(seed=seed, test_size=test_size, train_size=train_size, val_size=val_size)
     if name in OFFLINE:
-        inferred = 10
-    elif name.startswith("folder:"):
-        inferred = len(read_folder_classes(name[7:]))
-    else:
-        inferred = int(max(int(np.max(y)) for _, y in splits.values() if len(y))) + 1
-    if num_classes is None:
-        num_classes = inferred
-    elif num_classes < inferred:
-        raise ValueError(f"num_classes={num_classes} but the labels need at least {inferred}")
-    return ArraySource(
-        name=name, num_classes=int(num_classes), splits=splits, resize_method=resize_method
-    )
-
-
-def read_folder_classes(path: str) -> list[str]:
-    """The sorted class names of an image folder (either layout)."""
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if subdirs and set(subdirs) <= {"train", "test"} and "train" in subdirs:
-        root = os.path.join(path, "train")
-        return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    return subdirs
+        splits, rule, names = _packaged(name, data_dir=data_dir, **kw)
+        if num_classes is not None and num_classes < 10:
+            raise InputError(f"num_classes={num_classes} but {name} has 10 classes")
+        return ArraySource(
+            name=name,
+            num_classes=int(num_classes or 10),
+            splits=splits,
+            resize_method=resize_method,
+            class_names=names,
+            info={"split_rule": rule},
+        )
+    if name.startswith(("npz:", "folder:")):
+        d = user.load_user_data(name, num_classes=num_classes, skip_bad=skip_bad, **kw)
+        return ArraySource(
+            name=name,
+            num_classes=d.num_classes,
+            splits=d.splits,
+            resize_method=resize_method,
+            class_names=d.class_names,
+            notes=d.notes,
+            info=d.info,
+        )
+    check_choice("dataset", name, (*OFFLINE, "npz:<path>", "folder:<path>"))
+    raise AssertionError("unreachable")

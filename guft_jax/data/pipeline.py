@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from guft_jax.errors import InputError
+
 SPLITS = ("train800", "val200", "train800val200", "test")
 
 NORMALIZATIONS = {
@@ -31,9 +33,9 @@ RESIZE_METHODS = ("bilinear", "bicubic")
 
 
 def check_choice(field: str, value, allowed: Sequence) -> None:
-    """Raises a ``ValueError`` naming ``field`` and the allowed values if ``value`` is not one."""
+    """Raises an ``InputError`` naming ``field`` and the allowed values if ``value`` is not one."""
     if value not in allowed:
-        raise ValueError(
+        raise InputError(
             f"{field}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}"
         )
 
@@ -180,6 +182,41 @@ def check_batch_args(
     return nb
 
 
+def describe_source(source) -> dict:
+    """Name, classes, split sizes, split rule and notes of any data source, for run reports.
+
+    >>> describe_source(ArraySource("toy", 2, {s: (np.zeros((1, 2, 2, 1), np.uint8), [0])
+    ...     for s in ("train800", "val200", "test")}))["split_sizes"]
+    {'train800': 1, 'val200': 1, 'test': 1}
+    """
+    info = dict(getattr(source, "info", {}) or {})
+    out = {
+        "dataset": source.name,
+        "num_classes": int(source.num_classes),
+        "class_names": list(getattr(source, "class_names", ()) or ()),
+        "split_sizes": {s: int(source.size(s)) for s in ("train800", "val200", "test")},
+        "notes": list(getattr(source, "notes", ()) or ()),
+    }
+    out.update({k: v for k, v in info.items() if k != "split_sizes"})
+    return out
+
+
+def summary_line(source) -> str:
+    """One line for a run log: dataset, classes, split sizes and the rule that gave them."""
+    d = describe_source(source)
+    names = d["class_names"]
+    shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+    sizes = d["split_sizes"]
+    line = (
+        f"data {d['dataset']}: {d['num_classes']} classes"
+        + (f" ({shown})" if names else "")
+        + f"; train {sizes['train800']} / val {sizes['val200']} / test {sizes['test']}"
+    )
+    if d.get("split_rule"):
+        line += f" [{d['split_rule']}]"
+    return line
+
+
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
     """A :class:`~guft_jax.data.DataSource` over in-memory uint8 images (native size).
@@ -192,12 +229,29 @@ class ArraySource:
         the concatenation of the first two. The keys may name other sizes (``train_size``) but
         keep the VTAB-1K split names.
       resize_method: "bilinear" or "bicubic".
+      class_names: one name per class (folder names, the npz's names, or the labels as text);
+        empty when unknown.
+      notes: what was converted or ignored while reading, one sentence each (for the report).
+      info: how the data was split and read (``split_rule``, ``num_images``, ``label_map``,
+        ``skipped_files``, ``ignored_files``), JSON-serialisable.
     """
 
     name: str
     num_classes: int
     splits: dict
     resize_method: str = "bilinear"
+    class_names: tuple = ()
+    notes: tuple = ()
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """``{"train800": n, "val200": n, "test": n}`` (whatever the sizes are)."""
+        return {s: len(self.splits[s][1]) for s in ("train800", "val200", "test")}
+
+    def describe(self) -> dict:
+        """What a run report states about the data (JSON-serialisable)."""
+        return describe_source(self)
 
     def _split(self, split: str):
         check_choice("split", split, SPLITS)
