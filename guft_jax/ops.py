@@ -1,77 +1,398 @@
-"""Low-level ops shared by the model and the methods."""
+"""Low-level ops shared by the model and the methods: GUFT's sparse-delta matmul and attention.
+
+:func:`sparse_delta_matmul` is ``y = x @ (W0 + S)`` with ``S`` a fixed-capacity sparse delta,
+whose custom VJP forms the weight gradient only at the selected entries: a sampled dense-dense
+product (SDDMM), ``dδ_k = Σ_t x[t, r_k] · dy[t, c_k]`` (SPEC.md §1 "Efficiency"; the idea of
+SPT's SparseGradLinear and LoSiA-Pro). Three interchangeable SDDMM implementations:
+
+- ``"gather"``: entries in fixed-size chunks (a ``lax.map``); per chunk the token vectors
+  ``xᵀ[r_k]`` and ``dyᵀ[c_k]`` are gathered as contiguous rows of the transposed activations
+  and contracted in a fused multiply-reduce, so no ``(capacity, tokens)`` array is materialised.
+- ``"dense"``: the full ``xᵀ dy`` weight gradient (one matmul) read at the entries; the right
+  choice where a matrix unit makes the matmul nearly free (TPU) or the density is high.
+- ``"pallas"``: a Pallas kernel (Triton lowering on GPU; ``interpret=True`` elsewhere, for tests)
+  over blocks of row-sorted entries × token splits; each program streams token tiles of the
+  gathered rows and accumulates in float32.
+
+``"auto"`` picks per backend from :data:`AUTO_IMPL` (measured by ``benchmarks/ops_bench.py``).
+
+:func:`attention` is multi-head dot-product attention through ``jax.nn.dot_product_attention``
+(XLA, or cuDNN's fused flash attention on GPU) with an einsum reference.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 Array = jax.Array
 
+SDDMM_IMPLS = ("auto", "gather", "dense", "pallas")
 
-@jax.custom_vjp
-def sparse_delta_matmul(x: Array, w0: Array, rows: Array, cols: Array, values: Array) -> Array:
+# The SDDMM implementation "auto" uses per backend. CPU: measured by benchmarks/ops_bench.py on 2
+# cores at 0.3% density, ViT-B/16 shapes (benchmarks/results/ops_bench.json): "gather" beats the
+# dense dW matmul there. GPU: the dense-dW path is the one measured on an H100 (README, issue 16);
+# switch to "pallas" once benchmarks/accelerator.sh measures it faster. TPU: the MXU makes the
+# dense dW matmul cheaper than any gather, and Mosaic has no vector gather from refs.
+AUTO_IMPL = {"cpu": "gather", "gpu": "dense", "tpu": "dense"}
+DEFAULT_AUTO_IMPL = "dense"
+
+# Entries per lax.map step of the "gather" impl: large enough to amortise the loop, small enough
+# that a chunk's gathered rows stay in cache (measured: 32-512 within noise on 2 CPU cores).
+GATHER_CHUNK = 256
+
+# Pallas kernel tiling: entries per program, tokens per inner step, and how many token splits run
+# as separate programs (partial sums added afterwards) so a GPU has enough programs in flight.
+PALLAS_BLOCK_K = 64
+PALLAS_BLOCK_T = 128
+PALLAS_TOKEN_SPLITS = 8
+
+_log = logging.getLogger(__name__)
+
+
+def resolve_sddmm_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """The concrete SDDMM implementation ``impl`` stands for on ``backend``.
+
+    Args:
+      impl: one of :data:`SDDMM_IMPLS`.
+      backend: a JAX platform name; defaults to ``jax.default_backend()``.
+
+    Returns:
+      "gather", "dense" or "pallas".
+
+    Raises:
+      ValueError: for an unknown ``impl``.
+
+    >>> resolve_sddmm_impl("dense")
+    'dense'
+    """
+    if impl not in SDDMM_IMPLS:
+        raise ValueError(f"impl={impl!r} is not supported; allowed: {', '.join(SDDMM_IMPLS)}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return AUTO_IMPL.get(backend, DEFAULT_AUTO_IMPL)
+
+
+def sparse_delta_matmul(
+    x: Array, w0: Array, rows: Array, cols: Array, values: Array, *, impl: str = "auto"
+) -> Array:
     """``x @ (w0 + S)`` where ``S`` holds ``values`` at ``(rows, cols)`` and is zero elsewhere.
 
-    The backward pass computes ``dx`` in full but the weight gradient only at the selected entries,
-    ``d values_k = sum_tokens x[:, rows_k] * dy[:, cols_k]``, so no dense ``(in, out)`` weight
-    gradient is formed (the idea of SPT's SparseGradLinear and LoSiA-Pro). ``w0`` receives no
-    gradient (it is frozen). Where the selected density exceeds a backend-dependent break-even
-    (``GATHER_MAX_DENSITY``), the weight gradient is formed densely and read at the entries
-    instead, which is faster there. Padding slots use ``rows == w0.shape[0]`` (out of range):
-    they are dropped from the scatter and get a zero gradient.
+    GUFT's sparse path (SPEC.md §1; GUFT, the seed paper 000). The backward pass computes ``dx``
+    in full (``dy @ (w0 + S)ᵀ``, exactly the dense gradient) but the weight gradient only at the
+    selected entries, ``d values_k = Σ_tokens x[:, rows_k] · dy[:, cols_k]`` (an SDDMM,
+    accumulated in float32), so the dense ``(in, out)`` weight gradient matmul is replaced by
+    ``capacity × tokens`` multiply-adds. Only ``x``, ``w0`` and the sparse triplet are saved for
+    the backward (the densified weight is rebuilt there, not held). ``w0`` is frozen: its
+    cotangent is zero. Padding slots use ``rows == w0.shape[0]`` (out of range): they are dropped
+    from the scatter and get a zero gradient. Duplicate ``(row, col)`` pairs add up in the
+    forward and each receives the full gradient of that weight entry.
 
     Args:
       x: ``(..., in)`` activations.
       w0: ``(in, out)`` frozen weight.
-      rows, cols: ``(capacity,)`` int32 coordinates.
-      values: ``(capacity,)`` deltas.
+      rows: ``(capacity,)`` int32 row coordinates in ``[0, in]`` (``in`` = padding).
+      cols: ``(capacity,)`` int32 column coordinates in ``[0, out)``.
+      values: ``(capacity,)`` deltas (cast to ``w0.dtype`` in the forward).
+      impl: the weight-gradient SDDMM: "auto" (per backend, :data:`AUTO_IMPL`), "gather",
+        "dense" or "pallas" (a Triton kernel on GPU, interpret mode on CPU).
+
     Returns:
-      ``(..., out)``.
+      ``(..., out)`` in the dtype of ``x @ w0``.
+
+    Raises:
+      ValueError: for an unknown ``impl`` or mismatched shapes.
+      NotImplementedError: ``impl="pallas"`` on TPU.
+
+    >>> x, w0 = jnp.ones((2, 3)), jnp.zeros((3, 4))
+    >>> rows, cols = jnp.array([0, 3], jnp.int32), jnp.array([1, 0], jnp.int32)
+    >>> sparse_delta_matmul(x, w0, rows, cols, jnp.array([2.0, 5.0]))[0].tolist()
+    [0.0, 2.0, 0.0, 0.0]
     """
-    return x @ _densify(w0, rows, cols, values)
+    impl = resolve_sddmm_impl(impl)
+    if impl == "pallas" and jax.default_backend() == "tpu":
+        raise NotImplementedError(
+            'sparse_delta_matmul(impl="pallas") lowers through Triton (GPU) only; on TPU use '
+            '"dense" (what "auto" picks there)'
+        )
+    if w0.ndim != 2 or x.shape[-1] != w0.shape[0]:
+        raise ValueError(f"x {x.shape} @ w0 {w0.shape}: need w0 (in, out) with in = x.shape[-1]")
+    if not (rows.shape == cols.shape == values.shape and rows.ndim == 1):
+        raise ValueError(
+            f"rows {rows.shape}, cols {cols.shape}, values {values.shape}: need equal 1-D shapes"
+        )
+    return _sparse_delta_matmul(impl, x, w0, rows, cols, values)
 
 
 def _densify(w0: Array, rows: Array, cols: Array, values: Array) -> Array:
-    w0 = jnp.asarray(w0)
-    return w0.at[rows, cols].add(jnp.asarray(values).astype(w0.dtype), mode="drop")
+    return w0.at[rows, cols].add(values.astype(w0.dtype), mode="drop")
 
 
-def _fwd(x, w0, rows, cols, values):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_delta_matmul(impl, x, w0, rows, cols, values):
+    del impl
+    return x @ _densify(w0, rows, cols, values)
+
+
+def _fwd(impl, x, w0, rows, cols, values):
+    del impl
     # Keep w0 (the frozen param, alive anyway) rather than the densified copy: the backward
     # re-applies the cheap scatter, so no extra dense weight per layer is held for the backward.
     return x @ _densify(w0, rows, cols, values), (x, w0, rows, cols, values)
 
 
-# Above this density (selected entries / matrix entries) the weight gradient is computed densely
-# and then read at the selected entries. Gathering a token-length column of x and of dy per entry
-# is memory-bound. Measured with benchmarks/step_bench.py at GUFT's 0.34%: on 2 CPU cores it loses
-# to one dense matmul already at ~0.07% density (2x400-element gathers of 6,304 tokens cost more
-# than the 384x1536 dW matmul); on one H100 (ViT-B/16, batch 64, 12,608 tokens) the gather path's
-# step was 2.1x full fine-tuning's, the dense-dW path's far less (benchmarks/results/).
-GATHER_MAX_DENSITY = {"cpu": 0.0005, "gpu": 0.0005}
-DEFAULT_GATHER_MAX_DENSITY = 0.05
-
-
-def _use_gather(capacity: int, d_in: int, d_out: int) -> bool:
-    limit = GATHER_MAX_DENSITY.get(jax.default_backend(), DEFAULT_GATHER_MAX_DENSITY)
-    return capacity <= limit * d_in * d_out
-
-
-def _bwd(res, dy):
+def _bwd(impl, res, dy):
     x, w0, rows, cols, values = res
-    w = _densify(w0, rows, cols, values)
-    dx = dy @ w.T
+    dx = dy @ _densify(w0, rows, cols, values).T
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    if _use_gather(rows.shape[0], *w.shape):
-        # rows of the transposed activations are contiguous token vectors
-        xr = jnp.take(x2.T, rows, axis=0, mode="fill", fill_value=0)
-        dyc = jnp.take(dy2.T, cols, axis=0, mode="fill", fill_value=0)
-        dvalues = jnp.sum(xr * dyc, axis=1)
+    dvalues = sddmm(x2, dy2, rows, cols, impl=impl)
+    return dx, jnp.zeros_like(w0), None, None, dvalues.astype(values.dtype)
+
+
+_sparse_delta_matmul.defvjp(_fwd, _bwd)
+
+
+def sddmm(
+    x: Array,
+    dy: Array,
+    rows: Array,
+    cols: Array,
+    *,
+    impl: str = "auto",
+    interpret: bool | None = None,
+) -> Array:
+    """Sampled dense-dense product ``out_k = Σ_t x[t, rows_k] · dy[t, cols_k]`` in float32.
+
+    This is ``(xᵀ @ dy)[rows, cols]`` without forming ``xᵀ @ dy`` (except for ``impl="dense"``):
+    the weight gradient of ``y = x @ W`` at selected entries (SPEC.md §1).
+
+    Args:
+      x: ``(tokens, in)``.
+      dy: ``(tokens, out)``.
+      rows: ``(K,)`` int32; entries with ``rows >= in`` or ``cols >= out`` give 0 (padding).
+      cols: ``(K,)`` int32.
+      impl: "auto", "gather", "dense" or "pallas" (see the module docstring).
+      interpret: Pallas interpret mode; default: on unless the backend is GPU.
+
+    Returns:
+      ``(K,)`` float32.
+
+    Raises:
+      ValueError: for an unknown ``impl``.
+
+    >>> x, dy = jnp.arange(6.0).reshape(3, 2), jnp.ones((3, 2))
+    >>> sddmm(x, dy, jnp.array([1, 2]), jnp.array([0, 0]), impl="gather").tolist()
+    [9.0, 0.0]
+    """
+    impl = resolve_sddmm_impl(impl)
+    d_in, d_out = x.shape[-1], dy.shape[-1]
+    valid = (rows < d_in) & (cols < d_out)
+    if impl == "dense":
+        dw = jax.lax.dot_general(
+            x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return dw.at[rows, cols].get(mode="fill", fill_value=0)
+    r = jnp.where(valid, rows, 0).astype(jnp.int32)
+    c = jnp.where(valid, cols, 0).astype(jnp.int32)
+    if impl == "gather":
+        out = _sddmm_gather(x, dy, r, c)
     else:
-        dw = x2.T @ dy2
-        dvalues = dw.at[rows, cols].get(mode="fill", fill_value=0)
-    return dx, jnp.zeros_like(w), None, None, dvalues
+        if interpret is None:
+            interpret = jax.default_backend() != "gpu"
+        out = _sddmm_pallas(x, dy, r, c, interpret=interpret)
+    return jnp.where(valid, out, 0.0)
 
 
-sparse_delta_matmul.defvjp(_fwd, _bwd)
+def _sddmm_gather(x: Array, dy: Array, r: Array, c: Array) -> Array:
+    k = r.shape[0]
+    if k == 0:
+        return jnp.zeros((0,), jnp.float32)
+    chunk = min(GATHER_CHUNK, k)
+    n = -(-k // chunk)
+    pad = n * chunk - k
+    # Rows of the transposed activations are contiguous token vectors: each gather is a run of
+    # row copies that XLA fuses into the multiply-reduce of its chunk.
+    xt, dyt = x.T, dy.T
+    rc = (jnp.pad(r, (0, pad)).reshape(n, chunk), jnp.pad(c, (0, pad)).reshape(n, chunk))
+
+    def one_chunk(rc):
+        a = xt.at[rc[0]].get(mode="promise_in_bounds").astype(jnp.float32)
+        b = dyt.at[rc[1]].get(mode="promise_in_bounds").astype(jnp.float32)
+        return jnp.sum(a * b, axis=1)
+
+    return jax.lax.map(one_chunk, rc).reshape(-1)[:k]
+
+
+def _sddmm_kernel(rows_ref, cols_ref, xt_ref, dyt_ref, out_ref, *, block_t, tiles):
+    split = pl.program_id(1)
+    r = rows_ref[...]
+    c = cols_ref[...]
+
+    def step(i, acc):
+        t0 = pl.multiple_of((split * tiles + i) * block_t, block_t)
+        # (block_k, block_t) gathers of row-sorted entries: neighbouring entries share rows of
+        # xᵀ, and each row segment is a contiguous (coalesced) run of tokens.
+        a = xt_ref[r, pl.ds(t0, block_t)].astype(jnp.float32)
+        b = dyt_ref[c, pl.ds(t0, block_t)].astype(jnp.float32)
+        return acc + jnp.sum(a * b, axis=1)
+
+    out_ref[...] = jax.lax.fori_loop(0, tiles, step, jnp.zeros(r.shape, jnp.float32))
+
+
+def _sddmm_pallas(x: Array, dy: Array, r: Array, c: Array, *, interpret: bool) -> Array:
+    k, t = r.shape[0], x.shape[0]
+    if k == 0:
+        return jnp.zeros((0,), jnp.float32)
+    block_k = min(PALLAS_BLOCK_K, pl.next_power_of_2(k))
+    block_t = min(PALLAS_BLOCK_T, pl.next_power_of_2(max(t, 1)))
+    n_tiles = -(-t // block_t)
+    # Token splits in [max/2, max] wasting the fewest padded tiles (12,608 tokens: 5 x 20 tiles).
+    most = min(PALLAS_TOKEN_SPLITS, n_tiles)
+    splits = min(range(max(1, most // 2), most + 1), key=lambda s: (s * -(-n_tiles // s), -s))
+    tiles = -(-n_tiles // splits)
+    t_pad = splits * tiles * block_t - t
+    k_pad = -(-k // block_k) * block_k - k
+    # Sorted by row so a block of entries touches few rows of xᵀ (cache reuse on GPU).
+    order = jnp.argsort(r)
+    rs = jnp.pad(r[order], (0, k_pad))
+    cs = jnp.pad(c[order], (0, k_pad))
+    # Zero-padded tokens contribute nothing, so the kernel needs no tail masks.
+    xt = jnp.pad(x.T, ((0, 0), (0, t_pad)))
+    dyt = jnp.pad(dy.T, ((0, 0), (0, t_pad)))
+    kernel = functools.partial(_sddmm_kernel, block_t=block_t, tiles=tiles)
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    partial_sums = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((splits, k + k_pad), jnp.float32),
+        grid=((k + k_pad) // block_k, splits),
+        in_specs=[
+            pl.BlockSpec((block_k,), lambda i, s: (i,)),
+            pl.BlockSpec((block_k,), lambda i, s: (i,)),
+            pl.no_block_spec,
+            pl.no_block_spec,
+        ],
+        out_specs=pl.BlockSpec((None, block_k), lambda i, s: (s, i)),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="guft_sddmm",
+    )(rs, cs, xt, dyt)
+    sorted_out = jnp.sum(partial_sums, axis=0)[:k]
+    return jnp.zeros((k,), jnp.float32).at[order].set(sorted_out, unique_indices=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+# What "auto" runs per backend (GPU: cuDNN first, see attention()). CPU: the einsum form measured
+# faster than dot_product_attention's XLA path on 2 cores (ViT-B/16 shape, fwd+bwd, 1.1-1.8x;
+# benchmarks/results/ops_bench.json "attention").
+ATTENTION_AUTO = {"cpu": "einsum", "gpu": "xla", "tpu": "xla"}
+
+
+def attention_einsum(q: Array, k: Array, v: Array) -> Array:
+    """Reference multi-head attention: ``softmax(q kᵀ / √D) v`` with the softmax in float32.
+
+    Args:
+      q: ``(B, T, H, D)`` queries.
+      k: ``(B, S, H, D)`` keys.
+      v: ``(B, S, H, D)`` values.
+
+    Returns:
+      ``(B, T, H, D)`` in ``v.dtype``.
+    """
+    d = q.shape[-1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(d).astype(q.dtype), k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attention(
+    q: Array, k: Array, v: Array, *, impl: str = "auto", dtype: jnp.dtype | None = None
+) -> Array:
+    """Multi-head scaled dot-product attention (Vaswani et al., arXiv:1706.03762), fused.
+
+    Goes through ``jax.nn.dot_product_attention`` (logits accumulated and softmax computed in
+    float32 for 16-bit inputs), which on GPU can run cuDNN's flash attention: the ``(B, H, T, S)``
+    probabilities are never written to memory. No masks, no dropout (ViT fine-tuning uses
+    attention dropout 0; keep the einsum path where it is not).
+
+    Args:
+      q: ``(B, T, H, D)`` queries.
+      k: ``(B, S, H, D)`` keys.
+      v: ``(B, S, H, D)`` values.
+      impl: "auto" (GPU: cuDNN for 16-bit inputs when its trace-time checks pass, else XLA;
+        elsewhere :data:`ATTENTION_AUTO`), "xla" (``implementation=None``: JAX picks, XLA
+        today), "cudnn" (raises where unsupported) or "einsum" (:func:`attention_einsum`, the
+        reference).
+      dtype: compute dtype q, k, v are cast to first (e.g. ``jnp.bfloat16``); ``None`` keeps them.
+
+    Returns:
+      ``(B, T, H, D)`` in the compute dtype.
+
+    Raises:
+      ValueError: for an unknown ``impl`` or shapes that are not ``(B, T, H, D)``.
+
+    >>> q = jnp.ones((1, 3, 2, 4))
+    >>> attention(q, q, q, impl="xla").shape
+    (1, 3, 2, 4)
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl={impl!r} is not supported; allowed: {', '.join(ATTENTION_IMPLS)}")
+    if not (q.ndim == k.ndim == v.ndim == 4):
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need (B, T, H, D) each")
+    if dtype is not None:
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+    backend = jax.default_backend()
+    if impl == "auto":
+        if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:  # cuDNN's support checks (version, head dim, GPU generation) run at trace time
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (NotImplementedError, RuntimeError, ValueError) as e:
+                _log_once(f"attention: cuDNN flash attention unavailable ({e}); using XLA")
+        impl = ATTENTION_AUTO.get(backend, "xla")
+    if impl == "einsum":
+        return attention_einsum(q, k, v)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, implementation=None)
+
+
+@functools.lru_cache(maxsize=16)
+def _log_once(message: str) -> None:
+    _log.info(message)
+
+
+def dense_delta_reference(w0: Array, rows: Array, cols: Array, values: Array) -> Array:
+    """The densified weight ``w0 + S`` (padding entries dropped), as a plain array.
+
+    >>> dense_delta_reference(jnp.zeros((2, 2)), jnp.array([1, 2]), jnp.array([0, 0]),
+    ...                       jnp.array([3.0, 4.0])).tolist()
+    [[0.0, 0.0], [3.0, 0.0]]
+    """
+    return _densify(jnp.asarray(w0), rows, cols, values)
+
+
+__all__ = [
+    "ATTENTION_AUTO",
+    "ATTENTION_IMPLS",
+    "AUTO_IMPL",
+    "SDDMM_IMPLS",
+    "attention",
+    "attention_einsum",
+    "dense_delta_reference",
+    "resolve_sddmm_impl",
+    "sddmm",
+    "sparse_delta_matmul",
+]

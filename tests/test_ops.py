@@ -1,5 +1,7 @@
-"""sparse_delta_matmul: forward equals the dense matmul, gradients equal the dense gradient
-gathered at the selected entries, and padding slots are inert."""
+"""sparse_delta_matmul and its SDDMM: the forward equals the dense matmul, ``dx`` equals the
+dense gradient, the sampled weight gradient equals the dense gradient read at the entries for
+every implementation CPU has (Pallas in interpret mode), and padding slots are inert; also under
+jit and vmap, in float32 and bfloat16."""
 
 import jax
 import jax.numpy as jnp
@@ -8,44 +10,182 @@ import pytest
 
 from guft_jax import ops
 
+IMPLS = ("gather", "dense", "pallas")
 
-def _setup(seed=0, d_in=6, d_out=5, cap=7, n_pad=2):
+
+def _setup(seed=0, lead=(3, 4), d_in=6, d_out=5, cap=7, n_pad=2, dtype=np.float32):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(3, 4, d_in)).astype(np.float32)
+    x = rng.normal(size=(*lead, d_in)).astype(np.float32)
     w0 = rng.normal(size=(d_in, d_out)).astype(np.float32)
-    flat = rng.choice(d_in * d_out, size=cap - n_pad, replace=False)
+    flat = rng.choice(d_in * d_out, size=cap - n_pad, replace=False)  # duplicate-free
     rows = np.concatenate([flat // d_out, np.full(n_pad, d_in)]).astype(np.int32)
     cols = np.concatenate([flat % d_out, np.zeros(n_pad)]).astype(np.int32)
     values = rng.normal(size=cap).astype(np.float32)
-    return x, w0, rows, cols, values
+    cast = lambda a: jnp.asarray(a, dtype)
+    return cast(x), cast(w0), jnp.asarray(rows), jnp.asarray(cols), cast(values)
+
+
+def _dense_grads(x, w0, rows, cols, values, g):
+    """Gradients of ``sum(g * (x @ W))`` by plain autodiff of the densified weight."""
+    w = ops.dense_delta_reference(w0, rows, cols, values)
+    gx, gw = jax.grad(lambda x, w: jnp.sum((x @ w).astype(jnp.float32) * g), (0, 1))(x, w)
+    return gx, gw
 
 
 def test_forward_matches_dense():
     x, w0, rows, cols, values = _setup()
-    dense = w0.copy()
-    for r, c, v in zip(rows, cols, values, strict=True):
+    dense = np.array(w0)
+    for r, c, v in zip(np.asarray(rows), np.asarray(cols), np.asarray(values), strict=True):
         if r < w0.shape[0]:
             dense[r, c] += v
     y = ops.sparse_delta_matmul(x, w0, rows, cols, values)
-    np.testing.assert_allclose(y, x @ dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, np.asarray(x) @ dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("gather_limit", [1.0, 0.0])  # the gather path and the dense-dW path
-def test_gradients_match_dense_gather_and_padding_is_inert(gather_limit, monkeypatch):
-    monkeypatch.setitem(ops.GATHER_MAX_DENSITY, jax.default_backend(), gather_limit)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_dense_and_padding_is_inert(impl):
     x, w0, rows, cols, values = _setup(seed=1)
-    tgt = np.random.default_rng(2).normal(size=(3, 4, w0.shape[1])).astype(np.float32)
+    g = jax.random.normal(jax.random.PRNGKey(2), (3, 4, w0.shape[1]))
 
-    def loss_sparse(x, values):
-        return jnp.sum((ops.sparse_delta_matmul(x, w0, rows, cols, values) - tgt) ** 2)
+    def loss(x, values):
+        y = ops.sparse_delta_matmul(x, w0, rows, cols, values, impl=impl)
+        return jnp.sum(y * g)
 
-    def loss_dense(x, w):
-        return jnp.sum((x @ w - tgt) ** 2)
-
-    valid = rows < w0.shape[0]
-    w = jnp.asarray(w0).at[rows[valid], cols[valid]].add(values[valid])
-    gx, gv = jax.grad(loss_sparse, argnums=(0, 1))(x, values)
-    gx_ref, gw_ref = jax.grad(loss_dense, argnums=(0, 1))(x, w)
-    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gv[valid], gw_ref[rows[valid], cols[valid]], rtol=1e-5, atol=1e-5)
+    gx, gv = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, values)
+    gx_ref, gw_ref = _dense_grads(x, w0, rows, cols, values, g)
+    valid = np.asarray(rows) < w0.shape[0]
+    # dx is the same matmul as the dense reference's: exact up to float rounding.
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(gv)[valid], np.asarray(gw_ref)[rows[valid], cols[valid]], rtol=1e-5, atol=1e-5
+    )
     assert np.all(np.asarray(gv)[~valid] == 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sddmm_larger_shapes_multiple_blocks_and_tiles(impl, monkeypatch):
+    # Small tiles so the Pallas grid has several entry blocks, token splits and inner steps, and
+    # the gather impl several chunks with a ragged last one; token count not a tile multiple.
+    monkeypatch.setattr(ops, "PALLAS_BLOCK_K", 8)
+    monkeypatch.setattr(ops, "PALLAS_BLOCK_T", 16)
+    monkeypatch.setattr(ops, "PALLAS_TOKEN_SPLITS", 3)
+    monkeypatch.setattr(ops, "GATHER_CHUNK", 16)
+    rng = np.random.default_rng(3)
+    t, d_in, d_out, k = 197, 24, 40, 53
+    x = jnp.asarray(rng.normal(size=(t, d_in)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(t, d_out)), jnp.float32)
+    flat = rng.choice(d_in * d_out, size=k, replace=False)
+    rows = jnp.asarray(np.where(np.arange(k) % 10 == 9, d_in, flat // d_out), jnp.int32)
+    cols = jnp.asarray(flat % d_out, jnp.int32)
+    got = jax.jit(lambda *a: ops.sddmm(*a, impl=impl))(x, dy, rows, cols)
+    ref = np.asarray(x, np.float64).T @ np.asarray(dy, np.float64)
+    valid = np.asarray(rows) < d_in
+    want = np.where(valid, ref[np.minimum(rows, d_in - 1), cols], 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert got.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_duplicate_entries_each_get_the_entry_gradient(impl):
+    x, w0, _, _, _ = _setup(seed=4)
+    rows = jnp.asarray([1, 1, 3, 6], jnp.int32)
+    cols = jnp.asarray([2, 2, 0, 0], jnp.int32)
+    values = jnp.asarray([0.5, -1.0, 2.0, 9.0], jnp.float32)
+    g = jax.random.normal(jax.random.PRNGKey(5), (3, 4, w0.shape[1]))
+    gv = jax.grad(lambda v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, impl=impl) * g))(
+        values
+    )
+    _, gw_ref = _dense_grads(x, w0, rows, cols, values, g)
+    want = np.asarray([gw_ref[1, 2], gw_ref[1, 2], gw_ref[3, 0], 0.0])
+    np.testing.assert_allclose(gv, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_inputs_accumulate_in_float32(impl):
+    x, w0, rows, cols, values = _setup(seed=6, lead=(64,), d_in=16, d_out=12, cap=20, n_pad=3)
+    xb, wb, vb = (a.astype(jnp.bfloat16) for a in (x, w0, values))
+    g = jax.random.normal(jax.random.PRNGKey(7), (64, 12))
+
+    def loss(x, v):
+        y = ops.sparse_delta_matmul(x, wb, rows, cols, v, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) * g)
+
+    gx, gv = jax.grad(loss, argnums=(0, 1))(xb, vb)
+    assert gx.dtype == jnp.bfloat16 and gv.dtype == jnp.bfloat16
+    gx_ref, gw_ref = _dense_grads(xb, wb, rows, cols, vb, g)
+    np.testing.assert_array_equal(np.asarray(gx, np.float32), np.asarray(gx_ref, np.float32))
+    # float32 accumulation over the 64 tokens of bf16 products: only the final rounding to
+    # bfloat16 (half a unit in the last place, 2^-9 relative) separates it from the exact sum.
+    dy = np.asarray(g.astype(jnp.bfloat16), np.float64)
+    exact = np.asarray(xb, np.float64).T @ dy
+    valid = np.asarray(rows) < 16
+    want = exact[rows[valid], cols[valid]]
+    np.testing.assert_allclose(np.asarray(gv, np.float64)[valid], want, rtol=2**-8, atol=1e-6)
+    assert np.all(np.asarray(gv, np.float32)[~valid] == 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_over_a_run_axis(impl):
+    runs = [_setup(seed=10 + i) for i in range(3)]
+    x, w0, rows, cols, values = (jnp.stack(a) for a in zip(*runs, strict=True))
+    g = jax.random.normal(jax.random.PRNGKey(8), (3, 4, w0.shape[-1]))
+
+    def loss(x, w0, rows, cols, values):
+        return jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, values, impl=impl) * g)
+
+    gx, gv = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 4))))(x, w0, rows, cols, values)
+    for i, (xi, wi, ri, ci, vi) in enumerate(runs):
+        gx_ref, gw_ref = _dense_grads(xi, wi, ri, ci, vi, g)
+        valid = np.asarray(ri) < wi.shape[0]
+        np.testing.assert_allclose(gx[i], gx_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(gv[i])[valid], np.asarray(gw_ref)[ri[valid], ci[valid]], rtol=1e-5, atol=1e-5
+        )
+        assert np.all(np.asarray(gv[i])[~valid] == 0.0)
+
+
+def test_backward_saves_no_densified_weight():
+    x, w0, rows, cols, values = _setup()
+    _, vjp = jax.vjp(lambda v: ops.sparse_delta_matmul(x, w0, rows, cols, v), values)
+    saved = [a for a in jax.tree.leaves(vjp) if hasattr(a, "shape")]
+    dense = ops.dense_delta_reference(w0, rows, cols, values)
+    assert not any(a.shape == dense.shape and np.array_equal(a, dense) for a in saved)
+    assert any(a.shape == w0.shape and np.array_equal(a, w0) for a in saved)
+
+
+def test_auto_resolves_per_backend_and_rejects_unknown():
+    assert ops.resolve_sddmm_impl("auto", "cpu") == ops.AUTO_IMPL["cpu"]
+    assert ops.resolve_sddmm_impl("auto", "tpu") == "dense"
+    assert ops.resolve_sddmm_impl("pallas", "cpu") == "pallas"
+    with pytest.raises(ValueError, match="allowed: auto, gather, dense, pallas"):
+        ops.resolve_sddmm_impl("triton")
+    x, w0, rows, cols, values = _setup()
+    with pytest.raises(ValueError, match="w0"):
+        ops.sparse_delta_matmul(x, w0.T, rows, cols, values)
+
+
+def test_empty_capacity():
+    x, w0, _, _, _ = _setup()
+    e = jnp.zeros((0,), jnp.int32)
+    for impl in IMPLS:
+        gv = jax.grad(
+            lambda v, impl=impl: jnp.sum(ops.sparse_delta_matmul(x, w0, e, e, v, impl=impl))
+        )(jnp.zeros((0,), jnp.float32))
+        assert gv.shape == (0,)
+
+
+def test_pallas_kernel_lowers_to_triton_for_cuda():
+    # No GPU here: lower the compiled (non-interpret) kernel for the CUDA platform, which runs the
+    # Pallas -> Triton IR lowering (gathered loads, loop, reduction) on this machine.
+    export = pytest.importorskip("jax.export")
+    x = jax.ShapeDtypeStruct((12608, 768), jnp.bfloat16)
+    dy = jax.ShapeDtypeStruct((12608, 3072), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((7078,), jnp.int32)
+    f = jax.jit(lambda x, dy, r, c: ops._sddmm_pallas(x, dy, r, c, interpret=False))
+    exp = export.export(
+        f,
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(x, dy, idx, idx)
+    text = exp.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text and 'name = "guft_sddmm"' in text
