@@ -238,10 +238,11 @@ def truncate_metrics(path: str, step: int) -> tuple[list[dict], int]:
     if not os.path.exists(path):
         return [], 0
     with open(path) as f:
-        lines = [s for s in f.read().splitlines() if s.strip()]
+        text = f.read()
+    lines = [s for s in text.splitlines() if s.strip()]
     kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
     dropped = len(lines) - len(kept)
-    if dropped:
+    if dropped or (text and not text.endswith("\n")):  # a whole last line without its newline
         _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept, dropped
 

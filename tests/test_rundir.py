@@ -109,6 +109,12 @@ def test_metrics_truncated_to_the_restored_step_and_tensorboard_rewritten(tmp_pa
     assert [r["epoch"] for r in kept] == [1, 2] and dropped == 2
     assert [json.loads(s)["epoch"] for s in open(path).read().splitlines()] == [1, 2]
     assert rundir.truncate_metrics(path, 20) == (kept, 0)
+    with open(path, "a") as f:
+        f.write('{"epoch": 3, "step": 30}')  # whole, but killed before its newline
+    assert rundir.truncate_metrics(path, 30) == ([*kept, {"epoch": 3, "step": 30}], 0)
+    rundir.append_jsonl(path, {"epoch": 4, "step": 40})
+    assert [r["epoch"] for r in rundir.read_jsonl(path)] == [1, 2, 3, 4]
+    rundir.truncate_metrics(path, 20)
     assert rundir.truncate_metrics(str(tmp_path / "none.jsonl"), 5) == ([], 0)
     tb = str(tmp_path / "tb")
     w = rundir.rewrite_tensorboard(tb, [{"epoch": 1, "step": 10, "train_loss": 0.5}] * 2)
