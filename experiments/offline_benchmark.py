@@ -29,6 +29,7 @@ finish first on every task and seed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -40,22 +41,20 @@ from experiments import report
 from experiments.configs.offline import get_config
 from experiments.linear_probe import logistic_accuracy
 from guft_jax.data import get_source
+from guft_jax.methods import method_names, spec
 
-ALL_METHODS = [
-    "pixels",
-    "linear",
-    "guft",
-    "lora",
-    "full",
-    "bitfit",
-    "dora",
-    "vera",
-    "fourierft",
-    "magnitude",
-    "snip",
-    "salun",
-    "fisher",
-]
+# Rows the README's claim needs come first; then every registered method (a method registered
+# in its own file appears here with no edit).
+PRIORITY = ["pixels", "linear", "guft", "lora", "full"]
+
+
+def all_methods() -> list[str]:
+    """The rows of presets that list every method: the priority rows, then every registered
+    method (live: a method registered after import is included)."""
+    return PRIORITY + [m for m in method_names() if m not in PRIORITY]
+
+
+ALL_METHODS = all_methods()
 PRESETS = {
     "demo": dict(
         tasks=["animal_mnist"],
@@ -74,22 +73,14 @@ PRESETS = {
         select=True,
     ),
 }
-LR_FACTORS = (0.3, 1.0, 3.0)  # x the method's default lr, picked on val200
 PIXEL_C = (0.01, 0.1, 1.0)  # logistic regression on raw pixels, picked on val200
 TEST_SIZE = {"fashion_mnist": 2000}  # official 10k test split, fixed subsample (TEST_SEED)
 BATCH = 50
-# Seconds per training step of DINOv2-S/14 at 28 px, batch 50, measured on this repo's 2-core CPU
-# (results/offline_demo/records.jsonl); the one-shot masks and the others are GUFT/LoRA-like.
-STEP_S = {"linear": 0.15, "full": 0.59, "lora": 0.26, "fourierft": 0.25, "guft": 0.54,
-          "bitfit": 0.40, "dora": 0.30, "vera": 0.26, "magnitude": 0.54, "snip": 0.54,
-          "salun": 0.54, "fisher": 0.54}  # fmt: skip
+# Seconds per training step of full fine-tuning of DINOv2-S/14 at 28 px, batch 50, measured on
+# this repo's 2-core CPU (results/offline_demo/records.jsonl); other methods scale it by their
+# ``Defaults.step_cost``.
+FULL_STEP_S = 0.59
 OVERHEAD_S = 15.0  # compile + evaluation + checkpoints per run
-MASK_METHODS = ("guft", "magnitude", "snip", "salun", "fisher")
-# ``--guft_path dense``: GUFT and the one-shot masks on the dense reference path (element mask as
-# a traced argument: one compile per shape, shared by every run through JAX's compilation cache)
-# instead of the sparse fixed-capacity path, whose capacities, and so compiles, differ per run.
-# The two follow the same trajectory (tests/test_guft.py: losses and params within 1e-5).
-GUFT_SPARSE = [True]
 
 
 def _source(task, seed):
@@ -110,29 +101,20 @@ def _pixels(src, split, image_size):
     return x.reshape(len(x), -1), y
 
 
-def _config(task, method, *, seed, epochs, image_size, lr_factor=1.0):
+def lr_factors(method: str) -> tuple[float, ...]:
+    """The val200 grid of ``method`` (factors of its default lr; ``C`` for pixels)."""
+    return PIXEL_C if method == "pixels" else spec(method).defaults.lr_grid
+
+
+def _config(task, method, *, seed, epochs, image_size, lr_factor=1.0, guft_path="sparse"):
     c = get_config(f"{task},{method}")
     c.seed, c.epochs, c.image_size, c.progress = seed, epochs, image_size, False
     c.batch_size = BATCH
-    if method == "linear":  # no backbone-side parameters: the head's lr is the one selected
+    if spec(method).defaults.select_head_lr:  # no backbone-side parameters: the head's lr
         c.head_lr = float(c.head_lr * lr_factor)
     else:
         c.lr = float(c.lr * lr_factor)
-    if method == "guft":
-        # The task head starts at zero, so the backbone's gradient (and GUFT's saliency) is zero
-        # before the head has trained: the first recompute comes after one head-only epoch.
-        rounds = list(range(2, min(epochs, 4) + 1))
-        c.method_kwargs.recompute_epochs = rounds
-        c.method_kwargs.ratios = [0.001] * len(rounds)
-    if method in ("snip", "salun", "fisher"):
-        # Gradient scores are zero before the zero-initialised head trains, and the registry's
-        # one-shot factory fixes the recompute at epoch 1: the same masks via GUFT's factory
-        # with the single recompute after one head-only epoch (magnitude needs no gradient).
-        ratio = c.method_kwargs.ratio
-        c.method = "guft"
-        c.method_kwargs = dict(recompute_epochs=[2], ratios=[ratio], score=method,
-                               capacity_slack=1.0)  # fmt: skip
-    if method in MASK_METHODS and not GUFT_SPARSE[0]:
+    if guft_path == "dense" and "sparse" in inspect.signature(spec(method).factory).parameters:
         c.method_kwargs.sparse = False
     c.test_size = TEST_SIZE.get(task, 0)
     return c
@@ -145,7 +127,7 @@ def _fit(c, workdir):
     return run(c, workdir, log=lambda s: None)
 
 
-def select_one(task, method, *, epochs, image_size, factor, workdir) -> dict:
+def select_one(task, method, *, epochs, image_size, factor, workdir, guft_path="sparse") -> dict:
     """One val200 selection run: train on train800 (seed 0), score val200."""
     t0 = time.time()
     if method == "pixels":
@@ -154,20 +136,23 @@ def select_one(task, method, *, epochs, image_size, factor, workdir) -> dict:
         xva, yva = _pixels(src, "val200", image_size)
         acc = logistic_accuracy(xtr, ytr, xva, yva, c=factor)
         return dict(task=task, method=method, C=factor, val_accuracy=acc, wall_s=time.time() - t0)
-    c = _config(task, method, seed=0, epochs=epochs, image_size=image_size, lr_factor=factor)
+    c = _config(task, method, seed=0, epochs=epochs, image_size=image_size, lr_factor=factor,
+                guft_path=guft_path)  # fmt: skip
     c.train_split, c.eval_split = "train800", "val200"
     res = _fit(c, workdir)
     return dict(
         task=task,
         method=method,
         lr_factor=factor,
-        lr=c.head_lr if method == "linear" else c.lr,
+        lr=c.head_lr if spec(method).defaults.select_head_lr else c.lr,
         val_accuracy=res["val200_accuracy"],
         wall_s=time.time() - t0,
     )
 
 
-def run_one(task, method, seed, *, epochs, image_size, workdir, choice=None) -> dict:
+def run_one(
+    task, method, seed, *, epochs, image_size, workdir, choice=None, guft_path="sparse"
+) -> dict:
     """One final run on train800val200, scored on test; ``choice`` is the val200 selection."""
     t0 = time.time()
     choice = choice or {}
@@ -189,7 +174,8 @@ def run_one(task, method, seed, *, epochs, image_size, workdir, choice=None) -> 
             config=dict(model="logistic regression on raw pixels", C=cval, image_size=image_size),
         )
     factor = choice.get("lr_factor", 1.0)
-    c = _config(task, method, seed=seed, epochs=epochs, image_size=image_size, lr_factor=factor)
+    c = _config(task, method, seed=seed, epochs=epochs, image_size=image_size, lr_factor=factor,
+                guft_path=guft_path)  # fmt: skip
     res = _fit(c, workdir)
     hist = res["history"]
     steady = hist[1:] or hist
@@ -207,14 +193,13 @@ def run_one(task, method, seed, *, epochs, image_size, workdir, choice=None) -> 
         traces=res["traces"],
         config=res["config"],
     )
-    if method in MASK_METHODS:
-        rec["trained_per_tensor"] = res["trained_per_tensor"]
-        rec["tensor_sizes"] = res.get("tensor_sizes", {})
+    rec["trained_per_tensor"] = res["trained_per_tensor"]
+    rec["tensor_sizes"] = res.get("tensor_sizes", {})
     return rec
 
 
 def estimate_seconds(jobs, *, epochs, image_size=28) -> float:
-    """Predicted 2-core CPU run time from the per-step costs measured at 28 px (``STEP_S``),
+    """Predicted 2-core CPU run time from full FT's step at 28 px and each method's step cost,
     scaled by (tokens / 5) ** 0.8 for other sizes (fits the 56 and 112 px figures of issue 6)."""
     scale = (((image_size // 14) ** 2 + 1) / 5) ** 0.8
     total = 0.0
@@ -223,7 +208,8 @@ def estimate_seconds(jobs, *, epochs, image_size=28) -> float:
             total += 10.0
             continue
         steps = (800 if kind == "select" else 1000) // BATCH * epochs
-        total += steps * STEP_S.get(method, 0.5) * scale + OVERHEAD_S
+        cost = spec(method).defaults.step_cost * FULL_STEP_S
+        total += steps * cost * scale + OVERHEAD_S
     return total
 
 
@@ -259,16 +245,12 @@ def write_report(out, records, selection, methods):
 def _job(job, p, out, choice):
     """One selection or final run (top-level, so worker processes can run it)."""
     kind, t, m, x = job
-    GUFT_SPARSE[0] = p["guft_path"] == "sparse"
+    kw = dict(epochs=p["epochs"], image_size=p["image_size"], guft_path=p["guft_path"])
     wd = None  # runs are short: no per-epoch checkpoints, the record is the result
     try:
         if kind == "select":
-            return select_one(
-                t, m, epochs=p["epochs"], image_size=p["image_size"], factor=x, workdir=wd
-            )
-        rec = run_one(
-            t, m, x, epochs=p["epochs"], image_size=p["image_size"], workdir=wd, choice=choice
-        )
+            return select_one(t, m, factor=x, workdir=wd, **kw)
+        rec = run_one(t, m, x, workdir=wd, choice=choice, **kw)
     except FloatingPointError as e:  # a diverged candidate: scored 0 on val200, reported
         if kind == "final":
             raise
@@ -315,13 +297,14 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=0, help="override the preset's epochs")
     ap.add_argument("--image_size", type=int, default=0, help="override the preset's image size")
     ap.add_argument("--guft_path", choices=("sparse", "dense"), default="sparse",
-                    help="GUFT-family training path (see GUFT_SPARSE)")  # fmt: skip
+                    help="training path of methods with a 'sparse' option (GUFT, one-shot masks): "
+                    "'dense' gives one compile per shape, shared by every run")  # fmt: skip
     ap.add_argument("--fresh", action="store_true",
                     help="start over: drop OUT's earlier records instead of resuming")  # fmt: skip
     ap.add_argument("--workers", type=int, default=1, help="parallel processes (share a GPU)")
     a = ap.parse_args(argv)
     p = dict(PRESETS[a.preset], name=a.preset, guft_path=a.guft_path)
-    for field, allowed in (("methods", ALL_METHODS), ("tasks", list(PRESETS["full"]["tasks"]))):
+    for field, allowed in (("methods", all_methods()), ("tasks", list(PRESETS["full"]["tasks"]))):
         value = getattr(a, field)
         if value:
             bad = sorted(set(value.split(",")) - set(allowed))
@@ -351,7 +334,7 @@ def main(argv=None):
     for m in p["methods"]:
         for t in p["tasks"]:
             if p["select"]:
-                for f in PIXEL_C if m == "pixels" else LR_FACTORS:
+                for f in lr_factors(m):
                     if (t, m, f) not in sel_done:
                         select.append(("select", t, m, f))
             final += [("final", t, m, s) for s in p["seeds"] if (t, m, s) not in done]

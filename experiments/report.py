@@ -92,7 +92,9 @@ def comparison(records: list[dict], method: str, others: list[str]) -> list[str]
 
 
 def _layer_of(key: str) -> str:
-    layer = next((p for p in key.split(".") if p.startswith("encoderblock_")), None)
+    layer = next(
+        (p for p in key.replace("/", ".").split(".") if p.startswith("encoderblock_")), None
+    )
     return "other" if layer is None else layer.replace("encoderblock_", "block ")
 
 

@@ -55,15 +55,17 @@ def build(c):
     return model, params, source, method
 
 
-def run(c, workdir: str, log=print) -> dict:
+def fit_config(c, workdir: str | None = None, *, source=None, log=print) -> train.FitResult:
+    """Trains the run a validated config describes (the one ``train.fit`` call of the experiment
+    scripts); ``source`` overrides the config's dataset (same name and splits)."""
     validate(c)
-    model, params, source, method = build(c)
+    model, params, src, method = build(c)
     mesh = sharding.make_mesh(c.num_devices) if c.num_devices else None
-    res = train.fit(
+    return train.fit(
         model=model,
         params=params,
         method=method,
-        source=source,
+        source=source if source is not None else src,
         image_size=c.image_size,
         batch_size=c.batch_size,
         epochs=c.epochs,
@@ -83,8 +85,11 @@ def run(c, workdir: str, log=print) -> dict:
         log=log,
         config=c.to_dict(),
     )
-    res.pop("state", None)
-    return res
+
+
+def run(c, workdir: str | None, log=print) -> dict:
+    """:func:`fit_config`'s JSON-able results."""
+    return fit_config(c, workdir, log=log).results
 
 
 def main(argv):

@@ -20,10 +20,10 @@ from guft_jax.checkpoint_import import (
     replace_head,
 )
 from guft_jax.data import SPLITS, ArraySource, DataSource, get_source, load_offline
-from guft_jax.guft import oneshot
+from guft_jax.guft import oneshot, selected_indices, selection
 from guft_jax.masks import eligible_leaves, mask_report, merge_masks, topk_mask
-from guft_jax.methods import METHODS, get_method
-from guft_jax.methods.base import EpochContext, Method, MethodHooks
+from guft_jax.methods import get_method, method_names, register
+from guft_jax.methods.base import Defaults, EpochContext, Method, MethodHooks, StepInfo, forward
 from guft_jax.methods.fourierft import fourierft
 from guft_jax.methods.lora import dora, lora
 from guft_jax.methods.simple import bitfit, full, linear
@@ -31,9 +31,24 @@ from guft_jax.methods.vera import vera
 from guft_jax.ops import sparse_delta_matmul
 from guft_jax.optim import make_optimizer, masked_step
 from guft_jax.paths import key_to_str, leaf_paths, path_map, select
+
+
+def __getattr__(name):
+    if name == "METHODS":  # live: includes methods registered after import
+        return method_names()
+    raise AttributeError(name)
+
+
 from guft_jax.pretrained import load_pretrained
 from guft_jax.sharding import make_mesh, tree_shardings
-from guft_jax.train import TrainState, evaluate, fit, make_eval_step, make_train_step
+from guft_jax.train import (
+    FitResult,
+    TrainState,
+    evaluate,
+    fit,
+    make_eval_step,
+    make_train_step,
+)
 from guft_jax.vit import (
     CONFIGS,
     VisionTransformer,

@@ -18,16 +18,12 @@ import os
 import tempfile
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from safetensors.numpy import load_file, save_file
 
 import guft_jax
-from guft_jax import paths
 from guft_jax.checkpoint_import import CheckpointMismatchError
-from guft_jax.methods import get_method
-from guft_jax.methods.base import Method
+from guft_jax.methods import get_method, spec
+from guft_jax.methods.base import Method, export_arrays, load_arrays
 
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
 
@@ -44,45 +40,9 @@ def _atomic(path: str, write) -> None:
             os.unlink(tmp)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    return {
-        prefix + paths.key_to_str(p): np.ascontiguousarray(np.asarray(x))
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def _is_guft(method: Method) -> bool:
-    return method.hooks is not None and "recompute_epochs" in method.hparams
-
-
 def arrays_of(method: Method, params: Any, trainable: Any, state: Any = None) -> dict:
-    """The ``{name: array}`` an artifact stores for ``method``."""
-    if _is_guft(method):
-        from guft_jax.guft import export_artifact
-
-        art = export_artifact(method, params, trainable, state)
-        out = _flat(art["head"], "head/")
-        for key, t in art["tensors"].items():
-            out[f"guft/{key}/indices"] = t["indices"]
-            out[f"guft/{key}/values"] = t["values"]
-        return out
-    out = _flat(trainable)
-    if method.name == "fourierft":
-        from guft_jax.methods import fourierft as ff
-        from guft_jax.methods import weight_space as ws
-
-        hp = method.hparams
-        for k in trainable["fourierft"]:
-            d_in, d_out = ws.matrix(params, ws.path_of(k)).shape
-            out[f"fourierft_entries/{d_out}x{d_in}"] = ff.spectral_entries(
-                (d_out, d_in),
-                hp["n"],
-                seed=hp["seed"],
-                frequency_bias=hp["frequency_bias"],
-                fc=hp["fc"],
-                bandwidth=hp["bandwidth"],
-            )
-    return out
+    """The ``{name: array}`` an artifact stores for ``method`` (its ``export`` hook)."""
+    return export_arrays(method, params, trainable, state)
 
 
 def save_artifact(
@@ -101,7 +61,7 @@ def save_artifact(
     head = sum(v.size for k, v in arrays.items() if k.startswith("head/"))
     meta = {
         "method": method.name,
-        "hparams": method.hparams,
+        "hparams": method.hparams or {},
         "base_id": base_id,
         "guft_jax_version": guft_jax.__version__,
         "numbers": int(sum(v.size for v in arrays.values()) - head),
@@ -116,25 +76,11 @@ def save_artifact(
     return meta
 
 
-def _rebuild(meta: dict) -> Method:
-    hp = dict(meta["hparams"])
-    name = meta["method"]
-    if name in ("magnitude", "snip", "salun", "fisher"):
-        return get_method(
-            name,
-            ratio=hp["ratios"][0],
-            mode=hp["mode"],
-            include=hp["include"],
-            exclude=hp["exclude"],
-            sparse=hp["sparse"],
-        )
-    if name == "vera" or name in ("lora", "dora", "fourierft"):
-        hp["targets"] = tuple(hp["targets"])
-    return get_method(name, **hp)
-
-
 def load_artifact(directory: str, params: Any) -> tuple[Any, dict]:
     """Loads an artifact onto base ``params``; returns ``(plain merged params, metadata)``.
+
+    The method is rebuilt from the metadata through the registry (``get_method(name,
+    **hparams)``), and its ``load`` hook checks the arrays strictly.
 
     Raises:
       CheckpointMismatchError: the arrays do not match the method's trainable template.
@@ -142,34 +88,22 @@ def load_artifact(directory: str, params: Any) -> tuple[Any, dict]:
     with open(os.path.join(directory, META)) as f:
         meta = json.load(f)
     arrays = load_file(os.path.join(directory, WEIGHTS))
-    method = _rebuild(meta)
-    if _is_guft(method):
-        from guft_jax.guft import apply_artifact
+    method = get_method(meta["method"], **_hparams_for(meta["method"], meta["hparams"]))
+    try:
+        return load_arrays(method, params, arrays), meta
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{directory}: {e} (method {meta['method']})") from None
 
-        head = {k[len("head/") :]: v for k, v in arrays.items() if k.startswith("head/")}
-        tensors: dict = {}
-        for k, v in arrays.items():
-            if k.startswith("guft/"):
-                _, key, what = k.split("/")
-                tensors.setdefault(key, {})[what] = v
-        head_tree = {}
-        for k, v in head.items():
-            paths._set(head_tree, k.split("/"), v)
-        return apply_artifact(params, {"tensors": tensors, "head": head_tree}), meta
-    template = jax.eval_shape(lambda p: method.init(jax.random.PRNGKey(0), p), params)
-    want = {
-        paths.key_to_str(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(template)[0]
-    }
-    have = {k: tuple(v.shape) for k, v in arrays.items() if not k.startswith("fourierft_entries")}
-    problems = sorted(set(want) ^ set(have)) + sorted(
-        f"{k}: {have[k]} vs {want[k]}" for k in set(want) & set(have) if have[k] != want[k]
-    )
-    if problems:
-        raise CheckpointMismatchError(
-            f"{directory}: artifact does not match method {meta['method']}: {problems[:10]}"
-        )
-    trainable: dict = {}
-    for k in want:
-        paths._set(trainable, k.split("/"), jnp.asarray(arrays[k]))
-    return method.merge(params, trainable), meta
+
+def _hparams_for(name: str, hp: dict) -> dict:
+    """JSON round-trips tuples as lists; factories that take tuples get them back."""
+    import inspect
+
+    factory = spec(name).factory
+    out = {}
+    for k, v in hp.items():
+        p = inspect.signature(factory).parameters.get(k)
+        if isinstance(v, list) and p is not None and "tuple" in str(p.annotation):
+            v = tuple(v)
+        out[k] = v
+    return out

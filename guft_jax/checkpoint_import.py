@@ -99,7 +99,7 @@ def assemble(
             if fresh is None:
                 fresh = dict(_flatten(vit_lib.init_params(model, jax.random.key(0), image_size)))
             v = np.asarray(fresh[k])
-        paths_lib._set(out, k.split("/"), jax.numpy.asarray(v))
+        paths_lib.set(out, k, jax.numpy.asarray(v))
     return out
 
 

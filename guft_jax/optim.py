@@ -101,3 +101,26 @@ def masked_step(
     new = optax.apply_updates(params, updates)
     new = jax.tree_util.tree_map(lambda n, p, m: jnp.where(m, n, p), new, params, mask)
     return new, opt_state
+
+
+def resize_leaves(tree: Any, sizes: dict[str, int], *, suffix: bool = False) -> Any:
+    """Zero-pads (or truncates) 1-D leaves to new lengths, by ``/``-joined path.
+
+    ``sizes`` maps a leaf path of the trainable tree to its new length. With ``suffix=True`` a
+    leaf matches when its path *ends* with one of those paths, which is how an optimizer state
+    (Adam's moments mirror the trainable tree under ``mu/`` and ``nu/``) is resized along with
+    the trainable tree; scalar leaves (counts) never match.
+    """
+    from guft_jax.paths import key_to_str
+
+    def fix(path, x):
+        p = key_to_str(path)
+        hit = next(
+            (n for q, n in sizes.items() if p == q or (suffix and p.endswith("/" + q))), None
+        )
+        if hit is None or getattr(x, "ndim", 0) != 1:
+            return x
+        pad = jnp.zeros((max(hit - x.shape[0], 0),), x.dtype)
+        return jnp.concatenate([x, pad])[:hit]
+
+    return jax.tree_util.tree_map_with_path(fix, tree)

@@ -9,6 +9,17 @@ from typing import Any
 import jax
 
 HEAD_PATTERN = r"^head/"
+SEP = "."  # a param path used as one dict key inside a method's tree: "/" -> "."
+
+
+def key_of(path: str) -> str:
+    """The dict key standing for param ``path`` inside a method's tree (``a/b/c`` -> ``a.b.c``)."""
+    return path.replace("/", SEP)
+
+
+def path_of(key: str) -> str:
+    """The param path of a key made by :func:`key_of` (``a.b.c`` -> ``a/b/c``)."""
+    return key.replace(SEP, "/")
 
 
 def key_to_str(path: Sequence[Any]) -> str:
@@ -79,7 +90,7 @@ def split(tree: Any, mask: Any) -> tuple[dict, dict]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     mflat = jax.tree_util.tree_leaves(mask)
     for (p, x), m in zip(flat, mflat, strict=True):
-        _set(sel if m else rest, [key_to_str([k]) for k in p], x)
+        _set_keys(sel if m else rest, [key_to_str([k]) for k in p], x)
     return sel, rest
 
 
@@ -88,18 +99,43 @@ def merge(*trees: dict) -> dict:
     out: dict = {}
     for t in trees:
         for p, x in jax.tree_util.tree_flatten_with_path(t)[0]:
-            _set(out, [key_to_str([k]) for k in p], x)
+            _set_keys(out, [key_to_str([k]) for k in p], x)
     return out
 
 
 def get(tree: dict, path: str) -> Any:
+    """The node at ``/``-joined ``path`` of a nested dict."""
     node = tree
     for k in path.split("/"):
         node = node[k]
     return node
 
 
-def _set(tree: dict, keys: list[str], value: Any) -> None:
+def _set_keys(tree: dict, keys: list[str], value: Any) -> None:
     for k in keys[:-1]:
         tree = tree.setdefault(k, {})
     tree[keys[-1]] = value
+
+
+def set(tree: dict, path: str | Sequence[str], value: Any) -> None:  # noqa: A001
+    """Sets the node at ``path`` (``/``-joined, or a list of keys) of a nested dict in place,
+    creating intermediate dicts."""
+    _set_keys(tree, path.split("/") if isinstance(path, str) else list(path), value)
+
+
+def replaced(tree: dict, updates: dict[str, Any]) -> dict:
+    """A structural copy of a nested dict with the nodes at the ``/``-joined paths replaced."""
+    out = merge(tree, {})
+    for path, value in updates.items():
+        set(out, path, value)
+    return out
+
+
+def unflatten(flat: dict[str, Any], template: Any) -> Any:
+    """``template``'s structure with each leaf taken from ``flat[path]`` (``/``-joined paths of
+    the template; keys may themselves hold ``/``).
+
+    Raises:
+      KeyError: a template path is missing from ``flat``.
+    """
+    return path_map(lambda p, _: flat[p], template)

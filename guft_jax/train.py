@@ -29,8 +29,15 @@ from guft_jax import checkpoint as ckpt_lib
 from guft_jax import optim
 from guft_jax import paths as paths_lib
 from guft_jax import sharding as shard_lib
-from guft_jax.methods.base import EpochContext, Method
-from guft_jax.methods.report import count_trainable, per_tensor, trainable_report
+from guft_jax.methods import base as mbase
+from guft_jax.methods.base import (
+    EpochContext,
+    Method,
+    StepInfo,
+    forward,
+    trained_counts,
+)
+from guft_jax.methods.report import trainable_report
 from guft_jax.vit import count_params
 
 
@@ -51,16 +58,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
 
 
 def make_loss_fn(model, method: Method) -> Callable:
-    """``loss(trainable, params, method_state, images, labels, rng=None)``; ``rng=None`` runs the
-    model deterministically (no dropout/drop-path)."""
+    """``loss(trainable, params, method_state, images, labels, rng=None)``: the task loss plus the
+    method's extra term (``MethodHooks.loss``, training only); ``rng=None`` runs the model and the
+    method deterministically (no dropout / drop-path / sampling)."""
+    extra = method.hooks.loss
 
     def loss(trainable, params, method_state, images, labels, rng=None):
-        variables = method.apply(params, trainable, method_state)
-        if rng is None:
-            logits = model.apply(variables, images, deterministic=True)
-        else:
-            logits = model.apply(variables, images, deterministic=False, rngs={"dropout": rng})
-        return cross_entropy(logits, labels)
+        logits = forward(model, method, params, trainable, method_state, images, rng=rng)
+        out = cross_entropy(logits, labels)
+        if extra is not None and rng is not None:
+            out = out + extra(params, trainable, method_state, rng)
+        return out
 
     return loss
 
@@ -74,17 +82,21 @@ def make_train_step(
     method: Method,
     tx: optax.GradientTransformation,
     *,
+    total_steps: int = 0,
     shardings: tuple | None = None,
     on_trace: Callable[[], None] | None = None,
 ) -> Callable:
     """The jitted train step ``step(state, params, images, labels, mask) -> (state, loss)``.
 
-    ``state`` is donated. ``mask`` is ``()`` or an element-level bool tree shaped like
-    ``state.trainable`` (see :func:`guft_jax.optim.masked_step`). ``shardings`` is
-    ``(state, params, batch, mask)`` NamedShardings for ``jax.jit``; ``on_trace`` is called each
-    time the step is traced (for tests and logs).
+    ``state`` is donated. ``mask`` is ``()`` (the method's ``update_mask`` of the traced state is
+    used, if it has one) or an element-level bool tree shaped like ``state.trainable`` (see
+    :func:`guft_jax.optim.masked_step`). After the optimizer update the
+    method's ``MethodHooks.step`` (if any) runs inside the same program with a :class:`StepInfo`
+    (``total_steps`` is static). ``shardings`` is ``(state, params, batch, mask)`` NamedShardings
+    for ``jax.jit``; ``on_trace`` is called each time the step is traced (for tests and logs).
     """
     loss_fn = make_loss_fn(model, method)
+    hook, mask_fn = method.hooks.step, method.hooks.update_mask
 
     def step(state: TrainState, params, images, labels, mask):
         if on_trace is not None:
@@ -93,11 +105,25 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(
             state.trainable, params, state.method_state, images, labels, drop
         )
+        if not _has_leaves(mask) and mask_fn is not None:
+            mask = mask_fn(state.method_state)  # traced: a mask that changes never retraces
         trainable, opt_state = optim.masked_step(
             tx, grads, state.opt_state, state.trainable, mask if _has_leaves(mask) else None
         )
-        new = TrainState(state.step + 1, trainable, opt_state, state.method_state, rng)
-        return new, loss
+        mstate = state.method_state
+        if hook is not None:
+            info = StepInfo(
+                state.step,
+                total_steps,
+                trainable,
+                state.trainable,
+                opt_state,
+                mstate,
+                grads,
+                params,
+            )
+            trainable, opt_state, mstate = hook(info)
+        return TrainState(state.step + 1, trainable, opt_state, mstate, rng), loss
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0,))
@@ -115,7 +141,7 @@ def make_eval_step(model, method: Method) -> Callable:
     """``eval(params, trainable, method_state, images, labels, weights) -> (correct, loss_sum)``."""
 
     def ev(params, trainable, method_state, images, labels, weights):
-        logits = model.apply(method.apply(params, trainable, method_state), images)
+        logits = forward(model, method, params, trainable, method_state, images)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return jnp.sum(correct * weights), jnp.sum(losses * weights)
@@ -162,13 +188,44 @@ def evaluate(
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "num_examples": n}
 
 
-def init_state(method: Method, params, tx, *, seed: int) -> TrainState:
+def init_state(method: Method, params, tx=None, *, seed: int, labels_out: list | None = None):
+    """The initial :class:`TrainState` (``method.init`` is called once). With ``tx=None`` the
+    optimizer state is ``()``; ``labels_out`` receives the optimizer labels of the trainable tree.
+    """
     rng = jax.random.PRNGKey(seed)
     rng, init_rng = jax.random.split(rng)
     # A copy: the step donates the state, and a method may start from the very arrays of params.
     trainable = jax.tree_util.tree_map(jnp.copy, method.init(init_rng, params))
-    mstate = method.hooks.init_state(params, trainable) if method.hooks else ()
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), mstate, rng)
+    mstate = mbase.init_state(method, params, trainable)
+    if labels_out is not None:
+        labels_out.append(mbase.labels_of(method, trainable))
+    opt = tx.init(trainable) if tx is not None else ()
+    return TrainState(jnp.zeros((), jnp.int32), trainable, opt, mstate, rng)
+
+
+def optimizer_for(method: Method, params, *, steps_per_epoch: int, epochs: int, **kw):
+    """``(tx, state_without_optimizer)``: AdamW groups from the method's labels (one init)."""
+    labels: list = []
+    state = init_state(method, params, None, seed=kw.pop("seed", 0), labels_out=labels)
+    warmup = int(round(kw.pop("warmup_epochs", 0) * steps_per_epoch))
+    tx = optim.make_optimizer(
+        labels=labels[0], warmup_steps=warmup, total_steps=steps_per_epoch * epochs, **kw
+    )
+    return tx, state._replace(opt_state=tx.init(state.trainable))
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns: the final train state and the JSON-able results (also in
+    ``workdir/results.json``). ``r["key"]`` reads ``r.results["key"]`` (``r["state"]`` the
+    state)."""
+
+    state: TrainState
+    results: dict
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.state if key == "state" else self.results[key]
+        return tuple.__getitem__(self, key)
 
 
 class _Writer:
@@ -192,6 +249,221 @@ class _Writer:
             if isinstance(v, int | float) and k not in ("epoch", "step"):
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
+
+
+class _Run(NamedTuple):
+    """The static pieces of one run, built once by :func:`fit`."""
+
+    model: Any
+    method: Method
+    source: Any
+    params: Any
+    step_fn: Callable
+    eval_fn: Callable
+    mesh: Any
+    shardings: tuple | None
+    traces: list
+    data: dict  # image_size, batch_size, normalization, train_split, seed
+    epochs: int
+    steps_per_epoch: int
+    log: Callable
+    progress: bool
+
+
+def _check_args(epochs, batch_size, mesh, n_train) -> int:
+    if epochs < 1:
+        raise ValueError(f"epochs: must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if mesh is not None and batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size: {batch_size} not divisible by {mesh.devices.size} devices")
+    steps = n_train // batch_size
+    if steps < 1:
+        raise ValueError(f"batch_size: {batch_size} exceeds the {n_train} training examples")
+    return steps
+
+
+def _place(state, params, mesh, param_rules):
+    """Device placement: the train state (small for PEFT methods, and its shapes may change
+    when a method grows its capacity) replicated, the frozen params by the rules."""
+    if mesh is None:
+        return state, params, None
+    state_sh = shard_lib.replicated(mesh)
+    params_sh = shard_lib.tree_shardings(params, mesh, param_rules)
+    shardings = (state_sh, params_sh, shard_lib.batch_sharding(mesh), shard_lib.replicated(mesh))
+    return jax.device_put(state, state_sh), jax.device_put(params, params_sh), shardings
+
+
+def _restore(run: _Run, mgr, state: TrainState) -> tuple[TrainState, int]:
+    """``(state, first epoch to run)`` from the latest checkpoint, if any."""
+    if mgr is None or mgr.latest_step() is None:
+        return state, 1
+    if run.method.hooks.resize is not None:
+        tr, opt, ms = run.method.hooks.resize(
+            state.trainable, state.opt_state, state.method_state, ckpt_lib.saved_structure(mgr)
+        )
+        state = state._replace(trainable=tr, opt_state=opt, method_state=ms)
+    state, meta = ckpt_lib.restore(mgr, state)
+    if run.shardings is not None:
+        state = jax.device_put(state, run.shardings[0])
+    run.log(f"resumed from {mgr.directory} at epoch {meta['epoch']}")
+    return state, int(meta["epoch"]) + 1
+
+
+def _batches(run: _Run, split: str, **kw):
+    d = run.data
+    return run.source.batches(
+        split,
+        batch_size=d["batch_size"],
+        image_size=d["image_size"],
+        normalization=d["normalization"],
+        **kw,
+    )
+
+
+def epoch_start(
+    model,
+    method: Method,
+    params,
+    state: TrainState,
+    epoch: int,
+    *,
+    batches: Callable,
+    epochs: int,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Runs ``MethodHooks.epoch_start`` (if any) with an :class:`EpochContext`; ``batches()``
+    iterates over the training set's numpy batches."""
+    hook = method.hooks.epoch_start
+    if hook is None:
+        return state
+    ctx = EpochContext(
+        params=params,
+        trainable=state.trainable,
+        opt_state=state.opt_state,
+        state=state.method_state,
+        loss_fn=_det_loss(model),
+        batches=batches,
+        log=log,
+        epochs=epochs,
+        forward=lambda p, t, s, x: forward(model, method, p, t, s, x),
+    )
+    tr, opt, ms = hook(epoch, ctx)
+    return state._replace(trainable=tr, opt_state=opt, method_state=ms)
+
+
+def _epoch_start(run: _Run, epoch: int, state: TrainState) -> TrainState:
+    state = epoch_start(
+        run.model,
+        run.method,
+        run.params,
+        state,
+        epoch,
+        batches=lambda: _batches(run, run.data["train_split"]),
+        epochs=run.epochs,
+        log=run.log,
+    )
+    return jax.device_put(state, run.shardings[0]) if run.shardings is not None else state
+
+
+_DET_LOSS: dict = {}
+
+
+def _det_loss(model):
+    """Per-example deterministic losses of plain variables, jitted once per model."""
+    if id(model) not in _DET_LOSS:
+        _DET_LOSS[id(model)] = jax.jit(
+            lambda variables, x, y: optax.softmax_cross_entropy_with_integer_labels(
+                model.apply(variables, x, deterministic=True).astype(jnp.float32), y
+            )
+        )
+    return _DET_LOSS[id(model)]
+
+
+def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, dict]:
+    """One epoch of steps; returns the new state and the epoch's record."""
+    mask = ()  # the step takes the method's mask from its traced state
+    t0 = time.time()
+    losses = []
+    d = run.data
+    it = _batches(
+        run, d["train_split"], shuffle=True, seed=d["seed"], epoch=epoch, drop_remainder=True
+    )
+    bar = tqdm(
+        it,
+        total=run.steps_per_epoch,
+        disable=not run.progress or jax.process_index() != 0,
+        desc=f"epoch {epoch}/{run.epochs}",
+        leave=False,
+    )
+    for x, y in bar:
+        x, y = shard_lib.put_batch((x, y.astype(np.int32)), run.mesh)
+        state, loss = run.step_fn(state, run.params, x, y, mask)
+        losses.append(loss)
+        if len(losses) % 5 == 0:
+            rate = len(losses) * d["batch_size"] / (time.time() - t0)
+            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.1f}")
+    losses = np.asarray(jax.device_get(losses), np.float64)
+    if not np.all(np.isfinite(losses)):
+        bad = int(np.argmax(~np.isfinite(losses)))
+        raise FloatingPointError(
+            f"non-finite training loss in epoch {epoch} (step {bad} of the epoch); stopping. "
+            f"The last good checkpoint (epoch {epoch - 1}) is kept."
+        )
+    dt = time.time() - t0
+    rec = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "train_loss": float(losses.mean()),
+        "images_per_s": len(losses) * d["batch_size"] / dt,
+        "epoch_seconds": dt,
+        "traces": run.traces[0],
+    }
+    return state, rec
+
+
+def _results(run: _Run, state: TrainState, history: list, config: dict | None) -> dict:
+    method, params = run.method, run.params
+    trained = trained_counts(method, params, state.trainable, state.method_state)
+    sizes = {}
+    for path in trained:
+        try:
+            sizes[path] = int(np.size(paths_lib.get(params, path)))
+        except (KeyError, TypeError):
+            pass
+    return {
+        "method": method.name,
+        "hparams": method.hparams or {},
+        "trainable_params": int(sum(trained.values())),
+        "head_params": mbase.head_count(state.trainable),
+        "backbone_params": count_params({k: v for k, v in params.items() if k != "head"}),
+        "epochs": run.epochs,
+        "traces": run.traces[0],
+        "history": history,
+        "config": config or {},
+        "trained_per_tensor": trained,
+        "tensor_sizes": sizes,
+    }
+
+
+def _evaluate_into(run: _Run, state: TrainState, split: str | None, results: dict) -> None:
+    if split is None:
+        return
+    d = run.data
+    ev = evaluate(
+        run.eval_fn,
+        run.params,
+        state,
+        run.source,
+        split,
+        batch_size=d["batch_size"],
+        image_size=d["image_size"],
+        normalization=d["normalization"],
+        mesh=run.mesh,
+    )
+    results[f"{split}_accuracy"] = ev["accuracy"]
+    results[f"{split}_loss"] = ev["loss"]
+    results[f"{split}_examples"] = ev["num_examples"]
 
 
 def fit(
@@ -219,207 +491,87 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     config: dict | None = None,
-) -> dict:
-    """Trains ``method`` on ``source`` and returns the results dict (also written to
-    ``workdir/results.json``). Resumes from ``workdir``'s latest checkpoint if there is one.
+) -> FitResult:
+    """Trains ``method`` on ``source``; returns a :class:`FitResult` (the JSON-able results are
+    also written to ``workdir/results.json``). Resumes from ``workdir``'s latest checkpoint.
 
     ``stop_after_epoch`` ends the run early after that epoch's checkpoint (to test resuming).
     Raises ``FloatingPointError`` on a NaN/Inf loss (the last good checkpoint is kept).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs: must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    if mesh is not None and batch_size % mesh.devices.size:
-        raise ValueError(f"batch_size: {batch_size} not divisible by {mesh.devices.size} devices")
     t_start = time.time()
-    n_train = source.size(train_split)
-    steps_per_epoch = n_train // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size: {batch_size} exceeds the {n_train} training examples")
-    total = steps_per_epoch * epochs
-    tx_labels = method.labels(method.init(jax.random.PRNGKey(0), params))
-    tx = optim.make_optimizer(
-        labels=tx_labels,
+    steps = _check_args(epochs, batch_size, mesh, source.size(train_split))
+    params = mbase.prepare_base(method, params)
+    tx, state = optimizer_for(
+        method,
+        params,
+        steps_per_epoch=steps,
+        epochs=epochs,
         lr=lr,
         head_lr=head_lr,
         weight_decay=weight_decay,
-        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
-        total_steps=total,
+        warmup_epochs=warmup_epochs,
         clip_norm=clip_norm,
+        seed=seed,
     )
-    state = init_state(method, params, tx, seed=seed)
     log(trainable_report(method, params, state.trainable, state.method_state))
-
+    state, params, shardings = _place(state, params, mesh, param_rules)
     traces = [0]
-    shardings = None
-    if mesh is not None:
-        # The train state (small for PEFT methods, and its shapes may change when a method grows
-        # its capacity) is replicated as a whole; the frozen params follow the rules.
-        state_sh = shard_lib.replicated(mesh)
-        params_sh = shard_lib.tree_shardings(params, mesh, param_rules)
-        mask_sh = shard_lib.replicated(mesh)
-        shardings = (state_sh, params_sh, shard_lib.batch_sharding(mesh), mask_sh)
-        params = jax.device_put(params, params_sh)
-        state = jax.device_put(state, state_sh)
-    step_fn = make_train_step(
-        model,
-        method,
-        tx,
+    run = _Run(
+        model=model,
+        method=method,
+        source=source,
+        params=params,
+        step_fn=make_train_step(
+            model,
+            method,
+            tx,
+            total_steps=steps * epochs,
+            shardings=shardings,
+            on_trace=lambda: traces.__setitem__(0, traces[0] + 1),
+        ),
+        eval_fn=make_eval_step(model, method),
+        mesh=mesh,
         shardings=shardings,
-        on_trace=lambda: traces.__setitem__(0, traces[0] + 1),
-    )
-    eval_fn = make_eval_step(model, method)
-
-    mgr = ckpt_lib.manager(os.path.join(workdir, "checkpoints")) if workdir else None
-    start_epoch = 1
-    if mgr is not None and mgr.latest_step() is not None:
-        if method.hooks is not None and method.hooks.resize is not None:
-            tr, opt, ms = method.hooks.resize(
-                state.trainable, state.opt_state, state.method_state, ckpt_lib.saved_structure(mgr)
-            )
-            state = state._replace(trainable=tr, opt_state=opt, method_state=ms)
-        state, meta = ckpt_lib.restore(mgr, state)
-        if shardings is not None:
-            state = jax.device_put(state, shardings[0])
-        start_epoch = int(meta["epoch"]) + 1
-        log(f"resumed from {mgr.directory} at epoch {meta['epoch']}")
-    writer = _Writer(workdir)
-    det_loss = jax.jit(
-        lambda variables, x, y: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply(variables, x, deterministic=True).astype(jnp.float32), y
-        )
-    )
-
-    def train_batches():
-        return source.batches(
-            train_split,
-            batch_size=batch_size,
+        traces=traces,
+        data=dict(
             image_size=image_size,
+            batch_size=batch_size,
             normalization=normalization,
-        )
-
+            train_split=train_split,
+            seed=seed,
+        ),
+        epochs=epochs,
+        steps_per_epoch=steps,
+        log=log,
+        progress=progress,
+    )
+    mgr = ckpt_lib.manager(os.path.join(workdir, "checkpoints")) if workdir else None
+    state, start_epoch = _restore(run, mgr, state)
+    writer = _Writer(workdir)
     history = []
     for epoch in range(start_epoch, epochs + 1):
-        if method.hooks is not None and method.hooks.epoch_start is not None:
-            ctx = EpochContext(
-                params=params,
-                trainable=state.trainable,
-                opt_state=state.opt_state,
-                state=state.method_state,
-                loss_fn=det_loss,
-                batches=train_batches,
-                log=log,
-            )
-            tr, opt, ms = method.hooks.epoch_start(epoch, ctx)
-            state = state._replace(trainable=tr, opt_state=opt, method_state=ms)
-            if shardings is not None:
-                state = jax.device_put(state, shardings[0])
-        mask = _mask_of(method, state)
-        t0 = time.time()
-        losses = []
-        it = source.batches(
-            train_split,
-            batch_size=batch_size,
-            image_size=image_size,
-            normalization=normalization,
-            shuffle=True,
-            seed=seed,
-            epoch=epoch,
-            drop_remainder=True,
-        )
-        bar = tqdm(
-            it,
-            total=steps_per_epoch,
-            disable=not progress or jax.process_index() != 0,
-            desc=f"epoch {epoch}/{epochs}",
-            leave=False,
-        )
-        for x, y in bar:
-            x, y = shard_lib.put_batch((x, y.astype(np.int32)), mesh)
-            state, loss = step_fn(state, params, x, y, mask)
-            losses.append(loss)
-            if len(losses) % 5 == 0:
-                bar.set_postfix(
-                    loss=f"{float(loss):.4f}",
-                    img_s=f"{len(losses) * batch_size / (time.time() - t0):.1f}",
-                )
-        losses = np.asarray(jax.device_get(losses), np.float64)
-        if not np.all(np.isfinite(losses)):
-            bad = int(np.argmax(~np.isfinite(losses)))
-            where = f" in {mgr.directory}" if mgr else ""
-            raise FloatingPointError(
-                f"non-finite training loss in epoch {epoch} (step {bad} of the epoch); stopping. "
-                f"The last good checkpoint (epoch {epoch - 1}) is kept{where}."
-            )
-        dt = time.time() - t0
-        rec = {
-            "epoch": epoch,
-            "step": int(state.step),
-            "train_loss": float(losses.mean()),
-            "images_per_s": len(losses) * batch_size / dt,
-            "epoch_seconds": dt,
-            "traces": traces[0],
-        }
+        state = _epoch_start(run, epoch, state)
+        state, rec = _train_epoch(run, epoch, state)
         history.append(rec)
-        writer.write(int(state.step), rec)
+        writer.write(rec["step"], rec)
         log(f"epoch {epoch}: loss {rec['train_loss']:.4f}, {rec['images_per_s']:.1f} img/s")
         if mgr is not None:
-            ckpt_lib.save(
-                mgr,
-                epoch,
-                state,
-                {"epoch": epoch, "data_position": {"epoch": epoch + 1, "step": 0}},
-            )
+            meta = {"epoch": epoch, "data_position": {"epoch": epoch + 1, "step": 0}}
+            ckpt_lib.save(mgr, epoch, state, meta)
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs:
             log(f"stopping after epoch {epoch} (stop_after_epoch)")
-            return {"stopped_after_epoch": epoch, "history": history, "state": state}
-
-    results = {
-        "method": method.name,
-        "hparams": method.hparams,
-        "trainable_params": count_trainable(state.trainable, state.method_state)[0],
-        "head_params": count_trainable(state.trainable, state.method_state)[1],
-        "backbone_params": count_params({k: v for k, v in params.items() if k != "head"}),
-        "epochs": epochs,
-        "traces": traces[0],
-        "history": history,
-        "config": config or {},
-    }
-    if eval_split is not None:
-        ev = evaluate(
-            eval_fn,
-            params,
-            state,
-            source,
-            eval_split,
-            batch_size=batch_size,
-            image_size=image_size,
-            normalization=normalization,
-            mesh=mesh,
-        )
-        results.update(
-            {
-                f"{eval_split}_accuracy": ev["accuracy"],
-                f"{eval_split}_loss": ev["loss"],
-                f"{eval_split}_examples": ev["num_examples"],
-            }
-        )
-    results["trained_per_tensor"] = per_tensor(state.trainable, state.method_state)
-    if method.hooks is not None:  # sizes of the tensors a mask method selects from (for plots)
-        results["tensor_sizes"] = {
-            k: int(np.size(paths_lib.get(params, k.replace(".", "/"))))
-            for k in results["trained_per_tensor"]
-        }
+            return FitResult(state, {"stopped_after_epoch": epoch, "history": history})
+    results = _results(run, state, history, config)
+    _evaluate_into(run, state, eval_split, results)
     results["wall_seconds"] = time.time() - t_start
     if workdir and jax.process_index() == 0:
         ckpt_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    results["state"] = state
-    return results
+    return FitResult(state, results)
 
 
-def _mask_of(method: Method, state: TrainState):
-    if method.hooks is None or method.hooks.update_mask is None:
+def mask_of(method: Method, state: TrainState):
+    """The element-level optimizer mask of the method (``()`` if none), a copy."""
+    if method.hooks.update_mask is None:
         return ()
     m = method.hooks.update_mask(state.method_state)
     # A copy: the mask's arrays live in the state, which the step donates.

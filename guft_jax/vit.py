@@ -12,10 +12,20 @@ interpolated bicubically to the input size, exact-erf GELU) is the same module w
 ``layerscale=True`` and ``posemb_grid`` set; its extra params are
 ``encoderblock_{i}/LayerScale_attn/scale`` and ``encoderblock_{i}/LayerScale_mlp/scale``.
 
-Linear layers read an optional variable collection ``"sparse_delta"``: when a layer has an entry
-``{"rows", "cols", "values"}`` there, its weight is ``W0 + scatter(values at (rows, cols))`` and the
-weight gradient is computed only at those entries (:func:`guft_jax.ops.sparse_delta_matmul`).
-That is how GUFT's sparse path trains ~0.3% of the weights without a dense weight gradient.
+The interception point. Methods never edit this file: they change the model through
+``flax.linen.intercept_methods`` (``MethodHooks.intercept``), and the modules expose small named
+methods for that, each called with the module bound (``context.module.path`` names the layer):
+
+- ``Linear.matmul(x, w)``: the 2-D product of every dense layer (GUFT's sparse weight gradient
+  replaces it for the layers it selected from);
+- ``Linear.__call__(x)``, ``MlpBlock.__call__``, ``Attention.__call__``: whole sub-layers
+  (serial / parallel adapters, scale-shift);
+- ``Attention.attend(q, k, v)``: attention over ``(B, T, H, D)`` projections (key/value
+  prefixes);
+- ``Encoder1DBlock.__call__(x)``: a block's token sequence (prompt tokens, deep prompts);
+- ``flax.linen.LayerNorm.__call__`` (norm scale-shift).
+
+With no interceptor active none of this costs anything.
 """
 
 from __future__ import annotations
@@ -30,11 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guft_jax import ops
-
 Array = jax.Array
-
-SPARSE_COLLECTION = "sparse_delta"
 
 # name -> keyword arguments of VisionTransformer. Sizes from Dosovitskiy et al. (arXiv:2010.11929),
 # Touvron et al. (DeiT, arXiv:2012.12877) for Ti/S, and Oquab et al. (DINOv2, arXiv:2304.07193).
@@ -177,15 +183,15 @@ class Linear(nn.Module):
         w = kernel.reshape(d_in, d_out)
         if self.dtype is not None:
             x2, w = x2.astype(self.dtype), w.astype(self.dtype)
-        if self.has_variable(SPARSE_COLLECTION, "kernel"):
-            sp = self.get_variable(SPARSE_COLLECTION, "kernel")
-            y = ops.sparse_delta_matmul(x2, w, sp["rows"], sp["cols"], sp["values"].astype(w.dtype))
-        else:
-            y = x2 @ w
+        y = self.matmul(x2, w)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, self.out_shape)
             y = y + bias.reshape(d_out).astype(y.dtype)
         return y.reshape(x.shape[:-n_in] + self.out_shape)
+
+    def matmul(self, x: Array, w: Array) -> Array:
+        """``x @ w`` on the 2-D views (an interception point, see the module docstring)."""
+        return x @ w
 
 
 class LayerScale(nn.Module):
@@ -219,11 +225,20 @@ class Attention(nn.Module):
         q = Linear((d,), (h, hd), name="query")(x)
         k = Linear((d,), (h, hd), name="key")(x)
         v = Linear((d,), (h, hd), name="value")(x)
+        o = self.attend(q, k, v, deterministic=deterministic)
+        return Linear((h, hd), (d,), name="out")(o)
+
+    def attend(self, q: Array, k: Array, v: Array, *, deterministic: bool) -> Array:
+        """Softmax attention of ``(B, Tq, H, D)`` queries over ``(B, Tk, H, D)`` keys/values
+        (an interception point: ``Tk`` may exceed ``Tq``, e.g. with key/value prefixes)."""
+        hd = q.shape[-1]
         logits = jnp.einsum("...qhd,...khd->...hqk", q / jnp.sqrt(hd).astype(q.dtype), k)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        attn = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
-        o = jnp.einsum("...hqk,...khd->...qhd", attn, v)
-        return Linear((h, hd), (d,), name="out")(o)
+        if not deterministic and self.dropout_rate > 0:
+            keep = 1.0 - self.dropout_rate
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, attn.shape)
+            attn = jnp.where(mask, attn / keep, 0.0).astype(attn.dtype)
+        return jnp.einsum("...hqk,...khd->...qhd", attn, v)
 
 
 class MlpBlock(nn.Module):

@@ -110,7 +110,7 @@ def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tin
     st = r["state"]
     eff = m.merge(params, st.trainable, st.method_state)
     sel_total = 0
-    for key, mask in st.method_state["mask"].items():
+    for key, mask in st.method_state.selected.items():
         w0 = np.asarray(guft._leaf(params, key))
         w = np.asarray(guft._leaf(eff, key))
         mask = np.asarray(mask)
@@ -121,7 +121,7 @@ def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tin
     assert sel_total > 0
     moved = sum(
         int(np.sum(np.asarray(guft._leaf(eff, k)) != np.asarray(guft._leaf(params, k))))
-        for k in st.method_state["mask"]
+        for k in st.method_state.selected
     )
     assert moved > 0
 
@@ -150,13 +150,13 @@ def test_train_step_is_traced_once_across_mask_growth(tiny):
     sparse = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, capacity_floor=10**6)
     r = _fit(tiny, sparse)
     assert r["traces"] == 1
-    assert int(r["state"].method_state["round"]) == 3
+    assert int(r["state"].method_state.round) == 3
 
 
 def test_sparse_optimizer_state_scales_with_the_budget():
     p = vit.abstract_params(vit.build_model("ViT-B/16", num_classes=10), 224)
     params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), p)
-    m = guft.guft()
+    m = guft.guft(eligible="all")
     tr = m.init(jax.random.PRNGKey(0), params)
     # before the first recompute: capacity_floor per eligible tensor
     n = sum(x.size for x in jax.tree.leaves(tr["delta"]))
@@ -206,7 +206,7 @@ def test_recompute_logs_density_and_records_history(tiny):
     model, params = tiny
     zero_head_logs = []
     params = dict(params, head=jax.tree.map(lambda x: x + 0.1, params["head"]))
-    m = guft.guft(recompute_epochs=[1], ratios=[0.05])
+    m = guft.guft(recompute_epochs=[1], ratios=[0.05], eligible="all")
     tr = m.init(jax.random.PRNGKey(0), params)
     st = m.hooks.init_state(params, tr)
     logs = []
@@ -225,18 +225,22 @@ def test_recompute_logs_density_and_records_history(tiny):
     n = sum(np.prod(s) for s in masks.eligible_leaves(params).values())
     k = round(0.05 * n)
     assert sum(guft.selected_counts(st2).values()) == k
-    assert int(st2["history"]["k"][0]) == k and int(st2["history"]["batch_size"][0]) == 16
+    assert int(st2.history["k"][0]) == k and int(st2.history["batch_size"][0]) == 16
     assert "selected" in logs[-1] and "%" in logs[-1]
     assert not any("WARNING" in line for line in logs)
-    # a zero-initialised head gives the backbone no gradient: the recompute says so
+    # a zero-initialised head gives the backbone no gradient: without the head warm-up the
+    # recompute is an error; with it (the default) saliency goes through a fitted head
     zp = dict(params, head=jax.tree.map(jnp.zeros_like, params["head"]))
     ztr = m.init(jax.random.PRNGKey(0), zp)
-    m.hooks.epoch_start(
-        1,
-        ctx._replace(
-            params=zp, trainable=ztr, state=m.hooks.init_state(zp, ztr), log=zero_head_logs.append
-        ),
+    zctx = ctx._replace(
+        params=zp, trainable=ztr, state=m.hooks.init_state(zp, ztr), log=zero_head_logs.append
     )
-    assert any("scores are zero" in line for line in zero_head_logs)
+    cold = guft.guft(recompute_epochs=[1], ratios=[0.05], eligible="all", head_warmup=False)
+    with pytest.raises(ValueError, match="scores are zero"):
+        cold.hooks.epoch_start(1, zctx)
+    _, _, zst = m.hooks.epoch_start(1, zctx)
+    assert any("fitted head" in line for line in zero_head_logs)
+    assert sum(guft.selected_counts(zst).values()) == k
+    assert np.all(np.asarray(ztr["head"]["kernel"]) == 0)  # the run's own head is untouched
     same = m.hooks.epoch_start(2, ctx._replace(trainable=tr2, state=st2))
     assert same[2] is st2  # not a recompute epoch: unchanged

@@ -62,22 +62,16 @@ def test_configs_scale_the_selected_lr_and_route_masks():
     lin = ob._config("digits", "linear", seed=0, epochs=4, image_size=28, lr_factor=0.3)
     lin0 = ob._config("digits", "linear", seed=0, epochs=4, image_size=28)
     assert math.isclose(lin.head_lr, 0.3 * lin0.head_lr) and lin.lr == lin0.lr
+    # no method is routed or rewritten: each keeps its own registered defaults
     g = ob._config("digits", "guft", seed=0, epochs=10, image_size=28)
-    assert list(g.method_kwargs.recompute_epochs) == [2, 3, 4]
-    assert list(g.method_kwargs.ratios) == [0.001] * 3
+    assert g.method == "guft" and g.method_kwargs.recompute_epochs is None
     s = ob._config("digits", "snip", seed=0, epochs=10, image_size=28)
-    assert s.method == "guft" and s.method_kwargs.score == "snip"
-    assert list(s.method_kwargs.recompute_epochs) == [2]
-    try:
-        ob.GUFT_SPARSE[0] = False
-        assert ob._config("digits", "magnitude", seed=0, epochs=2, image_size=28).method_kwargs[
-            "sparse"
-        ] is False  # fmt: skip
-    finally:
-        ob.GUFT_SPARSE[0] = True
-    assert (
-        "sparse" not in ob._config("digits", "guft", seed=0, epochs=4, image_size=28).method_kwargs
-    )
+    assert s.method == "snip" and s.method_kwargs.epoch == 1
+    dense = ob._config("digits", "magnitude", seed=0, epochs=2, image_size=28, guft_path="dense")
+    assert dense.method_kwargs["sparse"] is False
+    assert ob._config("digits", "guft", seed=0, epochs=4, image_size=28).method_kwargs.sparse
+    lora = ob._config("digits", "lora", epochs=4, image_size=28, seed=0, guft_path="dense")
+    assert "sparse" not in lora.method_kwargs
 
 
 def test_estimate_scales_with_tokens():
@@ -85,7 +79,7 @@ def test_estimate_scales_with_tokens():
     e28 = ob.estimate_seconds(jobs, epochs=2)
     e56 = ob.estimate_seconds(jobs, epochs=2, image_size=56)
     steps = 1000 // ob.BATCH * 2
-    assert math.isclose(e28, steps * ob.STEP_S["full"] + ob.OVERHEAD_S)
+    assert math.isclose(e28, steps * ob.FULL_STEP_S + ob.OVERHEAD_S)
     assert math.isclose(e56 - ob.OVERHEAD_S, (e28 - ob.OVERHEAD_S) * (17 / 5) ** 0.8)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from guft_jax.data import NORMALIZATIONS, SPLITS
-from guft_jax.methods import METHODS
+from guft_jax.methods import method_names
 from guft_jax.vit import CONFIGS
 
 PRETRAINED = ("dinov2_s14",)
@@ -43,8 +43,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     def bad(field, value, allowed):
         raise ValueError(f"config.{field}: {value!r} is not allowed; allowed: {allowed}")
 
-    if c.method not in METHODS:
-        bad("method", c.method, sorted(METHODS))
+    if c.method not in method_names():
+        bad("method", c.method, sorted(method_names()))
     if c.model not in PRETRAINED and c.model not in CONFIGS:
         bad("model", c.model, list(PRETRAINED) + sorted(CONFIGS))
     if c.normalization not in NORMALIZATIONS:
@@ -68,3 +68,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for f in ("lr", "head_lr", "weight_decay", "warmup_epochs", "clip_norm"):
         if float(c[f]) < 0:
             bad(f, c[f], ">= 0")
+
+
+def method_kwargs(method: str, *overrides: dict | None) -> ml_collections.ConfigDict:
+    """Every keyword of the method's factory with its default (so any of them can be set from the
+    command line, ``--config.method_kwargs.NAME=...``), then ``overrides`` in order."""
+    import inspect
+
+    from guft_jax.methods import spec
+
+    s = spec(method)
+    kw = {
+        name: p.default
+        for name, p in inspect.signature(s.factory).parameters.items()
+        if name not in s.fixed and p.default is not inspect.Parameter.empty and name != "name"
+    }
+    for o in overrides:
+        kw.update(o or {})
+    return ml_collections.ConfigDict(kw)

@@ -6,8 +6,8 @@ The argument is ``dataset,method``; the dataset may itself hold commas (``npz:A.
 the method is the text after the last comma.
 """
 
-from experiments.configs.common import base_config
-from experiments.configs.offline import METHOD_DEFAULTS
+from experiments.configs.common import base_config, method_kwargs
+from guft_jax.methods import spec
 
 
 def get_config(arg: str = "digits,linear"):
@@ -24,10 +24,7 @@ def get_config(arg: str = "digits,linear"):
     c.batch_size = 50
     c.epochs = 2
     c.lr, c.head_lr = 1e-2, 1e-2
-    c.method_kwargs.update(METHOD_DEFAULTS.get(method, METHOD_DEFAULTS["linear"])["kwargs"])
-    if method in ("lora", "dora", "vera", "fourierft"):
-        c.method_kwargs.targets = (r"MultiHeadDotProductAttention_1/(query|value)/kernel$",)
-    if method == "fourierft":
-        c.method_kwargs.n = 64
+    d = spec(method).defaults  # unknown methods fail here, listing the registered ones
+    c.method_kwargs = method_kwargs(method, d.kwargs, d.dry_kwargs)
     c.progress = False
     return c

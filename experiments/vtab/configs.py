@@ -14,52 +14,26 @@ augmentation, train on train800val200, report the last epoch's accuracy on test;
 weight decay 1e-4, batch 64, 100 epochs, cosine decay with 10 warm-up epochs. Normalisation is a
 flag (``imagenet``: NOAH/VPT/FacT; ``0.5``: SSF/GPS and the HF in21k weights).
 
-Method families (ViT-B/16 settings of each paper, SPEC.md §1-3):
+Per-method settings come from the registry (each method's ``Defaults``: ``vtab_lr``,
+``vtab_kwargs``, ``dry_kwargs``; SPEC.md §1-3), so a newly registered method has a VTAB config
+with no edit here:
 - ``full``, ``linear``, ``bitfit``: the common protocol.
 - ``lora`` / ``dora``: rank 8, alpha 16 on query and value. ``vera``: rank 256.
 - ``fourierft``: n = 3000 entries, alpha 300, spectral lr 0.2 (the head keeps 1e-3).
-- ``guft``: the paper's E_list [1, 6, 11] with 0.1% per round, each shifted by one head-only
-  epoch, i.e. recomputes at the start of epochs [2, 7, 12]: our task head is zero-initialised
-  (vit_jax), so the backbone's gradient and GUFT's saliency are exactly zero during epoch 1 (the
-  paper's timm head starts random). Set ``GUFT_HEAD_EPOCHS = 0`` for the literal [1, 6, 11].
+- ``guft``: the paper's 0.1% per round with ``recompute_epochs=None``, i.e.
+  ``guft.auto_schedule(100, 3) = [1, 6, 11]``, the paper's E_list. Our task head is
+  zero-initialised (as vit_jax's), so the epoch-1 saliency goes through a head fitted on the
+  frozen backbone (``head_warmup``; the paper's timm head starts random).
 - ``magnitude`` / ``snip`` / ``salun`` / ``fisher``: one-shot masks at GUFT's final budget
-  (0.34%); the gradient scores recompute after the same head-only epoch.
+  (0.34%) at the start of epoch 1, the same way.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import base_config
-
-PAPER_E_LIST = (1, 6, 11)
-PAPER_RATIOS = (0.001, 0.001, 0.001)
-GUFT_HEAD_EPOCHS = 1  # head-only epochs before the first recompute (see the module docstring)
-ONESHOT_RATIO = 0.0034
-QV = (r"MultiHeadDotProductAttention_1/(query|value)/kernel$",)
-
-# method -> (lr of the method's parameters or None for the protocol's, method kwargs)
-FAMILIES: dict[str, tuple[float | None, dict]] = {
-    "full": (None, {}),
-    "linear": (None, {}),
-    "bitfit": (None, {}),
-    "lora": (None, dict(rank=8, alpha=16.0, targets=QV)),
-    "dora": (None, dict(rank=8, alpha=16.0, targets=QV)),
-    "vera": (None, dict(rank=256, targets=QV)),
-    "fourierft": (0.2, dict(n=3000, alpha=300.0, targets=QV)),
-    "guft": (
-        None,
-        dict(
-            recompute_epochs=[e + GUFT_HEAD_EPOCHS for e in PAPER_E_LIST],
-            ratios=list(PAPER_RATIOS),
-        ),
-    ),
-    "magnitude": (None, dict(ratio=ONESHOT_RATIO)),
-    "snip": (None, dict(ratio=ONESHOT_RATIO)),
-    "salun": (None, dict(ratio=ONESHOT_RATIO)),
-    "fisher": (None, dict(ratio=ONESHOT_RATIO)),
-}
-GRADIENT_ONESHOT = ("snip", "salun", "fisher")
+from experiments.configs.common import base_config, method_kwargs
+from guft_jax.methods import method_names, spec
 
 
 def get_config(arg: str = "cifar100,guft") -> ml_collections.ConfigDict:
@@ -76,8 +50,8 @@ def get_config(arg: str = "cifar100,guft") -> ml_collections.ConfigDict:
     task, method = parts[:2]
     if task not in TASKS:
         raise ValueError(f"vtab config task: {task!r}; allowed: {sorted(TASKS)}")
-    if method not in FAMILIES:
-        raise ValueError(f"vtab config method: {method!r}; allowed: {sorted(FAMILIES)}")
+    if method not in method_names():
+        raise ValueError(f"vtab config method: {method!r}; allowed: {sorted(method_names())}")
     dry = len(parts) == 3
 
     c = base_config()
@@ -98,29 +72,16 @@ def get_config(arg: str = "cifar100,guft") -> ml_collections.ConfigDict:
     c.clip_norm = 0.0
     c.progress = True
 
-    lr, kwargs = FAMILIES[method]
-    kwargs = dict(kwargs)
+    d = spec(method).defaults
+    kwargs = dict(d.vtab_kwargs if d.vtab_kwargs is not None else (d.kwargs or {}))
+    kwargs = method_kwargs(method, kwargs).to_dict()
     c.method = method
-    if lr is not None:
-        c.lr = lr
-    if method in GRADIENT_ONESHOT:
-        # The registry's one-shot factory fixes its recompute at epoch 1 (zero scores with a zero
-        # head); GUFT's factory with a single round after the head-only epoch(s) is the same mask.
-        c.method = "guft"
-        kwargs = dict(
-            recompute_epochs=[1 + GUFT_HEAD_EPOCHS],
-            ratios=[kwargs["ratio"]],
-            score=method,
-            capacity_slack=1.0,
-        )
+    if d.vtab_lr is not None:
+        c.lr = d.vtab_lr
     if dry:
         c.model, c.checkpoint, c.image_size = "ViT-tiny/4", "", 16
         c.epochs, c.batch_size, c.warmup_epochs = 1, 32, 0.0
         c.progress = False
-        if "recompute_epochs" in kwargs:
-            kwargs["recompute_epochs"] = [1]
-            kwargs["ratios"] = [0.01]
-        if method == "fourierft":
-            kwargs["n"] = 64
+        kwargs.update(d.dry_kwargs or {})
     c.method_kwargs = ml_collections.ConfigDict(kwargs)
     return c

@@ -34,12 +34,12 @@ import time
 import numpy as np
 
 from experiments.vtab import aggregate
-from experiments.vtab.configs import FAMILIES, get_config
+from experiments.vtab.configs import get_config
+from guft_jax.methods import method_names
 
 DRY_TASKS = ("cifar100", "eurosat", "smallnorb_azi")
 DRY_METHODS = ("lora", "guft")
 DEFAULT_METHODS = ("full", "linear", "bitfit", "lora", "guft")
-MASK_FAMILIES = ("guft", "magnitude", "snip", "salun", "fisher")
 
 
 def parse_list(value: str, allowed, field: str) -> list[str]:
@@ -101,9 +101,8 @@ def to_record(task: str, method: str, seed: int, res: dict, wall_s: float | None
         wall_s=float(res.get("wall_seconds", 0.0) if wall_s is None else wall_s),
         config=res.get("config", {}),
     )
-    if method in MASK_FAMILIES:
-        rec["trained_per_tensor"] = res.get("trained_per_tensor", {})
-        rec["tensor_sizes"] = res.get("tensor_sizes", {})
+    rec["trained_per_tensor"] = res.get("trained_per_tensor", {})
+    rec["tensor_sizes"] = res.get("tensor_sizes", {})
     return rec
 
 
@@ -212,7 +211,7 @@ def main(argv=None):
     methods = (
         list(DRY_METHODS)
         if dry and a.methods == default_methods
-        else parse_list(a.methods, FAMILIES, "methods")
+        else parse_list(a.methods, method_names(), "methods")
     )
     try:
         seeds = [int(s) for s in a.seeds.split(",")]

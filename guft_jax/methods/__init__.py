@@ -1,56 +1,63 @@
-"""The method registry: ``get_method(name, **hparams) -> Method``."""
+"""The method registry: ``get_method(name, **hparams) -> Method``.
+
+Each method registers itself in its own file with :func:`register` (name, defaults, val grid);
+importing this package imports the built-in method modules once. A method defined elsewhere
+(a user's file, a test) registers the same way and is then known to ``get_method``, the configs,
+the offline benchmark and artifacts.
+"""
 
 from __future__ import annotations
 
-import importlib
-import inspect
+from guft_jax.methods.base import (
+    HEAD,
+    METHOD,
+    Defaults,
+    EpochContext,
+    Method,
+    MethodHooks,
+    MethodSpec,
+    StepInfo,
+    default_labels,
+    forward,
+    get_method,
+    method_names,
+    register,
+    spec,
+    unregister,
+)
 
-from guft_jax.methods.base import HEAD, METHOD, EpochContext, Method, MethodHooks, default_labels
-
-# name -> (module, factory, fixed keyword arguments)
-_REGISTRY: dict[str, tuple[str, str, dict]] = {
-    "full": ("guft_jax.methods.simple", "full", {}),
-    "linear": ("guft_jax.methods.simple", "linear", {}),
-    "bitfit": ("guft_jax.methods.simple", "bitfit", {}),
-    "lora": ("guft_jax.methods.lora", "lora", {}),
-    "dora": ("guft_jax.methods.lora", "dora", {}),
-    "vera": ("guft_jax.methods.vera", "vera", {}),
-    "fourierft": ("guft_jax.methods.fourierft", "fourierft", {}),
-    "guft": ("guft_jax.guft", "guft", {}),
-    "magnitude": ("guft_jax.guft", "oneshot", {"score": "magnitude"}),
-    "snip": ("guft_jax.guft", "oneshot", {"score": "snip"}),
-    "salun": ("guft_jax.guft", "oneshot", {"score": "salun"}),
-    "fisher": ("guft_jax.guft", "oneshot", {"score": "fisher"}),
-}
-
-METHODS = tuple(_REGISTRY)
+# Built-in methods register on import (order = the order of tables).
+from guft_jax.methods import simple  # noqa: E402  isort: skip
+from guft_jax.methods import lora as _lora  # noqa: E402  isort: skip
+from guft_jax.methods import vera as _vera  # noqa: E402  isort: skip
+from guft_jax.methods import fourierft as _fourierft  # noqa: E402  isort: skip
+from guft_jax import guft as _guft  # noqa: E402  isort: skip
+from guft_jax.methods.combine import combine  # noqa: E402  isort: skip
 
 
-def get_method(name: str, **hparams) -> Method:
-    """Builds a method by name with keyword-only hyperparameters.
-
-    Raises:
-      ValueError: unknown name (listing the allowed ones) or unknown hyperparameter (listing the
-        method's keywords).
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"method: unknown method {name!r}; allowed: {sorted(_REGISTRY)}")
-    module, factory, fixed = _REGISTRY[name]
-    fn = getattr(importlib.import_module(module), factory)
-    allowed = [p for p in inspect.signature(fn).parameters if p not in fixed]
-    bad = sorted(set(hparams) - set(allowed))
-    if bad:
-        raise ValueError(f"method.{name}: unknown hyperparameter(s) {bad}; allowed: {allowed}")
-    return fn(**fixed, **hparams)
+def __getattr__(name):
+    # ``METHODS`` is live: methods registered after import (a user's, a test's) appear in it.
+    if name == "METHODS":
+        return method_names()
+    raise AttributeError(name)
 
 
 __all__ = [
     "HEAD",
     "METHOD",
     "METHODS",
+    "Defaults",
     "EpochContext",
     "Method",
+    "combine",
     "MethodHooks",
+    "MethodSpec",
+    "StepInfo",
     "default_labels",
+    "forward",
     "get_method",
+    "method_names",
+    "register",
+    "spec",
+    "unregister",
 ]

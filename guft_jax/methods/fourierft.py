@@ -23,7 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Method, default_labels
+from guft_jax.methods.base import (
+    Defaults,
+    Method,
+    MethodHooks,
+    default_export,
+    default_load,
+    register,
+)
 
 
 def bandpass_probs(shape: tuple[int, int], *, fc: float, bandwidth: float) -> np.ndarray:
@@ -77,6 +84,18 @@ def delta_w(coef: jax.Array, entries: jax.Array, shape: tuple[int, int], alpha: 
     return alpha * jnp.real(jnp.fft.ifft2(f)).astype(jnp.float32)
 
 
+@register(
+    "fourierft",
+    defaults=Defaults(
+        lr=0.1,
+        head_lr=1e-2,
+        kwargs=dict(n=1000, alpha=300.0),
+        vtab_lr=0.2,
+        vtab_kwargs=dict(n=3000, alpha=300.0),
+        dry_kwargs=dict(n=64),
+        step_cost=0.45,
+    ),
+)
 def fourierft(
     *,
     n: int = 3000,
@@ -118,11 +137,36 @@ def fourierft(
             deltas[ws.path_of(k)] = delta_w(c, jnp.asarray(ent), shape, alpha).T
         return ws.add_deltas(params, deltas, trainable["head"])
 
-    return Method(
-        name="fourierft",
-        init=init_fn,
-        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
-        labels=default_labels,
-        hparams=dict(n=n, alpha=alpha, init=init, targets=list(targets), **kw),
-        merge=merge,
+    def entries(params, trainable):
+        """``{"{out}x{in}": (2, n) int32}``: the spectral entries of every adapted shape."""
+        out = {}
+        for k in trainable["fourierft"]:
+            (d_out, d_in), ent = entries_for(params, k)
+            out[f"{d_out}x{d_in}"] = jnp.asarray(ent)
+        return out
+
+    def export(params, trainable, state=None):
+        arrays = default_export(params, trainable, state)
+        for shape, ent in entries(params, trainable).items():
+            arrays[f"fourierft_entries/{shape}"] = np.asarray(ent)
+        return arrays
+
+    def load(params, arrays):
+        trainable = jax.eval_shape(lambda p: init_fn(jax.random.PRNGKey(0), p), params)
+        for shape, ent in entries(params, trainable).items():
+            got = arrays.get(f"fourierft_entries/{shape}")
+            if got is None or not np.array_equal(np.asarray(got), np.asarray(ent)):
+                raise ValueError(
+                    f"fourierft: the artifact's spectral entries for {shape} differ from those "
+                    f"of seed {seed} (or are missing)"
+                )
+        rest = {k: v for k, v in arrays.items() if not k.startswith("fourierft_entries/")}
+        return default_load(init_fn, merge, params, rest)
+
+    hooks = MethodHooks(
+        init_state=lambda params, trainable: {"entries": entries(params, trainable)},
+        export=export,
+        load=load,
     )
+    hp = dict(n=n, alpha=alpha, init=init, targets=list(targets), **kw)
+    return ws.method("fourierft", init=init_fn, merge=merge, hparams=hp, hooks=hooks)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Method, default_labels
+from guft_jax.methods.base import Defaults, Method, register
 
 
 def _lora_factors(rng, params, paths_, rank, init):
@@ -42,6 +42,10 @@ def _validate(rank, alpha, init, name):
         raise ValueError(f"{name}.init: {init!r} not in ['kaiming', 'gaussian']")
 
 
+@register(
+    "lora",
+    defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.45),
+)
 def lora(
     *,
     rank: int = 8,
@@ -67,16 +71,13 @@ def lora(
         }
         return ws.add_deltas(params, deltas, trainable["head"])
 
-    return Method(
-        name="lora",
-        init=init_fn,
-        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
-        labels=default_labels,
-        hparams=dict(rank=rank, alpha=alpha, targets=list(targets), init=init),
-        merge=merge,
-    )
+    hp = dict(rank=rank, alpha=alpha, targets=list(targets), init=init)
+    return ws.method("lora", init=init_fn, merge=merge, hparams=hp)
 
 
+@register(
+    "dora", defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.5)
+)
 def dora(
     *,
     rank: int = 8,
@@ -104,11 +105,5 @@ def dora(
             kernels[p] = v * (f["m"] / norm)
         return ws.replace_kernels(params, kernels, trainable["head"])
 
-    return Method(
-        name="dora",
-        init=init_fn,
-        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
-        labels=default_labels,
-        hparams=dict(rank=rank, alpha=alpha, targets=list(targets), init=init),
-        merge=merge,
-    )
+    hp = dict(rank=rank, alpha=alpha, targets=list(targets), init=init)
+    return ws.method("dora", init=init_fn, merge=merge, hparams=hp)

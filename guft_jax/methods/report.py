@@ -1,4 +1,8 @@
-"""Trainable-parameter accounting, printed at the start of every run (head counted apart)."""
+"""Trainable-parameter accounting, printed at the start of every run (head counted apart).
+
+Counts come from the method itself (``MethodHooks.trained``, default: the size of every non-head
+trainable leaf), keyed by ``/``-joined param paths, so no method is special-cased here.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +11,30 @@ from typing import Any
 
 import jax
 
-from guft_jax import paths
-from guft_jax.methods.base import Method
+from guft_jax.methods.base import Method, head_count, trained_counts
 
 
 def _size(x) -> int:
     return math.prod(getattr(x, "shape", ()))
 
 
-def per_tensor(trainable: Any, state: Any = None) -> dict[str, int]:
-    """Trained numbers per tensor (GUFT: the selected entries per eligible tensor)."""
-    if isinstance(state, dict) and ("count" in state or "mask" in state):
-        from guft_jax.guft import selected_counts
-
-        return selected_counts(state)
-    out = {}
-    for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
-        path = paths.key_to_str(p)
-        if not path.startswith("head/"):
-            out[path] = _size(x)
-    return out
+def per_tensor(method: Method, params: Any, trainable: Any, state: Any = None) -> dict[str, int]:
+    """Trained numbers per backbone tensor (GUFT: the selected entries per eligible tensor)."""
+    return trained_counts(method, params, trainable, state)
 
 
-def count_trainable(trainable: Any, state: Any = None) -> tuple[int, int]:
+def count_trainable(method: Method, params: Any, trainable: Any, state: Any = None):
     """``(method_params, head_params)``."""
-    head = sum(_size(x) for x in jax.tree_util.tree_leaves(trainable.get("head", {})))
-    return sum(per_tensor(trainable, state).values()), head
+    return sum(per_tensor(method, params, trainable, state).values()), head_count(trainable)
 
 
 def trainable_report(method: Method, params: Any, trainable: Any, state: Any = None) -> str:
     """A short report: per-tensor counts (largest first, 12 shown), total, % of the backbone."""
     backbone = sum(_size(x) for k, v in params.items() if k != "head" for x in jax.tree.leaves(v))
-    tensors = per_tensor(trainable, state)
-    total, head = count_trainable(trainable, state)
+    tensors = per_tensor(method, params, trainable, state)
+    total, head = sum(tensors.values()), head_count(trainable)
     lines = [
-        f"method {method.name} {method.hparams}",
+        f"method {method.name} {method.hparams or {}}",
         f"  trainable: {total:,} params = {100 * total / max(backbone, 1):.4f}% of the "
         f"{backbone:,}-param backbone, + head {head:,}",
     ]

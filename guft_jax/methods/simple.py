@@ -6,7 +6,8 @@
   included) and the head train.
 
 All three keep the trained leaves as a subtree of the param tree, so ``apply`` is a deep merge
-and ``merge`` is the same merge (the result is plain ViT params).
+and ``merge`` is the same merge (the result is plain ViT params). BitFit is the smallest complete
+example of a method (``guft_jax/methods/README.md``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import jax
 
 from guft_jax import paths
-from guft_jax.methods.base import Method, default_labels
+from guft_jax.methods.base import Defaults, Method, register
 
 
-def _subset_method(name: str, include: list[str] | None, exclude: list[str] | None) -> Method:
+def subset_method(name: str, include: list[str] | None, exclude: list[str] | None) -> Method:
+    """A method training the param leaves matched by ``include`` / ``exclude`` regexes (and the
+    head): its trainable tree is that subtree of the params."""
+
     def init(rng, params):
         del rng
         mask = paths.select(params, include, exclude, field=f"{name}.include")
@@ -25,33 +29,32 @@ def _subset_method(name: str, include: list[str] | None, exclude: list[str] | No
         sel["head"] = params["head"]
         return jax.tree_util.tree_map(lambda x: x, sel)
 
-    def apply(params, trainable, state=None):
+    def merge(params, trainable, state=None):
         del state
-        return {"params": paths.merge(params, trainable)}
-
-    def merge(params, trainable):
         return paths.merge(params, trainable)
 
     return Method(
         name=name,
         init=init,
-        apply=apply,
-        labels=default_labels,
+        apply=lambda params, trainable, state=None, rng=None: {"params": merge(params, trainable)},
         hparams={},
         merge=merge,
     )
 
 
+@register("full", defaults=Defaults(lr=1e-4, head_lr=1e-2, step_cost=1.0))
 def full() -> Method:
     """Every backbone parameter trains (the reference for cost and accuracy)."""
-    return _subset_method("full", None, None)
+    return subset_method("full", None, None)
 
 
+@register("linear", defaults=Defaults(lr=1e-3, head_lr=1e-2, select_head_lr=True, step_cost=0.25))
 def linear() -> Method:
     """Only the task head trains."""
-    return _subset_method("linear", [r"^head/"], None)
+    return subset_method("linear", [r"^head/"], None)
 
 
+@register("bitfit", defaults=Defaults(lr=1e-3, head_lr=1e-2, step_cost=0.68))
 def bitfit() -> Method:
     """Biases (including LayerNorm biases) and the head train."""
-    return _subset_method("bitfit", [r"/bias$", r"^head/"], None)
+    return subset_method("bitfit", [r"/bias$", r"^head/"], None)

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Method, default_labels
+from guft_jax.methods.base import Defaults, Method, register
 
 
+@register("vera", defaults=Defaults(lr=1e-2, head_lr=1e-2, kwargs=dict(rank=256), step_cost=0.45))
 def vera(
     *,
     rank: int = 256,
@@ -60,11 +61,5 @@ def vera(
             deltas[p] = dw.T
         return ws.add_deltas(params, deltas, trainable["head"])
 
-    return Method(
-        name="vera",
-        init=init_fn,
-        apply=lambda params, trainable, state=None: {"params": merge(params, trainable)},
-        labels=default_labels,
-        hparams=dict(rank=rank, seed=seed, d_init=d_init, targets=list(targets)),
-        merge=merge,
-    )
+    hp = dict(rank=rank, seed=seed, d_init=d_init, targets=list(targets))
+    return ws.method("vera", init=init_fn, merge=merge, hparams=hp)

@@ -1,17 +1,26 @@
-"""Shared plumbing of weight-space methods: targets by regex, 2-D views, adding ΔW."""
+"""Shared plumbing of weight-space methods: targets by regex, 2-D views, adding ΔW, one factory.
+
+A weight-space method computes new kernels from the frozen ones and its trainable factors; its
+``apply`` is its ``merge`` (``{"params": merge(params, trainable)}``), its artifact is its
+trainable tree, and its per-tensor count is the size of the factors of each adapted kernel.
+:func:`method` builds that :class:`Method` once for all of them.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from guft_jax import paths
+from guft_jax.methods.base import Method, MethodHooks
 from guft_jax.vit import kernel_as_matrix
 
 DEFAULT_TARGETS = (r"MultiHeadDotProductAttention_1/(query|value)/kernel$",)
-SEP = "."  # target keys in trainable trees: param path with "/" -> "." (checkpoint friendly)
+key, path_of = paths.key_of, paths.path_of  # target keys inside trainable trees
 
 
 def target_paths(params: Any, targets: tuple[str, ...] | list[str], *, field: str) -> list[str]:
@@ -25,14 +34,6 @@ def target_paths(params: Any, targets: tuple[str, ...] | list[str], *, field: st
     return out
 
 
-def key(path: str) -> str:
-    return path.replace("/", SEP)
-
-
-def path_of(k: str) -> str:
-    return k.replace(SEP, "/")
-
-
 def matrix(params: Any, path: str) -> jax.Array:
     """The 2-D ``(in, out)`` view of the kernel at ``path``."""
     return kernel_as_matrix(paths.get(params, path), path)
@@ -40,26 +41,58 @@ def matrix(params: Any, path: str) -> jax.Array:
 
 def add_deltas(params: Any, deltas: dict[str, jax.Array], head: Any) -> dict:
     """``params`` with ``kernel + ΔW`` at each path (ΔW given as ``(in, out)``) and a new head."""
-    out = jax.tree_util.tree_map(lambda x: x, params)  # shallow structural copy
-    out = paths.merge(out, {})
+    upd = {}
     for path, d in deltas.items():
         k = paths.get(params, path)
-        paths._set(out, path.split("/"), k + d.reshape(k.shape).astype(k.dtype))
-    out["head"] = head
-    return out
+        upd[path] = k + d.reshape(k.shape).astype(k.dtype)
+    return {**paths.replaced(params, upd), "head": head}
 
 
 def replace_kernels(params: Any, kernels: dict[str, jax.Array], head: Any) -> dict:
     """``params`` with whole kernels replaced (given as ``(in, out)`` matrices) and a new head."""
-    out = paths.merge(params, {})
-    for path, w in kernels.items():
-        k = paths.get(params, path)
-        paths._set(out, path.split("/"), w.reshape(k.shape).astype(k.dtype))
-    out["head"] = head
-    return out
+    upd = {p: w.reshape(paths.get(params, p).shape) for p, w in kernels.items()}
+    upd = {p: w.astype(paths.get(params, p).dtype) for p, w in upd.items()}
+    return {**paths.replaced(params, upd), "head": head}
 
 
 def kaiming_uniform(rng: jax.Array, shape: tuple[int, int], fan_in: int) -> jax.Array:
     """PyTorch's default Linear init, ``kaiming_uniform_(a=sqrt(5))``: U(±1/sqrt(fan_in))."""
     bound = 1.0 / jnp.sqrt(fan_in)
     return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
+
+
+def trained_per_kernel(group: str) -> Callable:
+    """``trained`` hook: numbers trained per adapted kernel, keyed by the kernel's param path."""
+
+    def trained(params, trainable, state=None):
+        del params, state
+        return {
+            path_of(k): int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(f)))
+            for k, f in trainable[group].items()
+        }
+
+    return trained
+
+
+def method(
+    name: str,
+    *,
+    init: Callable,
+    merge: Callable[[Any, Any], Any],
+    hparams: dict,
+    group: str | None = None,
+    hooks: MethodHooks | None = None,
+) -> Method:
+    """A weight-space :class:`Method`: ``apply`` = ``merge``; ``trainable[group]`` holds one entry
+    per adapted kernel (``group`` defaults to ``name``)."""
+    hooks = hooks or MethodHooks()
+    if hooks.trained is None:
+        hooks = hooks._replace(trained=trained_per_kernel(group or name))
+    return Method(
+        name=name,
+        init=init,
+        apply=lambda params, trainable, state=None, rng=None: {"params": merge(params, trainable)},
+        hparams=hparams,
+        merge=lambda params, trainable, state=None: merge(params, trainable),
+        hooks=hooks,
+    )
