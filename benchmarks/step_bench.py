@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import masks, paths, saliency, train, vit
-from guft_jax.methods import get_method
+from guft_jax.methods import get_method, method_names, spec
 
-METHODS = ("full", "linear", "bitfit", "lora", "dora", "vera", "fourierft", "guft", "guft_dense")
+# Every registered method (with its registered defaults), and GUFT's dense reference path.
+METHODS = (*method_names(), "guft_dense")
 
 
 def _method(name):
@@ -42,7 +43,7 @@ def _method(name):
         return get_method("guft", **kw)
     if name == "guft_dense":
         return get_method("guft", sparse=False, **kw)
-    return get_method(name)
+    return get_method(name, **(spec(name).defaults.kwargs or {}))
 
 
 def _bytes(tree) -> int:

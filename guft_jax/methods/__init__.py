@@ -26,13 +26,26 @@ from guft_jax.methods.base import (
     unregister,
 )
 
-# Built-in methods register on import (order = the order of tables).
+# Built-in methods register on import: these first (the order of tables), then every other module
+# of this package, so a new method is one new file here.
 from guft_jax.methods import simple  # noqa: E402  isort: skip
 from guft_jax.methods import lora as _lora  # noqa: E402  isort: skip
 from guft_jax.methods import vera as _vera  # noqa: E402  isort: skip
 from guft_jax.methods import fourierft as _fourierft  # noqa: E402  isort: skip
 from guft_jax import guft as _guft  # noqa: E402  isort: skip
 from guft_jax.methods.combine import combine  # noqa: E402  isort: skip
+
+
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
 
 
 def __getattr__(name):
