@@ -81,7 +81,12 @@ def expand_mask(mask: Any, like: Any) -> Any:
 
 
 def masked_step(
-    tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any, mask: Any | None
+    tx: optax.GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    mask: Any | None,
+    scale: Any | None = None,
 ) -> tuple[Any, Any]:
     """One optimizer step that leaves entries outside an element-level ``mask`` bitwise unchanged.
 
@@ -91,16 +96,25 @@ def masked_step(
     moments), and the new value is selected with ``jnp.where`` rather than adding a zero update
     (which would turn -0.0 into 0.0 and let decoupled weight decay move frozen weights).
     Adam's bias correction uses the global step count for every entry.
+
+    ``scale`` (a pytree of scalars shaped like ``params``, optional) multiplies the updates: with
+    a learning-rate-1 optimizer it makes the learning rates data (packed runs, one per lr).
     """
     if mask is None:
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, _scaled(updates, scale)), opt_state
     mask = expand_mask(mask, grads)
     grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
     updates, opt_state = tx.update(grads, opt_state, params)
-    new = optax.apply_updates(params, updates)
+    new = optax.apply_updates(params, _scaled(updates, scale))
     new = jax.tree_util.tree_map(lambda n, p, m: jnp.where(m, n, p), new, params, mask)
     return new, opt_state
+
+
+def _scaled(updates: Any, scale: Any | None) -> Any:
+    if scale is None:
+        return updates
+    return jax.tree_util.tree_map(lambda u, s: (u * s).astype(u.dtype), updates, scale)
 
 
 def resize_leaves(tree: Any, sizes: dict[str, int], *, suffix: bool = False) -> Any:
