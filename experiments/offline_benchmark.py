@@ -55,6 +55,25 @@ def all_methods() -> list[str]:
 
 
 ALL_METHODS = all_methods()
+# Budget-matched rows (issue 12): configurations of registered methods, named in the tables.
+VARIANTS = {
+    "lora_r4": ("lora", dict(rank=4, alpha=8.0)),  # ~0.33% of ViT-B/16, same alpha/r as r=8
+    "guft_paper": ("guft", dict(eligible="all")),  # the paper's literal rule: every tensor
+    "guft_excl": ("guft", dict(exclude_selected=True)),  # exactly 3 x 0.1% = 0.3% of eligible
+}
+# The rows that answer "does GUFT at <= LoRA's budget match LoRA?" (issue 12, item 4).
+BUDGET_ROWS = [
+    "pixels",
+    "linear",
+    "full",
+    "lora",
+    "lora_r4",
+    "guft",
+    "guft_paper",
+    "guft_excl",
+    "magnitude",
+    "fisher",
+]
 PRESETS = {
     "demo": dict(
         tasks=["animal_mnist"],
@@ -71,6 +90,27 @@ PRESETS = {
         epochs=10,
         image_size=56,
         select=True,
+    ),
+    # The GUFT question on 2 CPU cores in under an hour: two tasks, one seed, 28 px, 5 epochs,
+    # val200 selection, runs of a row packed into one program.
+    "cpu": dict(
+        tasks=["animal_mnist", "digits"],
+        methods=BUDGET_ROWS,
+        seeds=[0],
+        epochs=5,
+        image_size=28,
+        select=True,
+        pack=5,
+    ),
+    # The same question at accelerator scale (one H200, ~10 minutes with --workers 4).
+    "gpu": dict(
+        tasks=["animal_mnist", "fashion_mnist", "digits"],
+        methods=BUDGET_ROWS,
+        seeds=[0, 1, 2],
+        epochs=20,
+        image_size=112,
+        select=True,
+        pack=5,
     ),
 }
 PIXEL_C = (0.01, 0.1, 1.0)  # logistic regression on raw pixels, picked on val200
@@ -101,13 +141,23 @@ def _pixels(src, split, image_size):
     return x.reshape(len(x), -1), y
 
 
-def lr_factors(method: str) -> tuple[float, ...]:
-    """The val200 grid of ``method`` (factors of its default lr; ``C`` for pixels)."""
-    return PIXEL_C if method == "pixels" else spec(method).defaults.lr_grid
+def row_method(row: str) -> tuple[str, dict]:
+    """``(registered method, hyperparameter overrides)`` of a table row (a method or a variant)."""
+    if row in VARIANTS:
+        return VARIANTS[row]
+    spec(row)  # unknown names fail here, listing the registered ones
+    return row, {}
 
 
-def _config(task, method, *, seed, epochs, image_size, lr_factor=1.0, guft_path="sparse"):
+def lr_factors(row: str) -> tuple[float, ...]:
+    """The val200 grid of a row (factors of its method's default lr; ``C`` for pixels)."""
+    return PIXEL_C if row == "pixels" else spec(row_method(row)[0]).defaults.lr_grid
+
+
+def _config(task, row, *, seed, epochs, image_size, lr_factor=1.0, guft_path="sparse"):
+    method, overrides = row_method(row)
     c = get_config(f"{task},{method}")
+    c.method_kwargs.update(overrides)
     c.seed, c.epochs, c.image_size, c.progress = seed, epochs, image_size, False
     c.batch_size = BATCH
     if spec(method).defaults.select_head_lr:  # no backbone-side parameters: the head's lr
@@ -120,82 +170,155 @@ def _config(task, method, *, seed, epochs, image_size, lr_factor=1.0, guft_path=
     return c
 
 
-def _fit(c, workdir):
-    """``experiments.run.run``, silent (the config carries the fixed test subsample)."""
-    from experiments.run import run
-
-    return run(c, workdir, log=lambda s: None)
-
-
-def select_one(task, method, *, epochs, image_size, factor, workdir, guft_path="sparse") -> dict:
-    """One val200 selection run: train on train800 (seed 0), score val200."""
-    t0 = time.time()
-    if method == "pixels":
-        src = _source(task, 0)
-        xtr, ytr = _pixels(src, "train800", image_size)
-        xva, yva = _pixels(src, "val200", image_size)
-        acc = logistic_accuracy(xtr, ytr, xva, yva, c=factor)
-        return dict(task=task, method=method, C=factor, val_accuracy=acc, wall_s=time.time() - t0)
-    c = _config(task, method, seed=0, epochs=epochs, image_size=image_size, lr_factor=factor,
-                guft_path=guft_path)  # fmt: skip
-    c.train_split, c.eval_split = "train800", "val200"
-    res = _fit(c, workdir)
-    return dict(
-        task=task,
-        method=method,
-        lr_factor=factor,
-        lr=c.head_lr if spec(method).defaults.select_head_lr else c.lr,
-        val_accuracy=res["val200_accuracy"],
-        wall_s=time.time() - t0,
-    )
+def _job_config(kind, task, row, x, p, choice):
+    """The config of a selection (``x`` = lr factor, seed 0, train800 -> val200) or final run
+    (``x`` = seed, train800val200 -> test, the selected factor)."""
+    kw = dict(epochs=p["epochs"], image_size=p["image_size"], guft_path=p["guft_path"])
+    if kind == "select":
+        c = _config(task, row, seed=0, lr_factor=x, **kw)
+        c.train_split, c.eval_split = "train800", "val200"
+        return c
+    return _config(task, row, seed=x, lr_factor=(choice or {}).get("lr_factor", 1.0), **kw)
 
 
-def run_one(
-    task, method, seed, *, epochs, image_size, workdir, choice=None, guft_path="sparse"
-) -> dict:
-    """One final run on train800val200, scored on test; ``choice`` is the val200 selection."""
-    t0 = time.time()
-    choice = choice or {}
-    if method == "pixels":
-        src = _source(task, seed)
-        cval = choice.get("C", 1.0)
-        xtr, ytr = _pixels(src, "train800val200", image_size)
-        xte, yte = _pixels(src, "test", image_size)
+def _record(kind, task, row, x, c, res, choice, wall_s) -> dict:
+    if kind == "select":
+        head = spec(row_method(row)[0]).defaults.select_head_lr
         return dict(
             task=task,
-            method=method,
-            seed=seed,
-            test_accuracy=logistic_accuracy(xtr, ytr, xte, yte, c=cval),
-            val_accuracy=choice.get("val_accuracy"),
-            trainable_params=0,
-            backbone_params=1,
-            step_s=float("nan"),
-            wall_s=time.time() - t0,
-            config=dict(model="logistic regression on raw pixels", C=cval, image_size=image_size),
+            method=row,
+            lr_factor=x,
+            lr=c.head_lr if head else c.lr,
+            val_accuracy=res["val200_accuracy"],
+            wall_s=wall_s,
         )
-    factor = choice.get("lr_factor", 1.0)
-    c = _config(task, method, seed=seed, epochs=epochs, image_size=image_size, lr_factor=factor,
-                guft_path=guft_path)  # fmt: skip
-    res = _fit(c, workdir)
-    hist = res["history"]
-    steady = hist[1:] or hist
-    rec = dict(
+    steady = res["history"][1:] or res["history"]
+    return dict(
         task=task,
-        method=method,
-        seed=seed,
+        method=row,
+        seed=x,
         test_accuracy=res["test_accuracy"],
-        val_accuracy=choice.get("val_accuracy"),
+        val_accuracy=(choice or {}).get("val_accuracy"),
         test_examples=res["test_examples"],
         trainable_params=res["trainable_params"],
         backbone_params=res["backbone_params"],
         step_s=float(np.mean([c.batch_size / h["images_per_s"] for h in steady])),
-        wall_s=time.time() - t0,
+        wall_s=wall_s,
         traces=res["traces"],
-        config=res["config"],
+        packed_runs=res.get("packed_runs", 1),
+        config=c.to_dict(),
+        trained_per_tensor=res["trained_per_tensor"],
+        tensor_sizes=res.get("tensor_sizes", {}),
     )
-    rec["trained_per_tensor"] = res["trained_per_tensor"]
-    rec["tensor_sizes"] = res.get("tensor_sizes", {})
-    return rec
+
+
+def _pixels_record(kind, task, x, p, choice, t0) -> dict:
+    size = p["image_size"]
+    if kind == "select":
+        src = _source(task, 0)
+        xtr, ytr = _pixels(src, "train800", size)
+        xva, yva = _pixels(src, "val200", size)
+        acc = logistic_accuracy(xtr, ytr, xva, yva, c=x)
+        return dict(task=task, method="pixels", C=x, val_accuracy=acc, wall_s=time.time() - t0)
+    src, cval = _source(task, x), (choice or {}).get("C", 1.0)
+    xtr, ytr = _pixels(src, "train800val200", size)
+    xte, yte = _pixels(src, "test", size)
+    return dict(
+        task=task,
+        method="pixels",
+        seed=x,
+        test_accuracy=logistic_accuracy(xtr, ytr, xte, yte, c=cval),
+        val_accuracy=(choice or {}).get("val_accuracy"),
+        trainable_params=0,
+        backbone_params=1,
+        step_s=float("nan"),
+        wall_s=time.time() - t0,
+        config=dict(model="logistic regression on raw pixels", C=cval, image_size=size),
+    )
+
+
+def _fit_group(jobs, p, choice) -> list:
+    """Trains a group of runs of one (kind, task, row): alone, or packed into one program."""
+    from experiments.run import build, fit_config, source_for
+    from guft_jax.packing import fit_packed
+
+    configs = [_job_config(k, t, r, x, p, choice) for k, t, r, x in jobs]
+    if len(jobs) == 1:
+        return [fit_config(configs[0], None, log=lambda s: None).results]
+    c0 = configs[0]
+    model, params, _, method = build(c0)
+    _, results = fit_packed(
+        model=model,
+        params=params,
+        method=method,
+        sources=[source_for(c) for c in configs],
+        lrs=[c.lr for c in configs],
+        head_lrs=[c.head_lr for c in configs],
+        seeds=[c.seed for c in configs],
+        image_size=c0.image_size,
+        batch_size=c0.batch_size,
+        epochs=c0.epochs,
+        weight_decay=c0.weight_decay,
+        warmup_epochs=c0.warmup_epochs,
+        clip_norm=c0.clip_norm or None,
+        normalization=c0.normalization,
+        train_split=c0.train_split,
+        eval_split=c0.eval_split,
+    )
+    return results
+
+
+def run_group(jobs, p, choice=None) -> list[dict]:
+    """Records of a group of jobs sharing (kind, task, row) (top-level, for worker processes).
+    A diverged selection candidate is scored 0 on val200 and reported; a final run raises."""
+    t0 = time.time()
+    kind, task, row, _ = jobs[0]
+    if row == "pixels":
+        return [_pixels_record(k, t, x, p, choice, time.time()) for k, t, _, x in jobs]
+    try:
+        results = _fit_group(jobs, p, choice)
+    except FloatingPointError as e:
+        if kind == "final":
+            raise
+        return [
+            dict(task=task, method=row, lr_factor=x, val_accuracy=0.0, diverged=str(e)[:200])
+            for *_, x in jobs
+        ]
+    wall = (time.time() - t0) / len(jobs)
+    out = []
+    for (k, t, r, x), res in zip(jobs, results, strict=True):
+        c = _job_config(k, t, r, x, p, choice)
+        out.append(dict(_record(k, t, r, x, c, res, choice, wall), preset=p["name"]))
+    return out
+
+
+def _groups(jobs, pack: int) -> list[list]:
+    """Jobs grouped by (kind, task, row), each group cut into packs of at most ``pack``."""
+    by: dict = {}
+    for j in jobs:
+        by.setdefault(j[:3], []).append(j)
+    out = []
+    for js in by.values():
+        out += [js[i : i + max(pack, 1)] for i in range(0, len(js), max(pack, 1))]
+    return out
+
+
+def extensions(selection: list[dict], tasks, rows) -> list[tuple]:
+    """Selection jobs extending a grid once past the edge its best candidate lies on: the next
+    factor at the grid's own spacing. Rows already extended, and the pixel baseline, are left."""
+    jobs = []
+    for t in tasks:
+        for row in rows:
+            rs = [r for r in selection if r["task"] == t and r["method"] == row]
+            if row == "pixels" or not rs or any(r.get("extended") for r in rs):
+                continue
+            grid = sorted(lr_factors(row))
+            best = report.best_choice(rs)["lr_factor"]
+            if best == grid[-1]:
+                jobs.append(("select", t, row, grid[-1] * grid[-1] / grid[-2]))
+            elif best == grid[0]:
+                jobs.append(("select", t, row, grid[0] * grid[0] / grid[1]))
+    return jobs
 
 
 def estimate_seconds(jobs, *, epochs, image_size=28) -> float:
@@ -208,7 +331,7 @@ def estimate_seconds(jobs, *, epochs, image_size=28) -> float:
             total += 10.0
             continue
         steps = (800 if kind == "select" else 1000) // BATCH * epochs
-        cost = spec(method).defaults.step_cost * FULL_STEP_S
+        cost = spec(row_method(method)[0]).defaults.step_cost * FULL_STEP_S
         total += steps * cost * scale + OVERHEAD_S
     return total
 
@@ -228,10 +351,19 @@ def write_report(out, records, selection, methods):
     parts = [table]
     if selection:
         parts.append(report.selection_table(selection))
+    ext = report.extended_grids(selection)
+    if ext:
+        parts.append("Learning-rate grids extended once (best val200 at an edge):\n\n"
+                     + "\n".join(f"- {x}" for x in ext))  # fmt: skip
     lines = report.comparison(records, "guft", ["lora", "full"])
     if lines:
         parts.append("GUFT vs LoRA and full fine-tuning (mean test accuracy over seeds):\n\n"
                      + "\n".join(f"- {x}" for x in lines))  # fmt: skip
+    for g in ("guft", "guft_paper", "guft_excl"):
+        lines = report.budget_verdicts(records, g, ["lora", "lora_r4"])
+        if lines:
+            title = f"Is {g} >= LoRA at <= LoRA's budget? (mean test accuracy; % of backbone):"
+            parts.append(title + "\n\n" + "\n".join(f"- {x}" for x in lines))
     dens = report.density_table(records)
     if dens:
         parts.append(dens)
@@ -242,47 +374,34 @@ def write_report(out, records, selection, methods):
     return table
 
 
-def _job(job, p, out, choice):
-    """One selection or final run (top-level, so worker processes can run it)."""
-    kind, t, m, x = job
-    kw = dict(epochs=p["epochs"], image_size=p["image_size"], guft_path=p["guft_path"])
-    wd = None  # runs are short: no per-epoch checkpoints, the record is the result
-    try:
-        if kind == "select":
-            return select_one(t, m, factor=x, workdir=wd, **kw)
-        rec = run_one(t, m, x, workdir=wd, choice=choice, **kw)
-    except FloatingPointError as e:  # a diverged candidate: scored 0 on val200, reported
-        if kind == "final":
-            raise
-        return dict(task=t, method=m, lr_factor=x, val_accuracy=0.0, diverged=str(e)[:200])
-    rec["preset"] = p["name"]
-    return rec
-
-
-def _run_jobs(jobs, p, out, *, workers, choices, desc):
-    """Runs ``jobs`` (in-process, or in ``workers`` spawned processes) and appends each record
-    as it finishes: an interrupted benchmark resumes where it stopped."""
+def _run_jobs(jobs, p, out, *, workers, choices, desc, extended=False):
+    """Runs ``jobs`` in packed groups (in-process, or in ``workers`` spawned processes) and
+    appends each record as its group finishes: an interrupted benchmark resumes where it
+    stopped."""
     paths = {
         "select": os.path.join(out, "selection.jsonl"),
         "final": os.path.join(out, "records.jsonl"),
     }
+    groups = _groups(jobs, p["pack"])
     bar = tqdm(total=len(jobs), desc=desc)
-    args = [(j, p, out, choices.get((j[1], j[2]))) for j in jobs]
+
+    def done(g, recs):
+        for rec in recs:
+            _append(paths[g[0][0]], dict(rec, extended=True) if extended else rec)
+        bar.set_postfix(task=g[0][1], method=g[0][2])
+        bar.update(len(g))
+
     if workers <= 1:
-        for a in args:
-            bar.set_postfix(task=a[0][1], method=a[0][2])
-            _append(paths[a[0][0]], _job(*a))
-            bar.update()
+        for g in groups:
+            done(g, run_group(g, p, choices.get(g[0][1:3])))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(_job, *a): a[0] for a in args}
+            futs = {ex.submit(run_group, g, p, choices.get(g[0][1:3])): g for g in groups}
             for f in as_completed(futs):
-                _append(paths[futs[f][0]], f.result())
-                bar.set_postfix(task=futs[f][1], method=futs[f][2])
-                bar.update()
+                done(futs[f], f.result())
     bar.close()
 
 
@@ -302,9 +421,16 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true",
                     help="start over: drop OUT's earlier records instead of resuming")  # fmt: skip
     ap.add_argument("--workers", type=int, default=1, help="parallel processes (share a GPU)")
+    ap.add_argument("--pack", type=int, default=0,
+                    help="runs of one row trained as one vmapped program (default: the preset's;"
+                    " 1 = alone); packing puts mask methods on their dense path")  # fmt: skip
     a = ap.parse_args(argv)
     p = dict(PRESETS[a.preset], name=a.preset, guft_path=a.guft_path)
-    for field, allowed in (("methods", all_methods()), ("tasks", list(PRESETS["full"]["tasks"]))):
+    p["pack"] = a.pack or p.get("pack", 1)
+    if p["pack"] > 1:
+        p["guft_path"] = "dense"  # sparse capacities differ per run; same trajectory (tested)
+    rows = all_methods() + list(VARIANTS)
+    for field, allowed in (("methods", rows), ("tasks", list(PRESETS["full"]["tasks"]))):
         value = getattr(a, field)
         if value:
             bad = sorted(set(value.split(",")) - set(allowed))
@@ -313,12 +439,14 @@ def main(argv=None):
             p[field] = [v for v in allowed if v in value.split(",")]
     if a.seeds:
         p["seeds"] = [int(s) for s in a.seeds.split(",")]
-    for field in ("epochs", "image_size", "workers"):
+    for field in ("epochs", "image_size", "workers", "pack"):
         if getattr(a, field) < 0:
             raise ValueError(f"--{field}: must be >= 0, got {getattr(a, field)}")
     p["epochs"] = a.epochs or p["epochs"]
     p["image_size"] = a.image_size or p["image_size"]
-    out = a.out or ("results/offline" if a.preset == "full" else "results/offline_demo")
+    out = a.out or {"full": "results/offline", "demo": "results/offline_demo"}.get(
+        a.preset, f"results/offline_{a.preset}"
+    )
     os.makedirs(out, exist_ok=True)
     rec_path, sel_path = os.path.join(out, "records.jsonl"), os.path.join(out, "selection.jsonl")
     if a.fresh:
@@ -351,14 +479,22 @@ def main(argv=None):
         _run_jobs(select, p, out, workers=a.workers, choices={}, desc="val200 selection")
     choices = {}
     if p["select"]:
+        ext = extensions(read(sel_path), p["tasks"], p["methods"])
+        if ext:  # a best candidate at a grid edge: one more candidate past it
+            _run_jobs(ext, p, out, workers=a.workers, choices={}, desc="grid extension",
+                      extended=True)  # fmt: skip
         selection = read(sel_path)
         choices = {(t, m): _best(selection, t, m) for t in p["tasks"] for m in p["methods"]}
     if final:
         _run_jobs(final, p, out, workers=a.workers, choices=choices, desc="runs")
     records = read(rec_path)
     write_report(out, records, read(sel_path), list(p["methods"]))
+    wall = time.time() - t0
+    timing = dict(preset=a.preset, pack=p["pack"], workers=a.workers, wall_s=wall)
+    timing.update(runs=len(select) + len(final), tasks=p["tasks"], methods=p["methods"])
+    _append(os.path.join(out, "timing.jsonl"), timing)
     print(open(os.path.join(out, "table.md")).read())
-    print(f"({time.time() - t0:.0f} s; records, table and plots in {out}/)")
+    print(f"({wall:.0f} s; records, table and plots in {out}/)")
 
 
 if __name__ == "__main__":

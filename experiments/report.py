@@ -91,6 +91,36 @@ def comparison(records: list[dict], method: str, others: list[str]) -> list[str]
     return lines
 
 
+def budget_verdicts(records: list[dict], method: str, others: list[str]) -> list[str]:
+    """Per task: is ``method`` >= each other row in mean test accuracy *at no larger budget*
+    (trainable params, from the records)? The sentence states both figures and both budgets."""
+    agg = aggregate(records)
+    out = []
+    for o in others:
+        for t in sorted({t for _, t in agg}):
+            if (method, t) not in agg or (o, t) not in agg:
+                continue
+            a, b = agg[(method, t)], agg[(o, t)]
+            ok_acc, ok_budget = a["mean"] >= b["mean"], a["pct"] <= b["pct"]
+            out.append(
+                f"{t}: {method} {100 * a['mean']:.2f} at {a['pct']:.3f}% vs {o} "
+                f"{100 * b['mean']:.2f} at {b['pct']:.3f}% of the backbone: "
+                + ("yes" if ok_acc and ok_budget else "no")
+                + ("" if ok_budget else " (larger budget)")
+            )
+    return out
+
+
+def extended_grids(selection: list[dict]) -> list[str]:
+    """The (task, row) whose lr grid was extended past an edge, and the factor added."""
+    return [
+        f"{r['task']} / {r['method']}: grid extended to x{r['lr_factor']:g} "
+        f"(val200 {100 * r['val_accuracy']:.1f})"
+        for r in selection
+        if r.get("extended")
+    ]
+
+
 def _layer_of(key: str) -> str:
     layer = next(
         (p for p in key.replace("/", ".").split(".") if p.startswith("encoderblock_")), None
@@ -121,18 +151,36 @@ def guft_density(records: list[dict], method: str = "guft") -> tuple[dict, dict]
     return out
 
 
-def density_table(records: list[dict], method: str = "guft") -> str:
-    """Markdown: GUFT's selected-entry density per module type (``""`` without GUFT records)."""
-    _, by_type = guft_density(records, method)
-    if not by_type:
+def mask_rows(records: list[dict]) -> list[str]:
+    """Rows whose runs select entries with a mask (GUFT, its variants, one-shot masks): their
+    config carries an ``eligible`` preset, or (older records) the row is ``guft``."""
+    out = []
+    for r in records:
+        kw = (r.get("config") or {}).get("method_kwargs") or {}
+        if (kw.get("eligible") is not None or r["method"] == "guft") and r["method"] not in out:
+            out.append(r["method"])
+    return out
+
+
+def density_table(records: list[dict], methods: list[str] | None = None) -> str:
+    """Markdown: selected-entry density per module type of every mask row (``""`` if none), one
+    column per row (eligibility / allocation variant)."""
+    methods = methods or mask_rows(records)
+    cols = {m: guft_density(records, m)[1] for m in methods}
+    cols = {m: d for m, d in cols.items() if d}
+    if not cols:
         return ""
+    types = sorted({t for d in cols.values() for t in d}, key=lambda t: -max(
+        d.get(t, 0.0) for d in cols.values()))  # fmt: skip
     lines = [
-        f"{method} selected entries per module type (% of that type's entries, all runs):",
+        "Selected entries per module type (% of that type's entries, pooled over runs):",
         "",
-        "| module type | density % |",
-        "|---|---|",
+        "| module type | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
     ]
-    lines += [f"| {k} | {100 * v:.3f} |" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])]
+    for t in types:
+        cells = [f"{100 * d[t]:.3f}" if t in d else "—" for d in cols.values()]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -188,26 +236,32 @@ def plot_accuracy_vs_params(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_guft_density(records: list[dict], path: str, method: str = "guft") -> None:
-    """Selected-entry density per layer and per module type (pooled over GUFT runs)."""
-    by_layer, by_type = guft_density(records, method)
-    if not by_layer:
+def plot_guft_density(records: list[dict], path: str, methods: list[str] | None = None) -> None:
+    """Selected-entry density per layer and per module type, one bar series per mask row (so the
+    eligibility / allocation variants show where their budgets went)."""
+    methods = methods or mask_rows(records)
+    dens = {m: guft_density(records, m) for m in methods}
+    dens = {m: d for m, d in dens.items() if d[0]}
+    if not dens:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, dens, title in (
-        (axes[0], by_layer, "per layer"),
-        (axes[1], by_type, "per module type"),
-    ):
-        keys = sorted(dens, key=lambda k: (len(k), k))
-        ax.bar(range(len(keys)), [100 * dens[k] for k in keys])
-        ax.set_xticks(range(len(keys)), keys, rotation=75, fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(dens)
+    for ax, idx, title in ((axes[0], 0, "per layer"), (axes[1], 1, "per module type")):
+        keys = sorted({k for d in dens.values() for k in d[idx]}, key=lambda k: (len(k), k))
+        for j, (m, d) in enumerate(dens.items()):
+            xs = [i + j * width for i in range(len(keys))]
+            ax.bar(xs, [100 * d[idx].get(k, 0.0) for k in keys], width, label=m)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys, rotation=75,
+                      fontsize=7)  # fmt: skip
+        ax.set_yscale("symlog", linthresh=0.01)
         ax.set_ylabel("selected entries (% of the group)")
-        ax.set_title(f"{method} selected-entry density {title}")
+        ax.set_title(f"selected-entry density {title}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

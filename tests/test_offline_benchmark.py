@@ -114,3 +114,55 @@ def test_resume_skips_finished_runs_and_fresh_starts_over(tmp_path):
     recs = report.read_jsonl(str(tmp_path / "records.jsonl"))
     assert [(r["task"], r["seed"]) for r in recs] == [("digits", 0)]
     assert 0.5 < recs[0]["test_accuracy"] <= 1.0 and (tmp_path / "table.md").exists()
+
+
+def test_variants_configure_their_base_method():
+    c = ob._config("digits", "lora_r4", seed=0, epochs=2, image_size=28)
+    assert c.method == "lora" and c.method_kwargs.rank == 4 and c.method_kwargs.alpha == 8.0
+    g = ob._config("digits", "guft_paper", seed=0, epochs=2, image_size=28)
+    assert g.method == "guft" and g.method_kwargs.eligible == "all"
+    assert ob.lr_factors("guft_excl") == ob.lr_factors("guft")
+    with pytest.raises(ValueError, match="allowed"):
+        ob.row_method("lora_r5")
+
+
+def test_grid_is_extended_once_past_the_edge_its_best_lies_on():
+    grid = sorted(ob.lr_factors("lora"))  # (0.3, 1, 3)
+    sel = [
+        dict(task="a", method="lora", lr_factor=f, val_accuracy=v)
+        for f, v in zip(grid, [0.5, 0.6, 0.7], strict=True)  # best at the top edge
+    ] + [
+        dict(task="b", method="lora", lr_factor=f, val_accuracy=v)
+        for f, v in zip(grid, [0.5, 0.7, 0.6], strict=True)  # best inside: no extension
+    ]
+    jobs = ob.extensions(sel, ["a", "b"], ["lora"])
+    assert jobs == [("select", "a", "lora", pytest.approx(grid[-1] ** 2 / grid[-2]))]
+    sel.append(dict(task="a", method="lora", lr_factor=9.0, val_accuracy=0.8, extended=True))
+    assert ob.extensions(sel, ["a", "b"], ["lora"]) == []  # once only
+    low = [dict(task="a", method="lora", lr_factor=f, val_accuracy=1 - f / 10) for f in grid]
+    assert ob.extensions(low, ["a"], ["lora"])[0][3] == pytest.approx(grid[0] ** 2 / grid[1])
+
+
+def test_groups_pack_runs_of_one_row_only():
+    jobs = [("select", "a", "lora", f) for f in (1, 2, 3)] + [("select", "a", "full", 1)]
+    groups = ob._groups(jobs, 2)
+    assert groups == [jobs[:2], jobs[2:3], jobs[3:]]
+
+
+def test_budget_verdicts_need_both_accuracy_and_budget():
+    recs = [
+        dict(
+            method=m,
+            task="t",
+            seed=0,
+            test_accuracy=acc,
+            trainable_params=p,
+            backbone_params=1000,
+            step_s=0.1,
+        )  # fmt: skip
+        for m, acc, p in (("guft", 0.9, 3), ("lora", 0.8, 6), ("lora_r4", 0.95, 3))
+    ]
+    v = report.budget_verdicts(recs, "guft", ["lora", "lora_r4"])
+    assert v[0].endswith("yes") and v[1].endswith("no")
+    recs[0]["trainable_params"] = 9
+    assert "larger budget" in report.budget_verdicts(recs, "guft", ["lora"])[0]
