@@ -244,3 +244,41 @@ def test_recompute_logs_density_and_records_history(tiny):
     assert np.all(np.asarray(ztr["head"]["kernel"]) == 0)  # the run's own head is untouched
     same = m.hooks.epoch_start(2, ctx._replace(trainable=tr2, state=st2))
     assert same[2] is st2  # not a recompute epoch: unchanged
+
+
+def test_selection_equals_the_mask_recomputed_from_the_scores(tiny, tmp_path):
+    from guft_jax import artifacts, paths
+
+    model, params = tiny
+    params = dict(params, head=jax.tree.map(lambda x: x + 0.1, params["head"]))
+    m = guft.guft(recompute_epochs=[1], ratios=[0.03])
+    tr = m.init(jax.random.PRNGKey(0), params)
+    st = m.hooks.init_state(params, tr)
+    src = make_source()
+    loss = jax.jit(_per_example_loss(model))
+    ctx = EpochContext(
+        params,
+        tr,
+        optax.adam(1e-3).init(tr),
+        st,
+        lambda v, x, y: loss(v["params"], x, y),
+        lambda: src.batches("train800val200", batch_size=16, image_size=16),
+        lambda s: None,
+    )
+    tr2, _, st2 = m.hooks.epoch_start(1, ctx)
+    eligible = masks.eligible_leaves(params, preset="blocks")
+    scores, _ = guft.saliency_scores(ctx, eligible, params, score="guft", mode="batch", chunk=8)
+    n = sum(np.prod(s) for s in eligible.values())
+    ref = masks.topk_mask(scores, round(0.03 * n))
+    sel = guft.selection(st2, params)
+    assert sorted(paths.leaf_paths(sel)) == sorted(paths.path_of(k) for k in ref)
+    for k, want in ref.items():
+        np.testing.assert_array_equal(paths.get(sel, paths.path_of(k)), np.asarray(want))
+    idx = guft.selected_indices(st2)
+    assert all(
+        np.array_equal(np.flatnonzero(np.asarray(ref[paths.key_of(p)])), i) for p, i in idx.items()
+    )
+    tr2 = dict(tr2, delta=jax.tree.map(lambda v: v + 0.01, tr2["delta"]))
+    arrays = artifacts.arrays_of(m, params, tr2, st2)
+    stored = {k[len("guft/") : -len("/indices")] for k in arrays if k.endswith("/indices")}
+    assert stored == {p for p, i in idx.items() if len(i)}
