@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guft_jax import ops
+
 Array = jax.Array
 
 # name -> keyword arguments of VisionTransformer. Sizes from Dosovitskiy et al. (arXiv:2010.11929),
@@ -200,7 +202,8 @@ class LayerScale(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return x * self.param("scale", nn.initializers.constant(self.init_value), (self.dim,))
+        scale = self.param("scale", nn.initializers.constant(self.init_value), (self.dim,))
+        return x * scale.astype(x.dtype)
 
 
 def _drop_path(x: Array, rate: float, deterministic: bool, module: nn.Module) -> Array:
@@ -217,20 +220,24 @@ class Attention(nn.Module):
 
     num_heads: int
     dropout_rate: float = 0.0
+    dtype: Any = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         d = x.shape[-1]
         h, hd = self.num_heads, d // self.num_heads
-        q = Linear((d,), (h, hd), name="query")(x)
-        k = Linear((d,), (h, hd), name="key")(x)
-        v = Linear((d,), (h, hd), name="value")(x)
+        q = Linear((d,), (h, hd), dtype=self.dtype, name="query")(x)
+        k = Linear((d,), (h, hd), dtype=self.dtype, name="key")(x)
+        v = Linear((d,), (h, hd), dtype=self.dtype, name="value")(x)
         o = self.attend(q, k, v, deterministic=deterministic)
-        return Linear((h, hd), (d,), name="out")(o)
+        return Linear((h, hd), (d,), dtype=self.dtype, name="out")(o)
 
     def attend(self, q: Array, k: Array, v: Array, *, deterministic: bool) -> Array:
         """Softmax attention of ``(B, Tq, H, D)`` queries over ``(B, Tk, H, D)`` keys/values
         (an interception point: ``Tk`` may exceed ``Tq``, e.g. with key/value prefixes)."""
+        if deterministic or self.dropout_rate == 0.0:  # fused (cuDNN / XLA), softmax in fp32
+            return ops.attention(q, k, v, impl=self.attention_impl)
         hd = q.shape[-1]
         logits = jnp.einsum("...qhd,...khd->...hqk", q / jnp.sqrt(hd).astype(q.dtype), k)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -245,18 +252,16 @@ class MlpBlock(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     gelu_approximate: bool = True
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         d = x.shape[-1]
-        y = Linear(
-            (d,), (self.mlp_dim,), kernel_init=nn.initializers.xavier_uniform(), name="Dense_0"
-        )(x)
+        init = nn.initializers.xavier_uniform()
+        y = Linear((d,), (self.mlp_dim,), kernel_init=init, dtype=self.dtype, name="Dense_0")(x)
         y = jax.nn.gelu(y, approximate=self.gelu_approximate)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        y = Linear(
-            (self.mlp_dim,), (d,), kernel_init=nn.initializers.xavier_uniform(), name="Dense_1"
-        )(y)
+        y = Linear((self.mlp_dim,), (d,), kernel_init=init, dtype=self.dtype, name="Dense_1")(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -269,22 +274,29 @@ class Encoder1DBlock(nn.Module):
     layerscale: bool = False
     gelu_approximate: bool = True
     layer_norm_eps: float = 1e-6
+    dtype: Any = None
+    attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
         d = x.shape[-1]
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(x)
+        ln = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype)
+        y = ln(name="LayerNorm_0")(x)
         y = Attention(
-            self.num_heads, self.attention_dropout_rate, name="MultiHeadDotProductAttention_1"
+            self.num_heads,
+            self.attention_dropout_rate,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            name="MultiHeadDotProductAttention_1",
         )(y, deterministic=deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if self.layerscale:
             y = LayerScale(d, name="LayerScale_attn")(y)
         x = x + _drop_path(y, self.drop_path_rate, deterministic, self)
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, name="MlpBlock_3")(
-            y, deterministic=deterministic
-        )
+        y = ln(name="LayerNorm_2")(x)
+        y = MlpBlock(
+            self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, name="MlpBlock_3"
+        )(y, deterministic=deterministic)
         if self.layerscale:
             y = LayerScale(d, name="LayerScale_mlp")(y)
         return x + _drop_path(y, self.drop_path_rate, deterministic, self)
@@ -306,6 +318,13 @@ class VisionTransformer(nn.Module):
       layer_norm_eps: 1e-6 (vit_jax, DINOv2); HF ViT uses 1e-12.
       dropout_rate, attention_dropout_rate, drop_path_rate: regularisation, active only when
         ``deterministic=False`` (needs an rng named ``"dropout"``).
+      dtype: compute dtype (``jnp.bfloat16`` for mixed precision: bf16 matmuls and attention,
+        params stay float32, LayerNorm statistics, softmax, the head's logits and the loss in
+        float32); None computes in the params' dtype.
+      attention_impl: :func:`guft_jax.ops.attention`'s ``impl`` (``"auto"``: cuDNN flash
+        attention on GPU where available, XLA elsewhere, einsum on CPU).
+      remat: rematerialise each encoder block in the backward pass (``jax.checkpoint``): less
+        activation memory for one more forward per block.
 
     >>> model = VisionTransformer(num_classes=10, **vit_config("ViT-tiny/4"))
     >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
@@ -329,6 +348,9 @@ class VisionTransformer(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     head_init_zero: bool = True
+    dtype: Any = None
+    attention_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -342,7 +364,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"images: size {hh}x{ww} is not a multiple of patch_size {p}")
         gh, gw = hh // p, ww // p
         patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = Linear((p, p, c), (d,), name="embedding")(patches)
+        x = Linear((p, p, c), (d,), dtype=self.dtype, name="embedding")(patches)
         x = x.reshape(b, gh * gw, d)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
@@ -357,6 +379,9 @@ class VisionTransformer(nn.Module):
             posemb_grid=self.posemb_grid,
             gelu_approximate=self.gelu_approximate,
             layer_norm_eps=self.layer_norm_eps,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            remat=self.remat,
             name="Transformer",
         )(x, grid=(gh, gw), deterministic=deterministic)
         if features:
@@ -382,14 +407,19 @@ class _Encoder(nn.Module):
     posemb_grid: int | None
     gelu_approximate: bool
     layer_norm_eps: float
+    dtype: Any = None
+    attention_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, *, grid: tuple[int, int], deterministic: bool) -> Array:
         x = _AddPosEmb(self.posemb_grid, name="posembed_input")(x, grid)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        # remat: `deterministic` must be static for jax.checkpoint, so it is passed positionally
+        block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
         for i in range(self.num_layers):
             dpr = self.drop_path_rate * i / max(self.num_layers - 1, 1)
-            x = Encoder1DBlock(
+            y = block(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
                 dropout_rate=self.dropout_rate,
@@ -398,9 +428,12 @@ class _Encoder(nn.Module):
                 layerscale=self.layerscale,
                 gelu_approximate=self.gelu_approximate,
                 layer_norm_eps=self.layer_norm_eps,
+                dtype=self.dtype,
+                attention_impl=self.attention_impl,
                 name=f"encoderblock_{i}",
-            )(x, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(x)
+            )
+            x = y(x, deterministic) if self.remat else y(x, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
 
 
 class _AddPosEmb(nn.Module):
