@@ -1,11 +1,18 @@
 """Train one (dataset, method) run from an ml_collections config; resumes from --workdir.
 
     python -m experiments.run --config experiments/configs/offline.py:animal_mnist,guft \
-        --workdir runs/animal_guft [--config.epochs=5 --config.seed=1 ...]
+        --workdir runs/animal_guft [--config.epochs=5 --config.seed=1 ...] [--fresh] [--debug]
 
 Writes ``workdir/metrics.jsonl``, TensorBoard events in ``workdir/tb``, orbax checkpoints in
-``workdir/checkpoints`` (every epoch) and ``workdir/results.json`` (full config, test accuracy,
-#trainable params, wall time). Re-running the same command resumes from the last epoch.
+``workdir/checkpoints`` (every epoch) and ``workdir/results.json`` (full config, the data's
+classes, split sizes and notes, test accuracy, #trainable params, wall time). Re-running the same
+command resumes from the newest intact checkpoint; only ``epochs`` and the progress options may
+change on resume, ``--fresh`` starts over. The workdir is locked for the whole run, from before
+any data is read.
+
+A bad input (a data file, a config value, a workdir in use or holding another run, a damaged
+checkpoint, a NaN loss) prints one line ``error: <message>`` to stderr and exits with code 2;
+``--debug`` raises it with its traceback instead.
 """
 
 from __future__ import annotations
@@ -18,22 +25,40 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.configs.common import PRETRAINED, validate
-from guft_jax import checkpoint_import, sharding, train, vit
+from guft_jax import checkpoint_import, rundir, sharding, train, vit
 from guft_jax.data import get_source
+from guft_jax.errors import InputError, one_line
 from guft_jax.methods import get_method
 from guft_jax.pretrained import load_pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file:arg")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, results)")
+_FRESH = flags.DEFINE_bool(
+    "fresh",
+    False,
+    "delete the workdir's checkpoints, metrics, TensorBoard events and results first",
+)
+_DEBUG = flags.DEFINE_bool("debug", False, "raise errors with their Python traceback")
+
+# What a user causes and can fix: one line on stderr, exit code 2. InputError (bad data files,
+# a locked workdir, a changed config, damaged checkpoints) and CheckpointStructureError are
+# ValueErrors; FloatingPointError is a NaN/Inf loss; the packaged datasets' install hints are
+# FileNotFoundError / ModuleNotFoundError.
+USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, FloatingPointError)
+EXIT_USER_ERROR = 2
 
 
 def source_for(c):
-    """The config's data source: offline sets split with ``c.seed`` (and ``c.test_size`` when
-    set); VTAB tasks read tfds' ``c.data_dir`` / ``c.version`` when the config has them."""
+    """The config's data source: offline sets split with ``c.seed`` and the config's
+    ``train_size`` / ``val_size`` / ``test_size`` (0 or absent: the dataset's default; counts
+    or fractions) and ``skip_bad``; VTAB tasks read tfds' ``c.data_dir`` / ``c.version`` when
+    the config has them."""
     if c.dataset.startswith("vtab/"):
         kw = {k: c.get(k) for k in ("data_dir", "version") if c.get(k)}
         return get_source(c.dataset, **kw)
-    kw = {"test_size": c.test_size} if c.get("test_size") else {}
+    kw = {k: c.get(k) for k in ("train_size", "val_size", "test_size") if c.get(k)}
+    if c.get("skip_bad"):
+        kw["skip_bad"] = True
     return get_source(c.dataset, seed=c.seed, **kw)
 
 
@@ -55,54 +80,70 @@ def build(c):
     return model, params, source, method
 
 
-def fit_config(c, workdir: str | None = None, *, source=None, log=print) -> train.FitResult:
+def fit_config(
+    c, workdir: str | None = None, *, source=None, log=print, fresh: bool = False
+) -> train.FitResult:
     """Trains the run a validated config describes (the one ``train.fit`` call of the experiment
-    scripts); ``source`` overrides the config's dataset (same name and splits)."""
+    scripts); ``source`` overrides the config's dataset (same name and splits).
+
+    The workdir's lock is taken before anything is read or built, so a second run on it fails
+    at once (naming the holder's pid); ``fresh`` deletes the workdir's run files first.
+    """
     validate(c)
-    model, params, src, method = build(c)
-    mesh = sharding.make_mesh(c.num_devices) if c.num_devices else None
-    return train.fit(
-        model=model,
-        params=params,
-        method=method,
-        source=source if source is not None else src,
-        image_size=c.image_size,
-        batch_size=c.batch_size,
-        epochs=c.epochs,
-        lr=c.lr,
-        head_lr=c.head_lr,
-        weight_decay=c.weight_decay,
-        warmup_epochs=c.warmup_epochs,
-        clip_norm=c.clip_norm or None,
-        seed=c.seed,
-        normalization=c.normalization,
-        train_split=c.train_split,
-        eval_split=c.eval_split,
-        workdir=workdir,
-        stop_after_epoch=c.stop_after_epoch or None,
-        mesh=mesh,
-        progress=c.progress,
-        log=log,
-        config=c.to_dict(),
-    )
+    lock = rundir.acquire_lock(workdir) if workdir and jax.process_index() == 0 else None
+    try:
+        model, params, src, method = build(c)
+        mesh = sharding.make_mesh(c.num_devices) if c.num_devices else None
+        return train.fit(
+            model=model,
+            params=params,
+            method=method,
+            source=source if source is not None else src,
+            image_size=c.image_size,
+            batch_size=c.batch_size,
+            epochs=c.epochs,
+            lr=c.lr,
+            head_lr=c.head_lr,
+            weight_decay=c.weight_decay,
+            warmup_epochs=c.warmup_epochs,
+            clip_norm=c.clip_norm or None,
+            seed=c.seed,
+            normalization=c.normalization,
+            train_split=c.train_split,
+            eval_split=c.eval_split,
+            workdir=workdir,
+            stop_after_epoch=c.stop_after_epoch or None,
+            mesh=mesh,
+            progress=c.progress,
+            log=log,
+            config=c.to_dict(),
+            lock=False,  # held here
+            fresh=fresh,
+        )
+    finally:
+        if lock is not None:
+            rundir.release_lock(lock)
 
 
-def run(c, workdir: str | None, log=print) -> dict:
+def run(c, workdir: str | None, log=print, *, fresh: bool = False) -> dict:
     """:func:`fit_config`'s JSON-able results."""
-    return fit_config(c, workdir, log=log).results
+    return fit_config(c, workdir, log=log, fresh=fresh).results
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if _WORKDIR.value is None:
-        sys.exit("--workdir is required")
     try:
-        res = run(_CONFIG.value, _WORKDIR.value)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    summary = {k: v for k, v in res.items() if k not in ("history", "config", "trained_per_tensor")}
-    print(json.dumps(summary, default=str))
+        if _WORKDIR.value is None:
+            raise InputError("--workdir is required")
+        res = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+    except USER_ERRORS as e:
+        if _DEBUG.value:
+            raise
+        print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    drop = ("history", "config", "trained_per_tensor", "tensor_sizes", "data")
+    print(json.dumps({k: v for k, v in res.items() if k not in drop}, default=str))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact (leftover temporary directories are removed when
 the next manager opens the directory). Next to the arrays we store the tree's ``/``-joined paths,
-shapes and dtypes, and a SHA-256 of every leaf's bytes:
+shapes and dtypes and a SHA-256 of every leaf's bytes, and after the commit a manifest of every
+file's size and SHA-256 (``files.sha256.json``, checked before tensorstore reads a file):
 
 - :func:`restore` compares the structure with the target state and raises one
   :class:`CheckpointStructureError` (one line) instead of restoring part of a state, and checks
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -32,6 +34,8 @@ import orbax.checkpoint as ocp
 from guft_jax.errors import CheckpointDamagedError, one_line
 from guft_jax.paths import key_to_str
 from guft_jax.rundir import write_json_atomic  # noqa: F401  (kept importable from here)
+
+MANIFEST = "files.sha256.json"  # written into each step directory after orbax commits it
 
 
 class CheckpointStructureError(ValueError):
@@ -98,10 +102,51 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
         ),
     )
     mgr.wait_until_finished()
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(_step_dir(mgr, step), MANIFEST), _file_sums(mgr, step))
 
 
 def _step_dir(mgr, step) -> str:
     return os.path.join(str(mgr.directory), str(step))
+
+
+def _file_sums(mgr, step) -> dict[str, list]:
+    """``{relative path: [size, sha256]}`` of every file of a finished step (but the manifest)."""
+    root = _step_dir(mgr, step)
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if rel == MANIFEST:
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[rel] = [os.path.getsize(path), h.hexdigest()]
+    return out
+
+
+def _verify_files(mgr, step) -> None:
+    """Checks a step's files against its manifest before tensorstore reads them (a damaged
+    file found by tensorstore itself also makes its background threads print tracebacks)."""
+    path = os.path.join(_step_dir(mgr, step), MANIFEST)
+    if not os.path.exists(path):
+        return  # killed between orbax's commit and the manifest, or an older checkpoint
+    try:
+        with open(path) as f:
+            want = json.load(f)
+    except (OSError, ValueError) as e:
+        raise _Damaged(f"its {MANIFEST} cannot be read ({e})") from e
+    have = _file_sums(mgr, step)
+    for rel, (size, digest) in sorted(want.items()):
+        if rel not in have:
+            raise _Damaged(f"file {rel} is missing")
+        if have[rel][0] != size:
+            raise _Damaged(f"file {rel} has {have[rel][0]} bytes, {size} were written")
+        if have[rel][1] != digest:
+            raise _Damaged(f"file {rel} fails its SHA-256 check")
 
 
 def _read_json_items(mgr, step, names) -> dict:
@@ -139,13 +184,16 @@ def read_meta(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
         raise CheckpointDamagedError(f"checkpoint {_step_dir(mgr, step)} is damaged: {e}") from e
 
 
-def _compare(have: dict, want: dict, where: str, meta: dict, method: str | None) -> None:
+def _check_method(meta: dict, method: str | None, where: str) -> None:
     saved_method = meta.get("method")
     if method is not None and saved_method is not None and saved_method != method:
         raise CheckpointStructureError(
             f"{where} holds a {saved_method} run, not {method}; use another workdir or start "
             "over (--fresh)"
         )
+
+
+def _compare(have: dict, want: dict, where: str) -> None:
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     mismatched = sorted(
@@ -228,12 +276,14 @@ def restore(
 
 def _restore_step(mgr, target, step, method, check_meta=None):
     where = f"checkpoint {_step_dir(mgr, step)}"
+    _verify_files(mgr, step)
     items = _read_json_items(mgr, step, ["meta", "structure", "checksums"])
+    _check_method(items["meta"], method, where)
     if check_meta is not None:
         check_meta(items["meta"])
     if callable(target):
         target = target(items["structure"])
-    _compare(items["structure"], describe(target), where, items["meta"], method)
+    _compare(items["structure"], describe(target), where)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
         out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -284,8 +334,9 @@ def restore_intact(
       target: the state to restore into, or a function ``structure -> state`` (for methods
         whose trainable shapes are read from the checkpoint's stored structure).
       method: see :func:`restore`.
-      check_meta: called with each step's meta before its arrays are read; raise from it to
-        refuse the resume (e.g. :func:`guft_jax.rundir.check_resume_config`).
+      check_meta: called with each step's meta (after the method check, before its arrays are
+        read); raise from it to refuse the resume (e.g.
+        :func:`guft_jax.rundir.check_resume_config`).
       log: receives one line per damaged step and one for the fallback.
 
     Returns:

@@ -309,6 +309,20 @@ def write_json_atomic(path: str, obj: Any) -> None:
     _write_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
+def remove_stale_tmp(workdir: str) -> list[str]:
+    """Deletes the temporary files a killed :func:`write_json_atomic` left in ``workdir``.
+
+    Call it while holding the lock (no other process writes there). Returns the names removed.
+    """
+    removed = []
+    if os.path.isdir(workdir):
+        for name in os.listdir(workdir):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(workdir, name))
+                removed.append(name)
+    return removed
+
+
 def clear_run(workdir: str) -> list[str]:
     """Deletes a run's checkpoints, metrics, TensorBoard events and results (``--fresh``).
 
@@ -340,6 +354,7 @@ __all__ = [
     "locked",
     "read_jsonl",
     "release_lock",
+    "remove_stale_tmp",
     "rewrite_tensorboard",
     "truncate_metrics",
     "write_json_atomic",

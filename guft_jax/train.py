@@ -7,13 +7,22 @@ traced argument, so growing it never retraces (``fit`` reports the trace count).
 
 ``fit`` runs epochs (1-indexed), calls ``MethodHooks.epoch_start`` at the start of each, saves an
 orbax checkpoint of the whole train state (trainable, optimizer, method state, RNG, step) after
-each epoch, resumes from the latest one, writes metrics as JSON lines and TensorBoard events, and
-finally evaluates once on the evaluation split (the last epoch's weights: never selected on test).
+each epoch, resumes from the newest intact one, writes metrics as JSON lines and TensorBoard
+events, and finally evaluates once on the evaluation split (the last epoch's weights: never
+selected on test).
+
+The run directory follows :mod:`guft_jax.rundir`: ``fit`` holds the workdir's lock for the whole
+run (a second run on it fails at once naming the holder's pid), stores the config's fingerprint
+and the method's name with every checkpoint and refuses a resume that changes anything but
+``epochs`` / the progress options (naming the fields), cuts ``metrics.jsonl`` and the
+TensorBoard events back to the restored step (each epoch is logged once, whatever the moment of
+a ``kill -9``), and writes ``results.json`` atomically. A damaged newest checkpoint is named in
+one line and the previous intact one is used (:func:`guft_jax.checkpoint.restore_intact`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,9 +35,10 @@ import optax
 from tqdm import tqdm
 
 from guft_jax import checkpoint as ckpt_lib
-from guft_jax import optim
+from guft_jax import optim, rundir
 from guft_jax import paths as paths_lib
 from guft_jax import sharding as shard_lib
+from guft_jax.data import describe_source, summary_line
 from guft_jax.methods import base as mbase
 from guft_jax.methods.base import (
     EpochContext,
@@ -229,26 +239,37 @@ class FitResult(NamedTuple):
 
 
 class _Writer:
-    """JSON lines + TensorBoard events in ``workdir`` (process 0 only)."""
+    """``metrics.jsonl`` + TensorBoard events in ``workdir`` (process 0 only).
 
-    def __init__(self, workdir: str | None):
+    On creation both are cut back to ``step`` (the restored checkpoint's optimizer step, 0 for a
+    new run): records past it, and a torn last line, are dropped and ``tb/`` is rewritten from
+    the kept records, so every epoch appears exactly once.
+    """
+
+    def __init__(self, workdir: str | None, *, step: int, log: Callable[[str], None]):
         self.workdir = workdir if jax.process_index() == 0 else None
         self.tb = None
         if self.workdir:
             os.makedirs(self.workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
+            self.path = os.path.join(self.workdir, rundir.METRICS_NAME)
+            kept, dropped = rundir.truncate_metrics(self.path, step)
+            if dropped:
+                log(
+                    f"{self.path}: dropped {dropped} record(s) past step {step}, which the "
+                    "restored checkpoint does not hold (each epoch is logged once)"
+                )
+            self.tb = rundir.rewrite_tensorboard(os.path.join(self.workdir, rundir.TB_NAME), kept)
 
-            self.tb = SummaryWriter(os.path.join(self.workdir, "tb"))
-
-    def write(self, step: int, record: dict) -> None:
+    def write(self, record: dict) -> None:
         if not self.workdir:
             return
-        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, int | float) and k not in ("epoch", "step"):
-                self.tb.add_scalar(k, v, step)
+        rundir.append_jsonl(self.path, record)
+        rundir.write_scalars(self.tb, record)
         self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 class _Run(NamedTuple):
@@ -294,20 +315,38 @@ def _place(state, params, mesh, param_rules):
     return jax.device_put(state, state_sh), jax.device_put(params, params_sh), shardings
 
 
-def _restore(run: _Run, mgr, state: TrainState) -> tuple[TrainState, int]:
-    """``(state, first epoch to run)`` from the latest checkpoint, if any."""
-    if mgr is None or mgr.latest_step() is None:
-        return state, 1
-    if run.method.hooks.resize is not None:
-        tr, opt, ms = run.method.hooks.resize(
-            state.trainable, state.opt_state, state.method_state, ckpt_lib.saved_structure(mgr)
+def _restore(
+    run: _Run, mgr, state: TrainState, config: dict | None, workdir: str | None
+) -> tuple[TrainState, dict | None]:
+    """``(state, meta)`` of the newest intact checkpoint (``meta`` None: nothing to resume).
+
+    Refuses another method's checkpoint and (with ``config``) a changed config before reading
+    any array; damaged steps are named, moved aside and skipped.
+    """
+    if mgr is None:
+        return state, None
+    method = run.method
+
+    def target(structure):
+        if method.hooks.resize is None:
+            return state
+        tr, opt, ms = method.hooks.resize(
+            state.trainable, state.opt_state, state.method_state, structure
         )
-        state = state._replace(trainable=tr, opt_state=opt, method_state=ms)
-    state, meta = ckpt_lib.restore(mgr, state)
+        return state._replace(trainable=tr, opt_state=opt, method_state=ms)
+
+    def check(meta):
+        if config is not None:
+            rundir.check_resume_config(meta.get("fingerprint"), config, workdir=workdir)
+
+    out = ckpt_lib.restore_intact(mgr, target, method=method.name, check_meta=check, log=run.log)
+    if out is None:
+        return state, None
+    state, meta, _ = out
     if run.shardings is not None:
         state = jax.device_put(state, run.shardings[0])
     run.log(f"resumed from {mgr.directory} at epoch {meta['epoch']}")
-    return state, int(meta["epoch"]) + 1
+    return state, meta
 
 
 def _batches(run: _Run, split: str, **kw):
@@ -466,6 +505,31 @@ def _evaluate_into(run: _Run, state: TrainState, split: str | None, results: dic
     results[f"{split}_examples"] = ev["num_examples"]
 
 
+def _open_workdir(stack, workdir: str | None, *, lock: bool, fresh: bool, log) -> None:
+    """Takes the workdir's lock for the ``stack``'s life (unless ``lock=False``: the caller
+    holds it), clears the run's files for ``fresh`` and removes a killed write's temporaries."""
+    if not workdir or jax.process_index() != 0:
+        return
+    if lock:
+        stack.enter_context(rundir.locked(workdir))
+    if fresh:
+        removed = rundir.clear_run(workdir)
+        if removed:
+            log(f"fresh start: removed {', '.join(removed)} from {workdir}")
+    rundir.remove_stale_tmp(workdir)
+
+
+def _resume_notes(meta: dict | None, epochs: int, step: int, log) -> dict:
+    """``{"epochs_changed_on_resume": [old, new]}`` when a resume changed ``epochs`` (logged)."""
+    if meta is None or meta.get("epochs") in (None, epochs):
+        return {}
+    log(
+        f"epochs changed on resume: {meta['epochs']} -> {epochs}; the learning-rate schedule "
+        f"now spans {epochs} epochs, from step {step} on"
+    )
+    return {"epochs_changed_on_resume": [meta["epochs"], epochs]}
+
+
 def fit(
     *,
     model,
@@ -491,82 +555,118 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     config: dict | None = None,
+    lock: bool = True,
+    fresh: bool = False,
 ) -> FitResult:
     """Trains ``method`` on ``source``; returns a :class:`FitResult` (the JSON-able results are
-    also written to ``workdir/results.json``). Resumes from ``workdir``'s latest checkpoint.
+    also written to ``workdir/results.json``). Resumes from ``workdir``'s newest intact
+    checkpoint (see the module docstring for the run-directory rules).
 
     ``stop_after_epoch`` ends the run early after that epoch's checkpoint (to test resuming).
-    Raises ``FloatingPointError`` on a NaN/Inf loss (the last good checkpoint is kept).
+    ``config`` (the run's whole config as a dict) goes into ``results.json`` and its
+    fingerprint into every checkpoint; a resume with a different one is refused. ``lock=False``
+    when the caller already holds the workdir's lock (``experiments.run`` takes it before
+    reading any data); ``fresh=True`` deletes the workdir's checkpoints, metrics, events and
+    results first.
+
+    Raises:
+      FloatingPointError: a NaN/Inf loss (the last good checkpoint is kept).
+      WorkdirLockedError: another process holds ``workdir``.
+      ConfigChangedError: a resume with a changed config (the fields named).
+      CheckpointStructureError: the workdir holds another method's or another shape's run.
+      CheckpointDamagedError: no intact checkpoint is left in the workdir.
     """
-    t_start = time.time()
-    steps = _check_args(epochs, batch_size, mesh, source.size(train_split))
-    params = mbase.prepare_base(method, params)
-    tx, state = optimizer_for(
-        method,
-        params,
-        steps_per_epoch=steps,
-        epochs=epochs,
-        lr=lr,
-        head_lr=head_lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        clip_norm=clip_norm,
-        seed=seed,
-    )
-    log(trainable_report(method, params, state.trainable, state.method_state))
-    state, params, shardings = _place(state, params, mesh, param_rules)
-    traces = [0]
-    run = _Run(
-        model=model,
-        method=method,
-        source=source,
-        params=params,
-        step_fn=make_train_step(
-            model,
+    with contextlib.ExitStack() as stack:
+        _open_workdir(stack, workdir, lock=lock, fresh=fresh, log=log)
+        t_start = time.time()
+        steps = _check_args(epochs, batch_size, mesh, source.size(train_split))
+        log(summary_line(source))
+        params = mbase.prepare_base(method, params)
+        tx, state = optimizer_for(
             method,
-            tx,
-            total_steps=steps * epochs,
-            shardings=shardings,
-            on_trace=lambda: traces.__setitem__(0, traces[0] + 1),
-        ),
-        eval_fn=make_eval_step(model, method),
-        mesh=mesh,
-        shardings=shardings,
-        traces=traces,
-        data=dict(
-            image_size=image_size,
-            batch_size=batch_size,
-            normalization=normalization,
-            train_split=train_split,
+            params,
+            steps_per_epoch=steps,
+            epochs=epochs,
+            lr=lr,
+            head_lr=head_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            clip_norm=clip_norm,
             seed=seed,
-        ),
-        epochs=epochs,
-        steps_per_epoch=steps,
-        log=log,
-        progress=progress,
-    )
-    mgr = ckpt_lib.manager(os.path.join(workdir, "checkpoints")) if workdir else None
-    state, start_epoch = _restore(run, mgr, state)
-    writer = _Writer(workdir)
-    history = []
-    for epoch in range(start_epoch, epochs + 1):
-        state = _epoch_start(run, epoch, state)
-        state, rec = _train_epoch(run, epoch, state)
-        history.append(rec)
-        writer.write(rec["step"], rec)
-        log(f"epoch {epoch}: loss {rec['train_loss']:.4f}, {rec['images_per_s']:.1f} img/s")
-        if mgr is not None:
-            meta = {"epoch": epoch, "data_position": {"epoch": epoch + 1, "step": 0}}
-            ckpt_lib.save(mgr, epoch, state, meta)
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs:
-            log(f"stopping after epoch {epoch} (stop_after_epoch)")
-            return FitResult(state, {"stopped_after_epoch": epoch, "history": history})
-    results = _results(run, state, history, config)
-    _evaluate_into(run, state, eval_split, results)
-    results["wall_seconds"] = time.time() - t_start
-    if workdir and jax.process_index() == 0:
-        ckpt_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    return FitResult(state, results)
+        )
+        log(trainable_report(method, params, state.trainable, state.method_state))
+        state, params, shardings = _place(state, params, mesh, param_rules)
+        traces = [0]
+        run = _Run(
+            model=model,
+            method=method,
+            source=source,
+            params=params,
+            step_fn=make_train_step(
+                model,
+                method,
+                tx,
+                total_steps=steps * epochs,
+                shardings=shardings,
+                on_trace=lambda: traces.__setitem__(0, traces[0] + 1),
+            ),
+            eval_fn=make_eval_step(model, method),
+            mesh=mesh,
+            shardings=shardings,
+            traces=traces,
+            data=dict(
+                image_size=image_size,
+                batch_size=batch_size,
+                normalization=normalization,
+                train_split=train_split,
+                seed=seed,
+            ),
+            epochs=epochs,
+            steps_per_epoch=steps,
+            log=log,
+            progress=progress,
+        )
+        mgr = None
+        if workdir:
+            mgr = ckpt_lib.manager(os.path.join(workdir, rundir.CHECKPOINTS_NAME))
+            stack.callback(mgr.close)
+        state, meta = _restore(run, mgr, state, config, workdir)
+        start_epoch = 1 if meta is None else int(meta["epoch"]) + 1
+        notes = _resume_notes(meta, epochs, int(state.step), log)
+        writer = _Writer(workdir, step=0 if meta is None else int(state.step), log=log)
+        stack.callback(writer.close)
+        results_path = os.path.join(workdir, rundir.RESULTS_NAME) if workdir else None
+        if results_path and start_epoch <= epochs and os.path.exists(results_path):
+            os.remove(results_path)  # it described the run before this resume
+        fingerprint = None if config is None else rundir.fingerprint(config)
+        history = []
+        for epoch in range(start_epoch, epochs + 1):
+            state = _epoch_start(run, epoch, state)
+            state, rec = _train_epoch(run, epoch, state)
+            history.append(rec)
+            writer.write(rec)
+            log(f"epoch {epoch}: loss {rec['train_loss']:.4f}, {rec['images_per_s']:.1f} img/s")
+            if mgr is not None:
+                ckpt_meta = {
+                    "epoch": epoch,
+                    "data_position": {"epoch": epoch + 1, "step": 0},
+                    "method": method.name,
+                    "epochs": epochs,
+                    "fingerprint": fingerprint,
+                }
+                ckpt_lib.save(mgr, epoch, state, ckpt_meta)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs:
+                log(f"stopping after epoch {epoch} (stop_after_epoch)")
+                return FitResult(state, {"stopped_after_epoch": epoch, "history": history})
+        results = _results(run, state, history, config)
+        results["data"] = describe_source(source)
+        results["resumed_from_epoch"] = start_epoch - 1 if start_epoch > 1 else None
+        results.update(notes)
+        _evaluate_into(run, state, eval_split, results)
+        results["wall_seconds"] = time.time() - t_start
+        if results_path and jax.process_index() == 0:
+            rundir.write_json_atomic(results_path, results)
+        return FitResult(state, results)
 
 
 def mask_of(method: Method, state: TrainState):

@@ -84,6 +84,36 @@ def test_restore_into_a_different_structure_fails_loudly(tiny, tmp_path):
         _fit(tiny, get_method("lora", rank=3, alpha=3.0), epochs=2, workdir=str(tmp_path))
 
 
+def test_fit_locks_its_workdir_refuses_a_changed_config_and_logs_each_epoch_once(tiny, tmp_path):
+    from guft_jax import rundir
+    from guft_jax.errors import ConfigChangedError, WorkdirLockedError
+
+    wd = str(tmp_path)
+    tried = []
+
+    def log(line):  # called while fit runs: the workdir is locked
+        if not tried:
+            with pytest.raises(WorkdirLockedError, match=f"process {os.getpid()}"):
+                rundir.acquire_lock(wd)
+            tried.append(line)
+
+    cfg = {"lr": 1e-2, "epochs": 2, "method": "linear"}
+    _fit(tiny, get_method("linear"), epochs=2, workdir=wd, config=cfg, log=log)
+    assert tried
+    rundir.release_lock(rundir.acquire_lock(wd))  # released when fit returned
+    with pytest.raises(ConfigChangedError, match=r"\(lr: 0.01 -> 0.02\)"):
+        _fit(tiny, get_method("linear"), epochs=3, workdir=wd, config={**cfg, "lr": 2e-2})
+    with pytest.raises(checkpoint.CheckpointStructureError, match="holds a linear run, not bitfit"):
+        _fit(tiny, get_method("bitfit"), epochs=3, workdir=wd)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # as if killed after logging epoch 3
+        f.write(json.dumps({"epoch": 3, "step": 9, "train_loss": 0.0}) + "\n")
+    r = _fit(tiny, get_method("linear"), epochs=3, workdir=wd, config={**cfg, "epochs": 3})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+    assert r["epochs_changed_on_resume"] == [2, 3] and r["resumed_from_epoch"] == 2
+    assert r["data"]["split_sizes"] == {"train800": 48, "val200": 16, "test": 32}
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny, tmp_path):
     with pytest.raises(FloatingPointError, match="epoch 1"):
         _fit(tiny, get_method("full"), lr=1e30, epochs=2, workdir=str(tmp_path))
