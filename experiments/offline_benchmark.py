@@ -91,8 +91,10 @@ PRESETS = {
         image_size=56,
         select=True,
     ),
-    # The GUFT question on 2 CPU cores in under an hour: two tasks, one seed, 28 px, 5 epochs,
-    # val200 selection, runs of a row packed into one program.
+    # The GUFT question on 2 CPU cores: two tasks, one seed, 28 px, 5 epochs, val200 selection
+    # over the central 3 factors of each grid (extended once past an edge), the runs of a row
+    # packed into one program; mask rows run unpacked on their sparse path (on CPU their dense
+    # path's full-size AdamW update costs more than packing saves).
     "cpu": dict(
         tasks=["animal_mnist", "digits"],
         methods=BUDGET_ROWS,
@@ -101,6 +103,8 @@ PRESETS = {
         image_size=28,
         select=True,
         pack=5,
+        pack_masks=False,
+        max_grid=3,
     ),
     # The same question at accelerator scale (one H200, ~10 minutes with --workers 4).
     "gpu": dict(
@@ -149,9 +153,21 @@ def row_method(row: str) -> tuple[str, dict]:
     return row, {}
 
 
-def lr_factors(row: str) -> tuple[float, ...]:
-    """The val200 grid of a row (factors of its method's default lr; ``C`` for pixels)."""
-    return PIXEL_C if row == "pixels" else spec(row_method(row)[0]).defaults.lr_grid
+def lr_factors(row: str, max_grid: int = 0) -> tuple[float, ...]:
+    """The val200 grid of a row (factors of its method's default lr; ``C`` for pixels); with
+    ``max_grid`` the central ``max_grid`` factors (a best candidate at an edge then extends the
+    grid once, see :func:`extensions`)."""
+    grid = PIXEL_C if row == "pixels" else spec(row_method(row)[0]).defaults.lr_grid
+    if max_grid and len(grid) > max_grid:
+        start = (len(grid) - max_grid) // 2
+        grid = tuple(sorted(grid))[start : start + max_grid]
+    return tuple(grid)
+
+
+def _has_sparse_path(row: str) -> bool:
+    if row == "pixels":
+        return False
+    return "sparse" in inspect.signature(spec(row_method(row)[0]).factory).parameters
 
 
 def _config(task, row, *, seed, epochs, image_size, lr_factor=1.0, guft_path="sparse"):
@@ -166,7 +182,7 @@ def _config(task, row, *, seed, epochs, image_size, lr_factor=1.0, guft_path="sp
         c.lr = float(c.lr * lr_factor)
     if guft_path == "dense" and "sparse" in inspect.signature(spec(method).factory).parameters:
         c.method_kwargs.sparse = False
-    c.test_size = TEST_SIZE.get(task, 0)
+    c.test_size = float(TEST_SIZE.get(task, 0))
     return c
 
 
@@ -292,32 +308,37 @@ def run_group(jobs, p, choice=None) -> list[dict]:
     return out
 
 
-def _groups(jobs, pack: int) -> list[list]:
-    """Jobs grouped by (kind, task, row), each group cut into packs of at most ``pack``."""
+def _groups(jobs, pack: int, pack_masks: bool = True) -> list[list]:
+    """Jobs grouped by (kind, task, row), each group cut into packs of at most ``pack``; rows
+    with a sparse path stay unpacked (on it) unless ``pack_masks``."""
     by: dict = {}
     for j in jobs:
         by.setdefault(j[:3], []).append(j)
     out = []
-    for js in by.values():
-        out += [js[i : i + max(pack, 1)] for i in range(0, len(js), max(pack, 1))]
+    for key, js in by.items():
+        n = max(pack, 1) if pack_masks or not _has_sparse_path(key[2]) else 1
+        out += [js[i : i + n] for i in range(0, len(js), n)]
     return out
 
 
 def extensions(selection: list[dict], tasks, rows) -> list[tuple]:
-    """Selection jobs extending a grid once past the edge its best candidate lies on: the next
-    factor at the grid's own spacing. Rows already extended, and the pixel baseline, are left."""
+    """Selection jobs extending a grid once past the edge its best candidate lies on: the
+    method's next grid factor, else the next at the tried grid's own spacing. Rows already
+    extended, and the pixel baseline, are left."""
     jobs = []
     for t in tasks:
         for row in rows:
             rs = [r for r in selection if r["task"] == t and r["method"] == row]
-            if row == "pixels" or not rs or any(r.get("extended") for r in rs):
+            if row == "pixels" or len(rs) < 2 or any(r.get("extended") for r in rs):
                 continue
-            grid = sorted(lr_factors(row))
+            tried, full = sorted(r["lr_factor"] for r in rs), sorted(lr_factors(row))
             best = report.best_choice(rs)["lr_factor"]
-            if best == grid[-1]:
-                jobs.append(("select", t, row, grid[-1] * grid[-1] / grid[-2]))
-            elif best == grid[0]:
-                jobs.append(("select", t, row, grid[0] * grid[0] / grid[1]))
+            if best == tried[-1]:
+                up = [f for f in full if f > best]
+                jobs.append(("select", t, row, up[0] if up else best * best / tried[-2]))
+            elif best == tried[0]:
+                down = [f for f in full if f < best]
+                jobs.append(("select", t, row, down[-1] if down else best * best / tried[1]))
     return jobs
 
 
@@ -382,7 +403,7 @@ def _run_jobs(jobs, p, out, *, workers, choices, desc, extended=False):
         "select": os.path.join(out, "selection.jsonl"),
         "final": os.path.join(out, "records.jsonl"),
     }
-    groups = _groups(jobs, p["pack"])
+    groups = _groups(jobs, p["pack"], p.get("pack_masks", True))
     bar = tqdm(total=len(jobs), desc=desc)
 
     def done(g, recs):
@@ -427,7 +448,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     p = dict(PRESETS[a.preset], name=a.preset, guft_path=a.guft_path)
     p["pack"] = a.pack or p.get("pack", 1)
-    if p["pack"] > 1:
+    if p["pack"] > 1 and p.get("pack_masks", True):
         p["guft_path"] = "dense"  # sparse capacities differ per run; same trajectory (tested)
     rows = all_methods() + list(VARIANTS)
     for field, allowed in (("methods", rows), ("tasks", list(PRESETS["full"]["tasks"]))):
@@ -462,7 +483,7 @@ def main(argv=None):
     for m in p["methods"]:
         for t in p["tasks"]:
             if p["select"]:
-                for f in lr_factors(m):
+                for f in lr_factors(m, p.get("max_grid", 0)):
                     if (t, m, f) not in sel_done:
                         select.append(("select", t, m, f))
             final += [("final", t, m, s) for s in p["seeds"] if (t, m, s) not in done]

@@ -19,7 +19,21 @@ from guft_jax.checkpoint_import import (
     load_vit_jax_npz,
     replace_head,
 )
-from guft_jax.data import SPLITS, ArraySource, DataSource, get_source, load_offline
+from guft_jax.data import (
+    SPLITS,
+    ArraySource,
+    DataSource,
+    describe_source,
+    get_source,
+    load_offline,
+    load_user_data,
+)
+from guft_jax.errors import (
+    CheckpointDamagedError,
+    ConfigChangedError,
+    InputError,
+    WorkdirLockedError,
+)
 from guft_jax.guft import oneshot, selected_indices, selection
 from guft_jax.masks import eligible_leaves, mask_report, merge_masks, topk_mask
 from guft_jax.methods import get_method, method_names, register

@@ -155,7 +155,8 @@ def fit_packed(
         raise ValueError(f"fit_packed: runs' {train_split} sizes differ: {sorted(sizes)}")
     t_start = time.time()
     steps = sizes.pop() // batch_size
-    params = mbase.prepare_base(method, params)
+    backbone = count_params({k: v for k, v in params.items() if k != "head"})
+    params = mbase.prepare_base(method, params)  # (may quantise: the backbone is counted before)
     labels: list = []
     runs = [train.init_state(method, params, None, seed=s, labels_out=labels) for s in seeds]
     tx = optim.make_optimizer(
@@ -206,6 +207,7 @@ def fit_packed(
                 }
             )
         log(f"epoch {epoch}: losses {np.round(losses.mean(0), 4).tolist()}")
+    data["backbone"] = backbone
     results = _results(model, method, params, states, sources, data, history, traces, eval_split)
     for r in results:
         r["wall_seconds"] = time.time() - t_start
@@ -215,7 +217,7 @@ def fit_packed(
 
 def _results(model, method, params, states, sources, data, history, traces, eval_split):
     eval_fn = train.make_eval_step(model, method)
-    backbone = count_params({k: v for k, v in params.items() if k != "head"})
+    backbone = data["backbone"]
     out = []
     for r, (st, src) in enumerate(zip(unstack(states, len(sources)), sources, strict=True)):
         trained = mbase.trained_counts(method, params, st.trainable, st.method_state)

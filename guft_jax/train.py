@@ -475,7 +475,7 @@ def _results(run: _Run, state: TrainState, history: list, config: dict | None) -
         "hparams": method.hparams or {},
         "trainable_params": int(sum(trained.values())),
         "head_params": mbase.head_count(state.trainable),
-        "backbone_params": count_params({k: v for k, v in params.items() if k != "head"}),
+        "backbone_params": run.data["backbone"],
         "epochs": run.epochs,
         "traces": run.traces[0],
         "history": history,
@@ -581,7 +581,8 @@ def fit(
         t_start = time.time()
         steps = _check_args(epochs, batch_size, mesh, source.size(train_split))
         log(summary_line(source))
-        params = mbase.prepare_base(method, params)
+        backbone = count_params({k: v for k, v in params.items() if k != "head"})
+        params = mbase.prepare_base(method, params)  # (may quantise: count the backbone before)
         tx, state = optimizer_for(
             method,
             params,
@@ -594,7 +595,9 @@ def fit(
             clip_norm=clip_norm,
             seed=seed,
         )
-        log(trainable_report(method, params, state.trainable, state.method_state))
+        log(
+            trainable_report(method, params, state.trainable, state.method_state, backbone=backbone)
+        )
         state, params, shardings = _place(state, params, mesh, param_rules)
         traces = [0]
         run = _Run(
@@ -620,6 +623,7 @@ def fit(
                 normalization=normalization,
                 train_split=train_split,
                 seed=seed,
+                backbone=backbone,
             ),
             epochs=epochs,
             steps_per_epoch=steps,

@@ -16,7 +16,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "dinov2_s14"  # a pretrained name, or a ViT config name (random init)
     c.checkpoint = ""  # optional .npz / .safetensors path for ViT config names
     c.dataset = "animal_mnist"
-    c.test_size = 0  # offline datasets: 0 = the dataset's default held-out test size
+    # offline / user data: 0 = the split rule's default; a count (>= 1) or a fraction in (0, 1).
+    # Floats, so that fractions parse from the command line.
+    c.train_size = 0.0
+    c.val_size = 0.0
+    c.test_size = 0.0
+    c.skip_bad = False  # folder: data: skip unreadable images (counted in results.json)
     c.image_size = 56
     c.normalization = "imagenet"
     c.train_split = "train800val200"

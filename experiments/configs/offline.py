@@ -16,10 +16,9 @@ from guft_jax.methods import spec
 
 def get_config(arg: str = "animal_mnist,linear"):
     """``dataset,method`` -> the run's config (unknown methods fail, listing the allowed)."""
-    parts = arg.split(",")
-    if len(parts) != 2:
+    if "," not in arg:
         raise ValueError(f"offline config arg: {arg!r}; expected 'dataset,method'")
-    dataset, method = parts
+    dataset, method = arg.rsplit(",", 1)  # the dataset may hold commas (npz:A,test:B)
     d = spec(method).defaults
     c = base_config()
     c.dataset, c.method = dataset, method

@@ -15,11 +15,6 @@ def get_config(arg: str = "digits,linear"):
     c = base_config()
     c.model = "ViT-tiny/4"
     c.dataset, c.method = dataset, method
-    # User-data split options (0 = the dataset's default; counts or fractions): here until
-    # common.base_config has them.
-    for field, default in (("train_size", 0.0), ("val_size", 0.0), ("skip_bad", False)):
-        if field not in c:
-            c[field] = default
     c.image_size = 16
     c.batch_size = 50
     c.epochs = 2

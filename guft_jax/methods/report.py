@@ -28,9 +28,15 @@ def count_trainable(method: Method, params: Any, trainable: Any, state: Any = No
     return sum(per_tensor(method, params, trainable, state).values()), head_count(trainable)
 
 
-def trainable_report(method: Method, params: Any, trainable: Any, state: Any = None) -> str:
-    """A short report: per-tensor counts (largest first, 12 shown), total, % of the backbone."""
-    backbone = sum(_size(x) for k, v in params.items() if k != "head" for x in jax.tree.leaves(v))
+def trainable_report(
+    method: Method, params: Any, trainable: Any, state: Any = None, *, backbone: int | None = None
+) -> str:
+    """A short report: per-tensor counts (largest first, 12 shown), total, % of the backbone
+    (``backbone``: its size before ``prepare_base``, which may pack or quantise the tree)."""
+    if backbone is None:
+        backbone = sum(
+            _size(x) for k, v in params.items() if k != "head" for x in jax.tree.leaves(v)
+        )
     tensors = per_tensor(method, params, trainable, state)
     total, head = sum(tensors.values()), head_count(trainable)
     lines = [
