@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -78,8 +79,15 @@ def checksums(tree: Any) -> dict[str, str | None]:
 def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` keeping the last ``max_to_keep`` steps."""
     directory = os.path.abspath(directory)
+    # Unfinished saves (a kill mid-write) leave orbax temporary folders: removed here with plain
+    # os calls. Orbax's own asynchronous cleanup goes through epath, which tfds' mock file
+    # system (tests on mock VTAB data) redirects into its fake root.
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=False
     )
     return ocp.CheckpointManager(
         directory, options=options, item_names=("state", "meta", "structure", "checksums")
