@@ -45,9 +45,7 @@ def test_every_registered_method_is_tested():
     import re
 
     texts = " ".join(p.read_text() for p in pathlib.Path(__file__).parent.glob("test_*.py"))
-    named = set(re.findall(r"get_method\(\s*\"(\w+)\"", texts)) | {
-        n.split("_")[0] for n in TABLE
-    }
+    named = set(re.findall(r"get_method\(\s*\"(\w+)\"", texts)) | {n.split("_")[0] for n in TABLE}
     named |= set(re.findall(r"\"(\w+)\"", texts)) & set(METHODS)
     assert set(METHODS) <= named
 
