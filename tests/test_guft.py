@@ -282,3 +282,29 @@ def test_selection_equals_the_mask_recomputed_from_the_scores(tiny, tmp_path):
     arrays = artifacts.arrays_of(m, params, tr2, st2)
     stored = {k[len("guft/") : -len("/indices")] for k in arrays if k.endswith("/indices")}
     assert stored == {p for p, i in idx.items() if len(i)}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(allocation="per_tensor"),
+        dict(allocation="per_row", exclude_selected=True),
+        dict(eligible="all", normalize="mean"),
+    ],
+)
+def test_every_selection_option_keeps_unselected_entries_bitwise(kw, tiny):
+    model, params = tiny
+    m = guft.guft(recompute_epochs=[1, 2], ratios=[0.02, 0.02], sparse=False, **kw)
+    r = _fit(tiny, m, epochs=2, wd=0.1)
+    st = r["state"]
+    eff = m.merge(params, st.trainable, st.method_state)
+    n = sum(np.prod(np.shape(v)) for v in st.method_state.selected.values())
+    total = 0
+    for key, mask in st.method_state.selected.items():
+        w0 = np.asarray(guft._leaf(params, key))
+        w = np.asarray(guft._leaf(eff, key))
+        mask = np.asarray(mask)
+        assert np.array_equal(w[~mask].view(np.uint32), w0[~mask].view(np.uint32)), key
+        total += int(mask.sum())
+    k = round(0.02 * n)
+    assert (total == 2 * k) if kw.get("exclude_selected") else (k <= total <= 2 * k)
