@@ -27,7 +27,7 @@ import numpy as np
 
 from guft_jax import optim, train
 from guft_jax.methods import base as mbase
-from guft_jax.methods.base import Method, StepInfo
+from guft_jax.methods.base import Method
 from guft_jax.vit import count_params
 
 
@@ -42,33 +42,11 @@ def unstack(tree: Any, n: int) -> list[Any]:
 def make_packed_step(model, method: Method, tx, labels, *, total_steps: int, on_trace=None):
     """``step(states, params, images, labels, lrs, head_lrs) -> (states, losses)`` over a
     leading run axis (``params`` shared); states donated."""
-    loss_fn = train.make_loss_fn(model, method)
-    hook, mask_fn = method.hooks.step, method.hooks.update_mask
+    body = train.make_step_body(model, method, tx, total_steps=total_steps)
 
     def one(state, params, x, y, lr, head_lr):
-        rng, drop = jax.random.split(state.rng)
-        loss, grads = jax.value_and_grad(loss_fn)(
-            state.trainable, params, state.method_state, x, y, drop
-        )
-        mask = mask_fn(state.method_state) if mask_fn is not None else None
         scale = jax.tree_util.tree_map(lambda lab: head_lr if lab == mbase.HEAD else lr, labels)
-        trainable, opt_state = optim.masked_step(
-            tx, grads, state.opt_state, state.trainable, mask, scale
-        )
-        mstate = state.method_state
-        if hook is not None:
-            info = StepInfo(
-                state.step,
-                total_steps,
-                trainable,
-                state.trainable,
-                opt_state,
-                mstate,
-                grads,
-                params,
-            )
-            trainable, opt_state, mstate = hook(info)
-        return train.TrainState(state.step + 1, trainable, opt_state, mstate, rng), loss
+        return body(state, params, x, y, (), scale)
 
     def step(states, params, x, y, lrs, head_lrs):
         if on_trace is not None:

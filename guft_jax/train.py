@@ -87,6 +87,43 @@ def _has_leaves(tree: Any) -> bool:
     return bool(jax.tree_util.tree_leaves(tree))
 
 
+def make_step_body(model, method: Method, tx, *, total_steps: int = 0) -> Callable:
+    """The un-jitted step ``body(state, params, images, labels, mask=(), scale=None) ->
+    (state, loss)``: loss and gradients of the trainable tree, the masked optimizer update
+    (``mask=()``: the method's ``update_mask`` of the traced state; ``scale``: per-leaf update
+    factors, see :func:`guft_jax.optim.masked_step`), then the method's ``MethodHooks.step``.
+    :func:`make_train_step` jits it; :mod:`guft_jax.packing` vmaps it over runs."""
+    loss_fn = make_loss_fn(model, method)
+    hook, mask_fn = method.hooks.step, method.hooks.update_mask
+
+    def body(state: TrainState, params, images, labels, mask=(), scale=None):
+        rng, drop = jax.random.split(state.rng)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state.trainable, params, state.method_state, images, labels, drop
+        )
+        if not _has_leaves(mask) and mask_fn is not None:
+            mask = mask_fn(state.method_state)  # traced: a mask that changes never retraces
+        trainable, opt_state = optim.masked_step(
+            tx, grads, state.opt_state, state.trainable, mask if _has_leaves(mask) else None, scale
+        )
+        mstate = state.method_state
+        if hook is not None:
+            info = StepInfo(
+                state.step,
+                total_steps,
+                trainable,
+                state.trainable,
+                opt_state,
+                mstate,
+                grads,
+                params,
+            )
+            trainable, opt_state, mstate = hook(info)
+        return TrainState(state.step + 1, trainable, opt_state, mstate, rng), loss
+
+    return body
+
+
 def make_train_step(
     model,
     method: Method,
@@ -105,35 +142,12 @@ def make_train_step(
     (``total_steps`` is static). ``shardings`` is ``(state, params, batch, mask)`` NamedShardings
     for ``jax.jit``; ``on_trace`` is called each time the step is traced (for tests and logs).
     """
-    loss_fn = make_loss_fn(model, method)
-    hook, mask_fn = method.hooks.step, method.hooks.update_mask
+    body = make_step_body(model, method, tx, total_steps=total_steps)
 
     def step(state: TrainState, params, images, labels, mask):
         if on_trace is not None:
             on_trace()
-        rng, drop = jax.random.split(state.rng)
-        loss, grads = jax.value_and_grad(loss_fn)(
-            state.trainable, params, state.method_state, images, labels, drop
-        )
-        if not _has_leaves(mask) and mask_fn is not None:
-            mask = mask_fn(state.method_state)  # traced: a mask that changes never retraces
-        trainable, opt_state = optim.masked_step(
-            tx, grads, state.opt_state, state.trainable, mask if _has_leaves(mask) else None
-        )
-        mstate = state.method_state
-        if hook is not None:
-            info = StepInfo(
-                state.step,
-                total_steps,
-                trainable,
-                state.trainable,
-                opt_state,
-                mstate,
-                grads,
-                params,
-            )
-            trainable, opt_state, mstate = hook(info)
-        return TrainState(state.step + 1, trainable, opt_state, mstate, rng), loss
+        return body(state, params, images, labels, mask)
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0,))
