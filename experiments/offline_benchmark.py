@@ -60,7 +60,15 @@ VARIANTS = {
     "lora_r4": ("lora", dict(rank=4, alpha=8.0)),  # ~0.33% of ViT-B/16, same alpha/r as r=8
     "guft_paper": ("guft", dict(eligible="all")),  # the paper's literal rule: every tensor
     "guft_excl": ("guft", dict(exclude_selected=True)),  # exactly 3 x 0.1% = 0.3% of eligible
+    "vpt_shallow": ("vpt", dict(deep=False)),  # VPT-shallow (the registered ``vpt`` is deep)
 }
+# Every registered method plus the variants of a method that are other methods of their paper
+# (VPT-shallow next to VPT-deep): the rows of presets that list every method.
+ALL_ROWS = ALL_METHODS + ["vpt_shallow"]
+# Methods whose one trained run is also evaluated at lower ranks by truncation (no retraining):
+# DyLoRA's claim (issue 13), reported as rows ``dylora@r{b}``. ``b`` above the run's r_max is
+# skipped.
+RANK_EVALS = {"dylora": (1, 2, 4, 8)}
 # The rows that answer "does GUFT at <= LoRA's budget match LoRA?" (issue 12, item 4).
 BUDGET_ROWS = [
     "pixels",
@@ -85,7 +93,7 @@ PRESETS = {
     ),
     "full": dict(
         tasks=["animal_mnist", "fashion_mnist", "digits"],
-        methods=ALL_METHODS,
+        methods=ALL_ROWS,
         seeds=[0, 1, 2],
         epochs=10,
         image_size=56,
@@ -106,6 +114,18 @@ PRESETS = {
         pack=5,
         pack_masks=False,
         max_grid=3,
+    ),
+    # Every registered method (and VPT-shallow) trains through the engine on 2 CPU cores: the
+    # demo's size (Animal-MNIST, 28 px, 4 epochs, batch 50, seed 0), each method's registered
+    # defaults, no lr selection (about 30 min). DyLoRA's one run is also scored at r = 1, 2, 4, 8.
+    # Not a ranking of the methods (one seed, untuned lr); the ``full`` preset is that.
+    "methods": dict(
+        tasks=["animal_mnist"],
+        methods=ALL_ROWS,
+        seeds=[0],
+        epochs=4,
+        image_size=28,
+        select=False,
     ),
     # The same question at accelerator scale (one H200, ~10 minutes with --workers 4).
     "gpu": dict(
@@ -226,6 +246,7 @@ def _record(kind, task, row, x, c, res, choice, wall_s) -> dict:
         config=c.to_dict(),
         trained_per_tensor=res["trained_per_tensor"],
         tensor_sizes=res.get("tensor_sizes", {}),
+        **{k: res[k] for k in ("peak_bytes", "rank_accuracy", "rank_params") if k in res},
     )
 
 
@@ -254,14 +275,90 @@ def _pixels_record(kind, task, x, p, choice, t0) -> dict:
     )
 
 
+def rank_accuracies(model, params, method, state, source, ranks, *, split, **eval_kw) -> dict:
+    """``{rank: {"accuracy", "trainable_params"}}``: one trained DyLoRA ``state`` evaluated on
+    ``split`` as the LoRA of each rank ``<= r_max`` it truncates to (no retraining).
+
+    ``eval_kw``: :func:`guft_jax.train.evaluate`'s ``batch_size``, ``image_size`` and
+    ``normalization``.
+    """
+    import jax
+
+    from guft_jax import train
+    from guft_jax.methods import base as mbase
+    from guft_jax.methods import dylora
+
+    out = {}
+    for b in ranks:
+        if b > method.hparams["rank"]:
+            continue
+        m, tr = dylora.as_lora(method, state.trainable, b)
+        st = state._replace(trainable=tr, method_state=mbase.init_state(m, params, tr))
+        ev = train.evaluate(train.make_eval_step(model, m), params, st, source, split, **eval_kw)
+        n = sum(x.size for x in jax.tree_util.tree_leaves(tr["lora"]))
+        out[b] = dict(accuracy=ev["accuracy"], trainable_params=int(n))
+    return out
+
+
+def step_peak_bytes(c) -> int | None:
+    """XLA's peak-memory estimate of the run's compiled train step (arguments + outputs +
+    temporaries - aliased, as ``benchmarks/step_bench.py``), at the run's batch and image size,
+    after the method's epoch-1 hook (masks selected); ``None`` where the backend gives none."""
+    from experiments.run import build
+    from guft_jax import train
+    from guft_jax.methods import base as mbase
+
+    model, params, src, method = build(c)
+    params = mbase.prepare_base(method, params)
+    ev = dict(batch_size=c.batch_size, image_size=c.image_size, normalization=c.normalization)
+    x, y = next(iter(src.batches(c.train_split, **ev)))
+    y = y.astype(np.int32)
+    steps = src.size(c.train_split) // c.batch_size
+    kw = dict(lr=c.lr, head_lr=c.head_lr, weight_decay=c.weight_decay, seed=c.seed,
+              warmup_epochs=c.warmup_epochs, clip_norm=c.clip_norm or None)  # fmt: skip
+    tx, state = train.optimizer_for(method, params, steps_per_epoch=steps, epochs=c.epochs, **kw)
+    state = train.epoch_start(model, method, params, state, 1, batches=lambda: [(x, y)],
+                              epochs=c.epochs, log=lambda s: None)  # fmt: skip
+    step = train.make_train_step(model, method, tx, total_steps=steps * c.epochs)
+    mem = step.lower(state, params, x, y, ()).compile().memory_analysis()
+    if mem is None:
+        return None
+    return int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+
+
+def _fit_one(c, kind) -> dict:
+    """A run alone; a final run also gets its step's peak memory and, for a method of
+    :data:`RANK_EVALS`, its accuracy at each truncated rank."""
+    from experiments.run import build, fit_config
+
+    fr = fit_config(c, None, log=lambda s: None)
+    res = dict(fr.results)
+    if kind != "final":
+        return res
+    if c.method in RANK_EVALS:
+        model, params, src, method = build(c)
+        ev = dict(batch_size=c.batch_size, image_size=c.image_size, normalization=c.normalization)
+        ranks = rank_accuracies(model, params, method, fr.state, src, RANK_EVALS[c.method],
+                                split=c.eval_split, **ev)  # fmt: skip
+        res["rank_accuracy"] = {str(b): r["accuracy"] for b, r in ranks.items()}
+        res["rank_params"] = {str(b): r["trainable_params"] for b, r in ranks.items()}
+    res["peak_bytes"] = step_peak_bytes(c)
+    return res
+
+
 def _fit_group(jobs, p, choice) -> list:
     """Trains a group of runs of one (kind, task, row): alone, or packed into one program."""
-    from experiments.run import build, fit_config, source_for
+    from experiments.run import build, source_for
     from guft_jax.packing import fit_packed
 
     configs = [_job_config(k, t, r, x, p, choice) for k, t, r, x in jobs]
     if len(jobs) == 1:
-        return [fit_config(configs[0], None, log=lambda s: None).results]
+        return [_fit_one(configs[0], jobs[0][0])]
     c0 = configs[0]
     model, params, _, method = build(c0)
     _, results = fit_packed(

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.lora import lora
 
 GROUP = "dylora"
 _SALT = 0x44594C  # folds the step's rng into the rank sample (dropout uses fold_in(rng, 1))
@@ -50,6 +51,17 @@ def truncate(trainable: dict, rank: int) -> dict:
         raise ValueError(f"dylora.truncate: rank must be in [1, {r_max}], got {rank}")
     lora = {k: {"A": f["A"][:rank], "B": f["B"][:, :rank]} for k, f in fs.items()}
     return {"head": trainable["head"], "lora": lora}
+
+
+def as_lora(method: Method, trainable: dict, rank: int) -> tuple[Method, dict]:
+    """``(lora method, lora trainable)``: a trained DyLoRA run at ``rank`` as the plain LoRA it
+    truncates to (same ``α`` and targets), to evaluate one run at several ranks.
+
+    >>> m4, tr4 = as_lora(m, trained, 4)  # doctest: +SKIP  (then forward/evaluate with m4)
+    """
+    hp = method.hparams
+    m = lora(rank=rank, alpha=hp["alpha"], targets=tuple(hp["targets"]))
+    return m, truncate(trainable, rank)
 
 
 def _masked(f: dict, b: jax.Array, frozen_lower: bool) -> tuple[jax.Array, jax.Array]:
