@@ -2,8 +2,11 @@
 
 A record holds at least ``task``, ``method``, ``seed``, ``test_accuracy``, ``trainable_params``,
 ``backbone_params`` and ``step_s``; optionally ``val_accuracy`` (the val200 score of the chosen
-hyperparameters) and, for GUFT-family runs, ``trained_per_tensor`` / ``tensor_sizes`` (selected
-entries and sizes per ``.``-joined param path).
+hyperparameters), ``peak_bytes`` (XLA's peak-memory estimate of the compiled train step), for
+GUFT-family runs ``trained_per_tensor`` / ``tensor_sizes`` (selected entries and sizes per
+``.``-joined param path), and for DyLoRA runs ``rank_accuracy`` / ``rank_params`` (the one run
+evaluated at lower ranks by truncation, keyed by the rank as a string), shown as rows
+``dylora@r{b}``.
 
     python -m experiments.report results/offline   # rewrites table.md and the PNGs from records
 """
@@ -23,14 +26,55 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def rank_rows(records: Iterable[dict]) -> list[dict]:
+    """Derived records ``{method}@r{b}`` of runs that carry ``rank_accuracy``: the same run
+    scored at rank ``b`` by truncation (its trainable count is the truncated adapter's; it has
+    no step time or peak of its own: it was never trained on its own)."""
+    out = []
+    for r in records:
+        for b, acc in sorted((r.get("rank_accuracy") or {}).items(), key=lambda kv: int(kv[0])):
+            out.append(
+                dict(
+                    task=r["task"],
+                    method=f"{r['method']}@r{b}",
+                    seed=r.get("seed"),
+                    test_accuracy=acc,
+                    trainable_params=(r.get("rank_params") or {}).get(b, 0),
+                    backbone_params=r.get("backbone_params", 1),
+                    step_s=float("nan"),
+                    truncated_from=r["method"],
+                )
+            )
+    return out
+
+
+def with_rank_rows(records: list[dict], order: list[str] | None = None):
+    """``(records + rank_rows(records), order)`` with each derived row placed right after its
+    run's row in ``order`` (if given)."""
+    extra = rank_rows(records)
+    if order is None:
+        return list(records) + extra, None
+    order = list(order)
+    for r in extra:
+        if r["method"] in order:
+            continue
+        parent = r["truncated_from"]
+        derived = [m for m in order if m.startswith(f"{parent}@r")]
+        at = order.index(derived[-1] if derived else parent) + 1 if parent in order else len(order)
+        order.insert(at, r["method"])
+    return list(records) + extra, order
+
+
 def aggregate(records: Iterable[dict]) -> dict:
-    """``{(method, task): {"mean", "std", "n", "params", "pct", "step_s"}}`` over seeds."""
+    """``{(method, task): {"mean", "std", "n", "params", "pct", "step_s", "peak_bytes"}}`` over
+    seeds (``peak_bytes``: the mean over the runs that have it, else ``None``)."""
     groups: dict = defaultdict(list)
     for r in records:
         groups[(r["method"], r["task"])].append(r)
     out = {}
     for key, rs in groups.items():
         acc = np.array([r["test_accuracy"] for r in rs], float)
+        peaks = [r["peak_bytes"] for r in rs if r.get("peak_bytes")]
         out[key] = dict(
             mean=float(acc.mean()),
             std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
@@ -38,6 +82,7 @@ def aggregate(records: Iterable[dict]) -> dict:
             params=int(rs[0].get("trainable_params", 0)),
             pct=100 * rs[0].get("trainable_params", 0) / max(rs[0].get("backbone_params", 1), 1),
             step_s=float(np.mean([r.get("step_s", np.nan) for r in rs])),
+            peak_bytes=float(np.mean(peaks)) if peaks else None,
         )
     return out
 
@@ -185,12 +230,23 @@ def density_table(records: list[dict], methods: list[str] | None = None) -> str:
 
 
 def markdown_table(records: list[dict], *, method_order: list[str] | None = None) -> str:
-    """Accuracy mean ± std per task, mean over tasks, #trainable params, % of backbone, step."""
+    """Accuracy mean ± std per task, mean over tasks, #trainable params, % of backbone, step.
+
+    ``step s`` is the run's wall time per training step after the first epoch (the run's own
+    measurement, on whatever else the machine ran); ``step / full`` (when a ``full`` row exists)
+    divides it by full fine-tuning's on the same task; ``peak MB`` (when records carry
+    ``peak_bytes``) is XLA's estimate for the compiled step. Runs with ``rank_accuracy`` add
+    rows ``{method}@r{b}`` after theirs (:func:`rank_rows`).
+    """
+    records, method_order = with_rank_rows(records, method_order)
     agg = aggregate(records)
     tasks = sorted({t for _, t in agg})
     methods = method_order or sorted({m for m, _ in agg})
     methods = [m for m in methods if any((m, t) in agg for t in tasks)]
-    head = ["method", *tasks, "mean", "trainable params", "% of backbone", "step s", "seeds"]
+    has_full = any(("full", t) in agg for t in tasks)
+    has_peak = any(a["peak_bytes"] for a in agg.values())
+    head = ["method", *tasks, "mean", "trainable params", "% of backbone", "step s"]
+    head += ["step / full"] * has_full + ["peak MB"] * has_peak + ["seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         cells, means = [m], []
@@ -201,11 +257,19 @@ def markdown_table(records: list[dict], *, method_order: list[str] | None = None
                 continue
             means.append(a["mean"])
             cells.append(f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f}")
-        any_a = next(agg[(m, t)] for t in tasks if (m, t) in agg)
+        t0 = next(t for t in tasks if (m, t) in agg)
+        any_a = agg[(m, t0)]
         cells.append(f"{100 * np.mean(means):.2f}" if len(means) == len(tasks) else "—")
         cells.append(f"{any_a['params']:,}")
         cells.append(f"{any_a['pct']:.3f}")
         cells.append("—" if np.isnan(any_a["step_s"]) else f"{any_a['step_s']:.3f}")
+        if has_full:
+            full_s = agg[("full", t0)]["step_s"] if ("full", t0) in agg else np.nan
+            ratio = any_a["step_s"] / full_s
+            cells.append("—" if np.isnan(ratio) else f"{ratio:.2f}")
+        if has_peak:
+            peak = any_a["peak_bytes"]
+            cells.append("—" if not peak else f"{peak / 2**20:,.0f}")
         cells.append(str(any_a["n"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -217,7 +281,7 @@ def plot_accuracy_vs_params(records: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(records)
+    agg = aggregate(records + rank_rows(records))
     tasks = sorted({t for _, t in agg})
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in sorted({m for m, _ in agg}):

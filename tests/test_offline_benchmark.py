@@ -166,3 +166,61 @@ def test_budget_verdicts_need_both_accuracy_and_budget():
     assert v[0].endswith("yes") and v[1].endswith("no")
     recs[0]["trainable_params"] = 9
     assert "larger budget" in report.budget_verdicts(recs, "guft", ["lora"])[0]
+
+
+def test_methods_preset_lists_every_registered_method_and_vpt_both_ways():
+    from guft_jax.methods import method_names
+
+    rows = ob.PRESETS["methods"]["methods"]
+    assert set(method_names()) <= set(rows) and {"pixels", "vpt_shallow"} <= set(rows)
+    assert set(ob.PRESETS["full"]["methods"]) == set(rows)
+    assert not ob.PRESETS["methods"]["select"]
+    deep = ob._config("animal_mnist", "vpt", seed=0, epochs=1, image_size=28)
+    shallow = ob._config("animal_mnist", "vpt_shallow", seed=0, epochs=1, image_size=28)
+    assert deep.method == shallow.method == "vpt"
+    assert deep.method_kwargs.deep and not shallow.method_kwargs.deep
+
+
+def test_dylora_ranks_are_truncations_of_the_one_run(tiny, source):
+    """Each per-rank accuracy is the one trained run evaluated at that rank: at r_max it is the
+    run's own test accuracy, below it the run's deterministic pass at ``eval_rank=b`` (which
+    tests/test_dylora.py shows equals LoRA of rank b with the first b factors)."""
+    from guft_jax import train
+    from guft_jax.methods import get_method
+
+    model, params = tiny
+    m = get_method("dylora", rank=4, alpha=6.0)
+    kw = dict(batch_size=16, image_size=16, normalization="imagenet")
+    r = train.fit(model=model, params=params, method=m, source=source, epochs=2, lr=1e-2,
+                  progress=False, log=lambda s: None, **kw)  # fmt: skip
+    ranks = ob.rank_accuracies(model, params, m, r.state, source, (1, 2, 4, 8), split="test", **kw)
+    assert sorted(ranks) == [1, 2, 4]  # 8 > r_max: skipped
+    assert ranks[4]["accuracy"] == r.results["test_accuracy"]
+    assert ranks[4]["trainable_params"] == r.results["trainable_params"]
+    for b in (1, 2):
+        at_b = get_method("dylora", rank=4, alpha=6.0, eval_rank=b)
+        step = train.make_eval_step(model, at_b)
+        ev = train.evaluate(step, params, r.state, source, "test", **kw)
+        assert ranks[b]["accuracy"] == ev["accuracy"]
+        assert ranks[b]["trainable_params"] == b * r.results["trainable_params"] // 4
+
+
+def test_final_record_carries_peak_and_rank_accuracies():
+    c = ob._config("animal_mnist", "dylora", seed=0, epochs=1, image_size=28)
+    res = dict(
+        test_accuracy=0.5,
+        test_examples=10,
+        trainable_params=8,
+        backbone_params=100,
+        history=[dict(images_per_s=50.0)],
+        traces=1,
+        trained_per_tensor={},
+        peak_bytes=2**20,
+        rank_accuracy={"1": 0.4, "8": 0.5},
+        rank_params={"1": 1, "8": 8},
+    )
+    rec = ob._record("final", "animal_mnist", "dylora", 0, c, res, None, 1.0)
+    assert rec["peak_bytes"] == 2**20 and rec["rank_accuracy"] == {"1": 0.4, "8": 0.5}
+    table = report.markdown_table([rec], method_order=["dylora"]).splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["dylora", "dylora@r1", "dylora@r8"]
+    assert table[3].split("|")[2].strip() == "40.00 ± 0.00"

@@ -63,3 +63,47 @@ def test_plots_are_written(tmp_path):
     for f in ("a.png", "d.png"):
         data = (tmp_path / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_step_over_full_and_peak_columns_from_the_records():
+    recs = [
+        dict(
+            method=m,
+            task="a",
+            seed=0,
+            test_accuracy=0.8,
+            trainable_params=p,
+            backbone_params=100,
+            step_s=s,
+            peak_bytes=mb * 2**20,
+        )  # fmt: skip
+        for m, p, s, mb in (("full", 100, 0.4, 300), ("lora", 1, 0.1, 100))
+    ]
+    recs.append(dict(recs[1], method="linear", peak_bytes=None))
+    t = report.markdown_table(recs, method_order=["full", "lora", "linear"]).splitlines()
+    head = [c.strip() for c in t[0].split("|")[1:-1]]
+    assert head[-3:] == ["step / full", "peak MB", "seeds"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in t[2:]}
+    assert cells["full"][-3:-1] == ["1.00", "300"]
+    assert cells["lora"][-3:-1] == ["0.25", "100"]
+    assert cells["linear"][-2] == "—"
+    # no full row and no peaks (older records): the columns are left out
+    plain = report.markdown_table(recs[2:]).splitlines()[0]
+    assert "step / full" not in plain and "peak MB" not in plain
+
+
+def test_rank_rows_follow_their_run_with_the_truncated_counts():
+    run = dict(method="dylora", task="a", seed=0, test_accuracy=0.8, trainable_params=8,
+               backbone_params=100, step_s=0.2, rank_accuracy={"8": 0.8, "2": 0.7, "1": 0.6},
+               rank_params={"1": 1, "2": 2, "8": 8})  # fmt: skip
+    other = dict(run, method="lora", rank_accuracy=None)
+    rows = report.rank_rows([run, other])
+    assert [(r["method"], r["test_accuracy"], r["trainable_params"]) for r in rows] == [
+        ("dylora@r1", 0.6, 1),
+        ("dylora@r2", 0.7, 2),
+        ("dylora@r8", 0.8, 8),
+    ]
+    t = report.markdown_table([run, other], method_order=["dylora", "lora"]).splitlines()
+    names = [r.split("|")[1].strip() for r in t[2:]]
+    assert names == ["dylora", "dylora@r1", "dylora@r2", "dylora@r8", "lora"]
+    assert t[3].split("|")[-3].strip() == "—"  # a truncation has no step time of its own
