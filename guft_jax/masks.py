@@ -198,6 +198,12 @@ def topk_mask(
     tensor or row). Excluded entries rank strictly below every selectable entry (also -inf and
     NaN ones), so they are never chosen.
 
+    Under ``jax.jit`` (traced ``scores`` or ``exclude``, as in
+    :func:`guft_jax.transforms.gradual_unfreeze`) the result is the same; the check of ``k``
+    against the selectable count is then left to the caller and the ``"per_tensor"`` /
+    ``"per_row"`` quotas under ``exclude`` are computed inside the program
+    (:func:`largest_remainder_traced`).
+
     Cost: at most two compiled programs per call (counting the selectable entries when
     ``exclude`` is given, then selecting with ``lax.top_k``), no eager op per tensor. The
     per-tensor quotas are data, so a changing ``exclude`` does not recompile; ``"per_row"`` does
@@ -230,17 +236,24 @@ def topk_mask(
         raise ValueError(f"normalize: must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
     keys = sorted(scores)
     sizes = [math.prod(np.shape(scores[key])) for key in keys]
+    if not 0 <= k <= sum(sizes):
+        raise ValueError(f"k: must be in [0, {sum(sizes)}] entries, got {k}")
+    traced = _is_traced(scores, exclude)
     if exclude is None:
         sel = sizes
-    else:
+    elif not traced:
         got = jax.device_get(_selectable_counts({key: exclude[key] for key in keys}))
         sel = [int(got[key]) for key in keys]
-    n_sel = sum(sel)
-    if not 0 <= k <= n_sel:
-        raise ValueError(f"k: must be in [0, {n_sel}] selectable entries, got {k}")
+        if k > sum(sel):
+            raise ValueError(f"k: must be in [0, {sum(sel)}] selectable entries, got {k}")
     if allocation == "global":
         return _select_global(scores, exclude, k=k, normalize=normalize)
-    quotas = jnp.asarray(largest_remainder(k, sel), jnp.int32)
+    if exclude is not None and traced:
+        check_traced_bound(k, sum(sizes))
+        counts = _selectable_counts({key: exclude[key] for key in keys})
+        quotas = largest_remainder_traced(k, jnp.stack([counts[key] for key in keys]))
+    else:
+        quotas = jnp.asarray(largest_remainder(k, sel), jnp.int32)
     if allocation == "per_tensor":
         return _select_per_tensor(scores, exclude, quotas, k=k)
     views = []
@@ -275,6 +288,53 @@ def largest_remainder(k: int, weights: list[int]) -> list[int]:
     for i in order[: k - sum(base)]:
         base[i] += 1
     return base
+
+
+def _is_traced(*trees: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+
+
+# (2 + 2e-7·k)·N < 2**31 keeps the int32 remainder of the float32 quotient estimate exact.
+_I32 = 2**31
+
+
+def largest_remainder_traced(k: int, weights: jax.Array) -> jax.Array:
+    """:func:`largest_remainder` inside a traced program: ``k`` static, ``weights`` an int32
+    vector of traced non-negative counts; the same shares, exactly.
+
+    ``⌊k·w/W⌋`` and ``k·w mod W`` need 64-bit products: the quotient is estimated in float32
+    and corrected with the int32 (wrap-around) remainder, exact while the estimate is off by
+    less than ``2**31 / W``, i.e. for ``(2 + 2e-7·k)·W < 2**31`` (ViT-B/16: ``W`` ≈ 8.6e7).
+    :func:`topk_mask` checks that bound (:func:`check_traced_bound`) at trace time from the
+    static total number of entries, which bounds ``W``.
+
+    >>> largest_remainder_traced(5, jnp.array([1, 1, 1], jnp.int32)).tolist()
+    [2, 2, 1]
+    """
+    w = weights.astype(jnp.int32)
+    total = jnp.sum(w)
+    safe = jnp.maximum(total, 1)
+    est = jnp.floor(jnp.float32(k) * (w.astype(jnp.float32) / safe.astype(jnp.float32)))
+    q0 = est.astype(jnp.int32)
+    r = jnp.int32(k) * w - q0 * safe  # exact modulo 2**32, and |r| < 2**31 by the bound
+    base = q0 + jnp.floor_divide(r, safe)
+    rem = jnp.mod(r, safe)
+    order = jnp.lexsort((jnp.arange(w.shape[0]), -rem))  # by -rem, ties: lower index
+    extra = (
+        jnp.zeros_like(w)
+        .at[order]
+        .set((jnp.arange(w.shape[0]) < k - jnp.sum(base)).astype(jnp.int32))
+    )
+    return jnp.where(total > 0, base + extra, 0)
+
+
+def check_traced_bound(k: int, n: int) -> None:
+    """ValueError unless :func:`largest_remainder_traced` is exact for ``k`` of ``n`` entries."""
+    if (2 + 2e-7 * k) * n >= _I32:
+        raise ValueError(
+            f"k: traced per-tensor quotas are exact for (2 + 2e-7·k)·N < 2**31; got k={k}, "
+            f"N={n} (use allocation='global' or select outside jit)"
+        )
 
 
 @jax.jit
