@@ -140,3 +140,16 @@ def test_artifact_round_trip_is_exact(tiny, tmp_path):
     assert meta["hparams"]["eval_rank"] == 2
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(m.merge(params, tr)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_as_lora_is_the_lora_of_the_truncation(tiny):
+    model, params = tiny
+    q = (r"query/kernel$",)
+    m, tr = _trained(params, targets=q)
+    lo, low = dy.as_lora(m, tr, 2)
+    assert (lo.name, lo.hparams["rank"], lo.hparams["alpha"]) == ("lora", 2, ALPHA)
+    assert lo.hparams["targets"] == list(q) and set(low["lora"]) == set(tr["dylora"])
+    at_2 = get_method("dylora", rank=R, alpha=ALPHA, targets=q, eval_rank=2)
+    np.testing.assert_allclose(
+        _tokens(model, lo.apply(params, low)), _tokens(model, at_2.apply(params, tr)), atol=1e-6
+    )
