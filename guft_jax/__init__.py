@@ -3,7 +3,9 @@
 The public API, flat. Modules: ``vit`` (the model), ``checkpoint_import`` / ``pretrained``
 (weights), ``data`` (VTAB-1K and offline datasets), ``methods`` (the method interface and
 registry), ``guft`` / ``masks`` / ``saliency`` (GUFT), ``optim`` / ``train`` / ``checkpoint`` /
-``sharding`` (the engine), ``artifacts`` (adapter files).
+``sharding`` (the engine), ``artifacts`` (adapter files); ``transforms`` (GUFT and element
+masks as optax transforms: ``masked``, ``gradual_unfreeze``, ``oneshot_mask``) and ``peft``
+(LoRA/DoRA/VeRA/FourierFT/BitFit on any param pytree) for your own model and training loop.
 
 GUFT itself is ``guft_jax.guft.guft(...)`` (or ``get_method("guft", ...)``): the function is not
 re-exported here, so that ``guft_jax.guft`` stays the module.
@@ -53,6 +55,8 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
+from guft_jax import peft
+from guft_jax.peft import Adapter
 from guft_jax.pretrained import load_pretrained
 from guft_jax.sharding import make_mesh, tree_shardings
 from guft_jax.train import (
@@ -62,6 +66,17 @@ from guft_jax.train import (
     fit,
     make_eval_step,
     make_train_step,
+)
+from guft_jax.transforms import (
+    GradualUnfreezeState,
+    MaskedState,
+    SparseMaskedState,
+    gradual_unfreeze,
+    magnitude_mask,
+    masked,
+    oneshot_mask,
+    schedule_steps,
+    unfrozen,
 )
 from guft_jax.vit import (
     CONFIGS,

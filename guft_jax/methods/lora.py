@@ -19,17 +19,33 @@ from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import Defaults, Method, register
 
 
+def lora_factor(rng, d_in: int, d_out: int, *, rank: int, init: str) -> dict:
+    """One kernel's ``{"A": (r, in), "B": (out, r) zeros}`` (``init``: kaiming or gaussian)."""
+    if init == "kaiming":
+        a = ws.kaiming_uniform(rng, (rank, d_in), d_in)
+    else:
+        a = jax.random.normal(rng, (rank, d_in), jnp.float32) / jnp.sqrt(rank)
+    return {"A": a, "B": jnp.zeros((d_out, rank), jnp.float32)}
+
+
+def lora_delta(f: dict, scale: float) -> jax.Array:
+    """``ΔW = scale·(B A)ᵀ`` as an ``(in, out)`` matrix."""
+    return scale * (f["A"].T @ f["B"].T)
+
+
+def dora_kernel(w: jax.Array, f: dict, scale: float) -> jax.Array:
+    """DoRA's ``m ⊙ V/‖V‖`` for an ``(in, out)`` matrix ``w`` (the norm a constant in backward)."""
+    v = w + lora_delta(f, scale)
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(v, axis=0))
+    return v * (f["m"] / norm)
+
+
 def _lora_factors(rng, params, paths_, rank, init):
     out = {}
     for i, p in enumerate(paths_):
-        w = ws.matrix(params, p)
-        d_in, d_out = w.shape
+        d_in, d_out = ws.matrix(params, p).shape
         k = jax.random.fold_in(rng, i)
-        if init == "kaiming":
-            a = ws.kaiming_uniform(k, (rank, d_in), d_in)
-        else:
-            a = jax.random.normal(k, (rank, d_in), jnp.float32) / jnp.sqrt(rank)
-        out[ws.key(p)] = {"A": a, "B": jnp.zeros((d_out, rank), jnp.float32)}
+        out[ws.key(p)] = lora_factor(k, d_in, d_out, rank=rank, init=init)
     return out
 
 
@@ -66,9 +82,7 @@ def lora(
         return {"head": params["head"], "lora": _lora_factors(rng, params, tps, rank, init)}
 
     def merge(params, trainable):
-        deltas = {
-            ws.path_of(k): scale * (f["A"].T @ f["B"].T) for k, f in trainable["lora"].items()
-        }
+        deltas = {ws.path_of(k): lora_delta(f, scale) for k, f in trainable["lora"].items()}
         return ws.add_deltas(params, deltas, trainable["head"])
 
     hp = dict(rank=rank, alpha=alpha, targets=list(targets), init=init)
@@ -100,9 +114,7 @@ def dora(
         kernels = {}
         for k, f in trainable["dora"].items():
             p = ws.path_of(k)
-            v = ws.matrix(params, p) + scale * (f["A"].T @ f["B"].T)
-            norm = jax.lax.stop_gradient(jnp.linalg.norm(v, axis=0))
-            kernels[p] = v * (f["m"] / norm)
+            kernels[p] = dora_kernel(ws.matrix(params, p), f, scale)
         return ws.replace_kernels(params, kernels, trainable["head"])
 
     hp = dict(rank=rank, alpha=alpha, targets=list(targets), init=init)

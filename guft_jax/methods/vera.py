@@ -16,6 +16,19 @@ from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import Defaults, Method, register
 
 
+def vera_projections(seed: int, rank: int, d_in: int, d_out: int):
+    """The frozen shared ``A`` (r, d_in) and ``B`` (d_out, r), Kaiming-uniform from ``seed``."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(seed))
+    return ws.kaiming_uniform(ka, (rank, d_in), d_in), ws.kaiming_uniform(kb, (d_out, rank), rank)
+
+
+def vera_delta(s: dict, a_all: jax.Array, b_all: jax.Array, d_in: int, d_out: int) -> jax.Array:
+    """``ΔW`` as an ``(in, out)`` matrix from the scalings ``s`` and the shared projections
+    (sliced to the layer's shape)."""
+    a, b = a_all[:, :d_in], b_all[:d_out]
+    return ((s["lambda_b"][:, None] * b) @ (s["lambda_d"][:, None] * a)).T
+
+
 @register("vera", defaults=Defaults(lr=1e-2, head_lr=1e-2, kwargs=dict(rank=256), step_cost=0.45))
 def vera(
     *,
@@ -29,10 +42,7 @@ def vera(
         raise ValueError(f"vera.rank: must be >= 1, got {rank}")
 
     def projections(d_in, d_out):
-        ka, kb = jax.random.split(jax.random.PRNGKey(seed))
-        a = ws.kaiming_uniform(ka, (rank, d_in), d_in)
-        b = ws.kaiming_uniform(kb, (d_out, rank), rank)
-        return a, b
+        return vera_projections(seed, rank, d_in, d_out)
 
     def shapes(params, trainable):
         mats = [ws.matrix(params, ws.path_of(k)).shape for k in trainable["vera"]]
@@ -56,9 +66,7 @@ def vera(
         for k, s in trainable["vera"].items():
             p = ws.path_of(k)
             d_in, d_out = ws.matrix(params, p).shape
-            a, b = a_all[:, :d_in], b_all[:d_out]
-            dw = (s["lambda_b"][:, None] * b) @ (s["lambda_d"][:, None] * a)  # (out, in)
-            deltas[p] = dw.T
+            deltas[p] = vera_delta(s, a_all, b_all, d_in, d_out)
         return ws.add_deltas(params, deltas, trainable["head"])
 
     hp = dict(rank=rank, seed=seed, d_init=d_init, targets=list(targets))

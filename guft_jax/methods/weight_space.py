@@ -9,7 +9,8 @@ trainable tree, and its per-tensor count is the size of the factors of each adap
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -37,6 +38,49 @@ def target_paths(params: Any, targets: tuple[str, ...] | list[str], *, field: st
 def matrix(params: Any, path: str) -> jax.Array:
     """The 2-D ``(in, out)`` view of the kernel at ``path``."""
     return kernel_as_matrix(paths.get(params, path), path)
+
+
+# The guft_jax / vit_jax ViT's attention kernels as explicit layout rules: (regex, input dims).
+VIT_LAYOUT = ((r"(^|/)(query|key|value)/kernel$", 1), (r"(^|/)out/kernel$", 2))
+
+
+def matrix_shape(
+    path: str, shape: tuple[int, ...], layout: Sequence[tuple[str, int]]
+) -> tuple[int, int]:
+    r"""The 2-D ``(in, out)`` view of a kernel of any model, by an explicit layout rule.
+
+    A 2-D kernel is ``(in, out)`` (Flax ``Dense``). A kernel of more dimensions needs a rule in
+    ``layout``: the first ``(regex, n_in)`` whose regex matches ``path`` says that its leading
+    ``n_in`` dimensions are the input (``n_in < 0`` counts from the end): a conv kernel
+    ``(kh, kw, cin, cout)`` is ``n_in=3`` (or ``-1``), an attention query/key/value kernel
+    ``(d, heads, head_dim)`` ``n_in=1``, an attention out kernel ``(heads, head_dim, d)``
+    ``n_in=2`` (:data:`VIT_LAYOUT`). The layout is never guessed from the shape (a 3-D kernel
+    may be a conv or an attention kernel).
+
+    Raises:
+      ValueError: a kernel of fewer than 2 dimensions, a >2-D kernel no rule matches, or a rule
+        leaving no input or no output dimension.
+
+    >>> matrix_shape("Conv_0/kernel", (3, 3, 8, 16), [(r"Conv_\d+/kernel$", 3)])
+    (72, 16)
+    """
+    nd = len(shape)
+    if nd < 2:
+        raise ValueError(f"targets: {path} has shape {shape}; only kernels (>= 2-D) are adapted")
+    for rx, n_in in layout:
+        if re.search(rx, path):
+            n = n_in if n_in >= 0 else nd + n_in
+            if not 1 <= n < nd:
+                raise ValueError(f"layout: rule ({rx!r}, {n_in}) does not split {path} {shape}")
+            return math.prod(shape[:n]), math.prod(shape[n:])
+    if nd == 2:
+        return int(shape[0]), int(shape[1])
+    raise ValueError(
+        f"layout: {path} has shape {shape}; give its (regex, n_in) rule: e.g. "
+        "(r'Conv_\\d+/kernel$', 3) for a conv kernel (kh, kw, cin, cout), "
+        "(r'(query|key|value)/kernel$', 1) for attention (d, heads, head_dim), "
+        "(r'out/kernel$', 2) for (heads, head_dim, d); see weight_space.VIT_LAYOUT"
+    )
 
 
 def add_deltas(params: Any, deltas: dict[str, jax.Array], head: Any) -> dict:
