@@ -11,7 +11,9 @@ measured in the same run (a CPU "MFU"). GUFT is measured at the paper's final bu
 the backbone, entries spread over tensors in proportion to their size) on its sparse path and on
 the dense reference path, and its saliency pass (batch mode) is timed against the same number of
 plain forward+backward passes. Ratios are taken against full fine-tuning in the same run.
-Writes ``benchmarks/results/step_bench.json``.
+``--precision fp32,bf16`` measures each method under each policy in the same round-robin
+(rows ``name@bf16``; ``step_vs_full`` against full fine-tuning at the same precision,
+``step_vs_full_fp32`` against fp32 full fine-tuning). Writes ``benchmarks/results/step_bench.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import masks, paths, saliency, train, vit
+from guft_jax import precision as precision_lib
 from guft_jax.methods import base as mbase
 from guft_jax.methods import get_method, method_names, spec
 
@@ -63,7 +66,7 @@ def matmul_flops_per_s(n=2048, reps=5) -> float:
     return 2 * n**3 / float(np.median(ts))
 
 
-def bench_model(model_name, *, image_size, batch, reps, methods, log):
+def bench_model(model_name, *, image_size, batch, reps, methods, log, precisions=("fp32",)):
     model = vit.build_model(model_name, num_classes=100)
     params = vit.init_params(model, jax.random.PRNGKey(0), image_size)
     params = dict(params, head=jax.tree.map(lambda x: x + 0.01, params["head"]))
@@ -71,18 +74,21 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
     y = jnp.arange(batch, dtype=jnp.int32) % 100
     backbone = vit.count_params({k: v for k, v in params.items() if k != "head"})
     runs = {}
-    for name in methods:
+    multi = len(precisions) > 1
+    for prec, name in [(p, n) for p in precisions for n in methods]:
+        key = f"{name}@{prec}" if multi else name
+        pmodel = precision_lib.with_precision(model, prec)
         m = _method(name)
         base = mbase.prepare_base(m, params)  # once, outside the timed step (NF4 quantisation)
         tx, state = train.optimizer_for(m, base, steps_per_epoch=1000, epochs=1, lr=1e-3)
         state = train.epoch_start(
-            model, m, base, state, 1, batches=lambda: [(x, y)], epochs=1, log=lambda s: None
+            pmodel, m, base, state, 1, batches=lambda: [(x, y)], epochs=1, log=lambda s: None
         )
         mask = train.mask_of(m, state)
         n_trainable = int(
             sum(train.trained_counts(m, base, state.trainable, state.method_state).values())
         )
-        step = train.make_train_step(model, m, tx)
+        step = train.make_train_step(pmodel, m, tx)
         t = time.perf_counter()
         compiled = step.lower(state, base, x, y, mask).compile()
         compile_s = time.perf_counter() - t
@@ -100,7 +106,9 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
         state, loss = compiled(state, base, x, y, mask)  # warm-up
         jax.block_until_ready(loss)
         mstate = _bytes(state.opt_state)
-        runs[name] = dict(
+        runs[key] = dict(
+            precision=precision_lib.resolve(prec),
+            full_key=f"full@{prec}" if multi else "full",
             compiled=compiled,
             state=state,
             params=base,
@@ -112,7 +120,7 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
             opt_state_bytes=mstate,
             trainable=n_trainable,
         )
-        log(f"  {model_name} {name}: compiled in {compile_s:.1f}s")
+        log(f"  {model_name} {key}: compiled in {compile_s:.1f}s")
     for _ in range(reps):  # round-robin: noise hits every method alike
         for r in runs.values():
             t = time.perf_counter()
@@ -120,10 +128,11 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
             jax.block_until_ready(loss)
             r["times"].append(time.perf_counter() - t)
     out = {}
-    full = runs.get("full")
     for name, r in runs.items():
         med = float(np.median(r["times"]))
         out[name] = dict(
+            precision=r["precision"],
+            full_key=r["full_key"],
             step_s=med,
             images_per_s=batch / med,
             compile_s=r["compile_s"],
@@ -134,13 +143,17 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log):
             trainable=r["trainable"],
             trainable_pct=100 * r["trainable"] / backbone,
         )
-    if full:
-        f = out["full"]
-        for o in out.values():
-            o["step_vs_full"] = o["step_s"] / f["step_s"]
-            o["opt_state_vs_full"] = o["opt_state_bytes"] / f["opt_state_bytes"]
-            if o["peak_bytes"] and f["peak_bytes"]:
-                o["peak_vs_full"] = o["peak_bytes"] / f["peak_bytes"]
+    f32 = out.get("full@fp32" if multi else "full")
+    for o in out.values():
+        f = out.get(o.pop("full_key"))
+        if f is None:
+            continue
+        o["step_vs_full"] = o["step_s"] / f["step_s"]
+        o["opt_state_vs_full"] = o["opt_state_bytes"] / f["opt_state_bytes"]
+        if o["peak_bytes"] and f["peak_bytes"]:
+            o["peak_vs_full"] = o["peak_bytes"] / f["peak_bytes"]
+        if f32 is not None:
+            o["step_vs_full_fp32"] = o["step_s"] / f32["step_s"]
     # saliency pass vs the same number of plain fwd+bwd passes
     loss = jax.jit(
         lambda theta, xx, yy: train.optax.softmax_cross_entropy_with_integer_labels(
@@ -191,7 +204,19 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="benchmarks/results/step_bench.json")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        help=f"comma-separated policies from {', '.join(precision_lib.CHOICES)} "
+        "(each method measured under each, interleaved)",
+    )
     a = ap.parse_args(argv)
+    precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
+    for p in precisions:
+        precision_lib.resolve(p)  # a bad name fails before anything runs
+    unknown = sorted(set(a.methods.split(",")) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
     t0 = time.time()
     res = dict(
         machine=dict(
@@ -216,6 +241,7 @@ def main(argv=None):
             reps=a.reps,
             methods=a.methods.split(","),
             log=lambda s: print(s, flush=True),
+            precisions=precisions,
         )
         for o in r["methods"].values():
             if o["flops_per_s"]:

@@ -76,6 +76,8 @@ def build(c):
             params = checkpoint_import.load_hf_safetensors(c.checkpoint, model, c.image_size)
         else:
             params = vit.init_params(model, jax.random.PRNGKey(c.seed), c.image_size)
+    if c.get("remat", False):
+        model = model.clone(remat=True)
     method = get_method(c.method, **c.method_kwargs.to_dict())
     return model, params, source, method
 
@@ -119,6 +121,8 @@ def fit_config(
             config=c.to_dict(),
             lock=False,  # held here
             fresh=fresh,
+            precision=c.get("precision", "auto"),
+            input=c.get("input", "auto"),
         )
     finally:
         if lock is not None:

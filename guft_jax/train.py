@@ -35,8 +35,9 @@ import optax
 from tqdm import tqdm
 
 from guft_jax import checkpoint as ckpt_lib
-from guft_jax import optim, rundir
+from guft_jax import device_input, optim, rundir
 from guft_jax import paths as paths_lib
+from guft_jax import precision as precision_lib
 from guft_jax import sharding as shard_lib
 from guft_jax.data import describe_source, summary_line
 from guft_jax.methods import base as mbase
@@ -173,13 +174,15 @@ def make_eval_step(model, method: Method) -> Callable:
     return jax.jit(ev)
 
 
-def _padded(x: np.ndarray, y: np.ndarray, batch_size: int):
+def _padded(x, y, batch_size: int):
+    """Pads a last, smaller batch to ``batch_size`` with zero-weight rows (numpy or device)."""
     n = len(x)
     w = np.ones(batch_size, np.float32)
     if n < batch_size:
+        xp = jnp if isinstance(x, jax.Array) else np
         pad = batch_size - n
-        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+        x = xp.concatenate([x, xp.zeros((pad,) + x.shape[1:], x.dtype)])
+        y = xp.concatenate([y, xp.zeros((pad,), y.dtype)])
         w[n:] = 0
     return x, y, w
 
@@ -195,20 +198,27 @@ def evaluate(
     image_size: int,
     normalization: str,
     mesh=None,
+    batches: Any = None,
 ) -> dict:
-    """Accuracy and mean loss over a whole split (the last batch is padded and masked)."""
-    correct = loss = 0.0
-    n = 0
-    for x, y in source.batches(
-        split, batch_size=batch_size, image_size=image_size, normalization=normalization
-    ):
+    """Accuracy and mean loss over a whole split (the last batch is padded and masked).
+
+    ``batches`` (optional) replaces ``source.batches(split, ...)``: e.g. the device-resident
+    batches of :func:`guft_jax.device_input.batches`. The per-batch sums stay on the device
+    until the end (one transfer per split, not per batch).
+    """
+    if batches is None:
+        batches = source.batches(
+            split, batch_size=batch_size, image_size=image_size, normalization=normalization
+        )
+    sums, n = [], 0
+    for x, y in batches:
         m = len(x)
         x, y, w = _padded(x, y.astype(np.int32), batch_size)
         x, y, w = shard_lib.put_batch((x, y, w), mesh)
-        c, lsum = eval_step(params, state.trainable, state.method_state, x, y, w)
-        correct += float(c)
-        loss += float(lsum)
+        sums.append(eval_step(params, state.trainable, state.method_state, x, y, w))
         n += m
+    sums = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(0)
+    correct, loss = float(sums[0]), float(sums[1])
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "num_examples": n}
 
 
@@ -299,6 +309,7 @@ class _Run(NamedTuple):
     shardings: tuple | None
     traces: list
     data: dict  # image_size, batch_size, normalization, train_split, seed
+    device_splits: dict  # split -> DeviceSplit (input="device"), else empty
     epochs: int
     steps_per_epoch: int
     log: Callable
@@ -363,8 +374,61 @@ def _restore(
     return state, meta
 
 
+INPUTS = ("auto", "host", "device")
+
+
+def resolve_input(input: str, source, *, mesh=None, backend: str | None = None) -> str:
+    """``"host"`` or ``"device"`` for :func:`fit`'s ``input`` option.
+
+    ``"device"`` keeps each split's uint8 images on the device and resizes + normalises them
+    inside jit (:mod:`guft_jax.device_input`), so the host does no per-step work. ``"auto"``
+    picks it on GPU/TPU for a single process whose source can hand over its raw split
+    (``source.raw``); on CPU the host pipeline is the same memory and the measured choice is
+    ``"host"`` (``benchmarks/fit_bench.py``).
+
+    Raises:
+      ValueError: an unknown ``input``, or ``"device"`` for a source without ``raw``.
+    """
+    if input not in INPUTS:
+        raise ValueError(f"input: must be one of {', '.join(INPUTS)}; got {input!r}")
+    can = hasattr(source, "raw") and jax.process_count() == 1
+    if input == "device" and not can:
+        raise ValueError(
+            "input: 'device' needs a single process and a source with raw(split) "
+            f"({type(source).__name__}); use input='host'"
+        )
+    if input == "auto":
+        backend = backend or jax.default_backend()
+        return "device" if can and backend != "cpu" else "host"
+    return input
+
+
+def _device_splits(source, splits, *, mesh, log) -> dict:
+    """``{split: DeviceSplit}`` for the splits that fit on the device (others stay on host)."""
+    out = {}
+    dev = None if mesh is None else shard_lib.replicated(mesh)
+    for split in dict.fromkeys(s for s in splits if s):
+        try:
+            out[split] = device_input.from_source(source, split, device=dev)
+        except ValueError as e:  # too large for the device: that split stays on the host
+            log(f"input: split {split!r} stays on the host ({e})")
+    if out:
+        mb = sum(d.nbytes for d in out.values()) / 2**20
+        log(f"input: {', '.join(out)} held on the device as uint8 ({mb:.1f} MiB)")
+    return out
+
+
 def _batches(run: _Run, split: str, **kw):
     d = run.data
+    dev = run.device_splits.get(split)
+    if dev is not None:
+        return device_input.batches(
+            dev,
+            batch_size=d["batch_size"],
+            image_size=d["image_size"],
+            normalization=d["normalization"],
+            **kw,
+        )
     return run.source.batches(
         split,
         batch_size=d["batch_size"],
@@ -453,9 +517,10 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, 
         x, y = shard_lib.put_batch((x, y.astype(np.int32)), run.mesh)
         state, loss = run.step_fn(state, run.params, x, y, mask)
         losses.append(loss)
-        if len(losses) % 5 == 0:
+        if run.progress and len(losses) % 5 == 0:
+            # the previous step's loss: reading it does not wait for the step just dispatched
             rate = len(losses) * d["batch_size"] / (time.time() - t0)
-            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{float(losses[-2]):.4f}", img_s=f"{rate:.1f}")
     losses = np.asarray(jax.device_get(losses), np.float64)
     if not np.all(np.isfinite(losses)):
         bad = int(np.argmax(~np.isfinite(losses)))
@@ -513,6 +578,7 @@ def _evaluate_into(run: _Run, state: TrainState, split: str | None, results: dic
         image_size=d["image_size"],
         normalization=d["normalization"],
         mesh=run.mesh,
+        batches=_batches(run, split) if split in run.device_splits else None,
     )
     results[f"{split}_accuracy"] = ev["accuracy"]
     results[f"{split}_loss"] = ev["loss"]
@@ -571,6 +637,8 @@ def fit(
     config: dict | None = None,
     lock: bool = True,
     fresh: bool = False,
+    precision: str | None = "auto",
+    input: str = "auto",
 ) -> FitResult:
     """Trains ``method`` on ``source``; returns a :class:`FitResult` (the JSON-able results are
     also written to ``workdir/results.json``). Resumes from ``workdir``'s newest intact
@@ -578,7 +646,14 @@ def fit(
 
     ``stop_after_epoch`` ends the run early after that epoch's checkpoint (to test resuming).
     ``config`` (the run's whole config as a dict) goes into ``results.json`` and its
-    fingerprint into every checkpoint; a resume with a different one is refused. ``lock=False``
+    fingerprint into every checkpoint; a resume with a different one is refused.
+
+    ``precision`` (:mod:`guft_jax.precision`): ``"bf16"`` computes in bfloat16 with float32
+    master weights, optimizer state, LayerNorm statistics, softmax and loss; ``"fp32"``;
+    ``"auto"`` (default) is bf16 on GPU/TPU and fp32 on CPU (measured faster there); ``None``
+    keeps ``model``'s own ``dtype``. ``input``: ``"host"`` (the source's numpy pipeline),
+    ``"device"`` (uint8 splits on the device, resized inside jit) or ``"auto"``
+    (:func:`resolve_input`); both give the same batches for array sources. ``lock=False``
     when the caller already holds the workdir's lock (``experiments.run`` takes it before
     reading any data); ``fresh=True`` deletes the workdir's checkpoints, metrics, events and
     results first.
@@ -595,6 +670,10 @@ def fit(
         t_start = time.time()
         steps = _check_args(epochs, batch_size, mesh, source.size(train_split))
         log(summary_line(source))
+        model = precision_lib.with_precision(model, precision)
+        input_kind = resolve_input(input, source, mesh=mesh)
+        dtype = getattr(model, "dtype", None) or jnp.float32
+        log(f"precision: {jnp.dtype(dtype).name} compute, float32 weights; input: {input_kind}")
         backbone = count_params({k: v for k, v in params.items() if k != "head"})
         params = mbase.prepare_base(method, params)  # (may quantise: count the backbone before)
         tx, state = optimizer_for(
@@ -631,6 +710,11 @@ def fit(
             mesh=mesh,
             shardings=shardings,
             traces=traces,
+            device_splits=(
+                _device_splits(source, [train_split, eval_split], mesh=mesh, log=log)
+                if input_kind == "device"
+                else {}
+            ),
             data=dict(
                 image_size=image_size,
                 batch_size=batch_size,
@@ -678,6 +762,8 @@ def fit(
                 return FitResult(state, {"stopped_after_epoch": epoch, "history": history})
         results = _results(run, state, history, config)
         results["data"] = describe_source(source)
+        results["precision"] = jnp.dtype(dtype).name
+        results["input"] = input_kind
         results["resumed_from_epoch"] = start_epoch - 1 if start_epoch > 1 else None
         results.update(notes)
         _evaluate_into(run, state, eval_split, results)

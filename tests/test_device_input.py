@@ -97,3 +97,62 @@ def test_preprocess_is_jittable_and_bad_args_raise():
         device_input.put_split(np.zeros((3, 8, 8, 3), np.float32), [0, 1, 2])
     with pytest.raises(ValueError, match="max_bytes"):
         device_input.put_split(np.zeros((3, 8, 8, 3), np.uint8), [0, 1, 2], max_bytes=10)
+
+
+def test_fit_with_device_input_trains_like_the_host_pipeline(tiny):
+    """fit(input="device") = fit(input="host"): same batches, so the same losses, weights and
+    test accuracy up to the resize's float rounding (images 20 px resized to 16 inside jit)."""
+    from conftest import make_source
+
+    from guft_jax import train
+    from guft_jax.methods import get_method
+
+    model, params = tiny
+    src = make_source(size=20)
+    logs = []
+    runs = {
+        kind: train.fit(
+            model=model,
+            params=params,
+            method=get_method("lora", rank=2, alpha=4.0),
+            source=src,
+            image_size=16,
+            batch_size=16,
+            epochs=2,
+            lr=1e-2,
+            progress=False,
+            log=logs.append,
+            precision="fp32",
+            input=kind,
+        )
+        for kind in ("host", "device")
+    }
+    h, d = runs["host"], runs["device"]
+    assert d.results["input"] == "device" and h.results["input"] == "host"
+    assert any("held on the device as uint8" in line for line in logs)
+    lh = [r["train_loss"] for r in h.results["history"]]
+    ld = [r["train_loss"] for r in d.results["history"]]
+    np.testing.assert_allclose(ld, lh, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(h.state.trainable), jax.tree.leaves(d.state.trainable),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert d.results["test_examples"] == h.results["test_examples"] == 32
+    assert d.results["test_accuracy"] == h.results["test_accuracy"]
+
+
+def test_input_option_is_checked():
+    from conftest import make_source
+
+    from guft_jax import train
+
+    src = make_source()
+    assert train.resolve_input("auto", src, backend="gpu") == "device"
+    assert train.resolve_input("auto", src, backend="cpu") == "host"
+    with pytest.raises(ValueError, match="input: must be one of auto, host, device"):
+        train.resolve_input("gpu", src)
+
+    class NoRaw:
+        pass
+
+    with pytest.raises(ValueError, match="input: 'device' needs"):
+        train.resolve_input("device", NoRaw())

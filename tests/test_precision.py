@@ -14,8 +14,9 @@ def _model(**kw):
     return vit.build_model("ViT-tiny/4", num_classes=3, **kw)
 
 
-def _fit(model, params, method, epochs=3):
+def _fit(model, params, method, epochs=3, precision=None):
     return train.fit(
+        precision=precision,
         model=model,
         params=params,
         method=method,
@@ -44,8 +45,8 @@ def test_bf16_forward_is_bf16_inside_and_close_to_fp32(tiny):
 def test_bf16_training_tracks_the_fp32_loss_curve(name, tiny):
     _, params = tiny
     m = get_method(name, rank=2, alpha=4.0) if name == "lora" else get_method(name)
-    a = _fit(_model(), params, m)
-    b = _fit(_model(dtype=jnp.bfloat16), params, m)
+    a = _fit(_model(), params, m, precision="fp32")
+    b = _fit(_model(), params, m, precision="bf16")
     la = [h["train_loss"] for h in a.results["history"]]
     lb = [h["train_loss"] for h in b.results["history"]]
     # stated tolerance: per-epoch mean loss within 3% (relative) of fp32's, and falling alike
@@ -58,7 +59,8 @@ def test_bf16_training_tracks_the_fp32_loss_curve(name, tiny):
 def test_frozen_entries_stay_bitwise_under_bf16(tiny):
     _, params = tiny
     m = guft.guft(recompute_epochs=[1, 2], ratios=[0.02, 0.02], sparse=False)
-    r = _fit(_model(dtype=jnp.bfloat16), params, m, epochs=2)
+    r = _fit(_model(), params, m, epochs=2, precision="bf16")
+    assert r.results["precision"] == "bfloat16"
     eff = m.merge(params, r.state.trainable, r.state.method_state)
     for key, mask in r.state.method_state.selected.items():
         p = paths.path_of(key)
@@ -78,3 +80,20 @@ def test_remat_gives_the_same_gradients(tiny):
     for a, b in zip(jax.tree.leaves(grads(_model())), jax.tree.leaves(grads(_model(remat=True))),
                     strict=True):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_policy_resolution_and_errors(tiny):
+    from guft_jax import precision as pl
+
+    assert pl.resolve("auto", backend="gpu") == "bf16" == pl.resolve("auto", backend="tpu")
+    assert pl.resolve("auto", backend="cpu") == pl.CPU_DEFAULT
+    assert pl.resolve("fp32", backend="gpu") == "fp32"
+    with pytest.raises(ValueError, match="precision: must be one of fp32, bf16, auto"):
+        pl.resolve("fp16")
+    model, _ = tiny
+    b16 = pl.with_precision(model, "bf16")
+    assert b16.dtype == jnp.bfloat16 and model.dtype is None
+    assert pl.with_precision(model, "bf16") is b16  # one clone: jit caches keep hitting
+    assert pl.with_precision(model, "fp32") is model and pl.with_precision(model, None) is model
+    with pytest.raises(ValueError, match="precision='bf16' needs a model with a `dtype` field"):
+        pl.with_precision(object(), "bf16")

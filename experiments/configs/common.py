@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0: no mesh (single device); n: a data-parallel mesh of n devices
     c.stop_after_epoch = 0  # >0: stop after that epoch (checkpointed) to test resuming
     c.progress = True
+    # "auto": bf16 compute on GPU/TPU, fp32 on CPU (measured faster there); "fp32" | "bf16".
+    c.precision = "auto"
+    # "auto": uint8 splits held on GPU/TPU and resized inside jit; "host" | "device".
+    c.input = "auto"
+    c.remat = False  # rematerialise each encoder block in the backward (less activation memory)
     return c
 
 
@@ -67,6 +72,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             ds,
             sorted(OFFLINE) + ["npz:PATH", "folder:PATH"] + [f"vtab/{t}" for t in sorted(TASKS)],
         )
+    from guft_jax.precision import CHOICES
+    from guft_jax.train import INPUTS
+
+    if c.precision not in CHOICES:
+        bad("precision", c.precision, list(CHOICES))
+    if c.input not in INPUTS:
+        bad("input", c.input, list(INPUTS))
     for f, lo in (("epochs", 1), ("batch_size", 1), ("image_size", 1)):
         if int(c[f]) < lo:
             bad(f, c[f], f">= {lo}")
