@@ -233,6 +233,7 @@ def test_gradual_unfreeze_equals_the_engines_guft_step_within_1e6(tiny):
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(jax.tree.leaves(engine), jax.tree.leaves(user), strict=True)
     )
+    print(f"max |engine - user loop| over all params: {worst:.3g}")
     assert worst <= 1e-6, worst
     # frozen entries of the user's weights: bitwise the pretrained ones
     final = {
