@@ -10,6 +10,8 @@
 #    SDDMM that ops.AUTO_IMPL picks on GPU -> benchmarks/results/step_bench_accelerator.json
 # 3. the GUFT sparse step again with the Pallas SDDMM (AUTO_IMPL["gpu"] overridden for this
 #    process only) -> benchmarks/results/step_bench_accelerator_pallas.json
+# 4. end to end: train.fit's steady-state images/s vs the bare step (ViT-B/16, batch 64, LoRA and
+#    full, host vs device input, 112 and 224 px) -> benchmarks/results/fit_bench_accelerator_*.json
 # step_bench's --precision is passed (bf16) when that step bench has it.
 # If the Pallas kernel wins in (1) and (3), set ops.AUTO_IMPL["gpu"] = "pallas".
 set -euo pipefail
@@ -36,9 +38,14 @@ if "$PY" -m benchmarks.step_bench --help 2>/dev/null | grep -q -- "--precision";
   PRECISION=(--precision bf16)
 fi
 
-echo "== step bench ${PRECISION[*]}"
-timeout 240 "$PY" -m benchmarks.step_bench --models ViT-B/16 --image_size 224 --batch 64 \
-  --reps 10 --methods full,lora,guft,guft_dense "${PRECISION[@]}" \
+PEER=()
+if "$PY" -c "import torch, timm, peft" 2>/dev/null; then
+  PEER=(--peer torch)  # timm + peft timed in the same round-robin as ours
+fi
+
+echo "== step bench ${PRECISION[*]} ${PEER[*]}"
+timeout 300 "$PY" -m benchmarks.step_bench --models ViT-B/16 --image_size 224 --batch 64 \
+  --reps 10 --methods full,lora,guft,guft_dense,bitfit "${PRECISION[@]}" "${PEER[@]}" \
   --out "$OUT/step_bench_accelerator.json"
 
 echo "== step bench, GUFT with the Pallas SDDMM"
@@ -56,5 +63,11 @@ step_bench.main(
     + sys.argv[1:]
 )
 EOF
+echo "== fit vs bare step (end to end)"
+for SIZE in 112 224; do
+  timeout 150 "$PY" -m benchmarks.fit_bench --model ViT-B/16 --image_size "$SIZE" --batch 64 \
+    --epochs 3 --reps 1 --methods lora,full --inputs host,device --precision auto \
+    --out "$OUT/fit_bench_accelerator_${SIZE}.json" || echo "fit bench at $SIZE px: failed/timed out"
+done
 echo "wrote $OUT/ops_bench_accelerator.json $OUT/step_bench_accelerator.json" \
-  "$OUT/step_bench_accelerator_pallas.json"
+  "$OUT/step_bench_accelerator_pallas.json $OUT/fit_bench_accelerator_{112,224}.json"

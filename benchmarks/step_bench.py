@@ -66,7 +66,9 @@ def matmul_flops_per_s(n=2048, reps=5) -> float:
     return 2 * n**3 / float(np.median(ts))
 
 
-def bench_model(model_name, *, image_size, batch, reps, methods, log, precisions=("fp32",)):
+def bench_model(
+    model_name, *, image_size, batch, reps, methods, log, precisions=("fp32",), peer=()
+):
     model = vit.build_model(model_name, num_classes=100)
     params = vit.init_params(model, jax.random.PRNGKey(0), image_size)
     params = dict(params, head=jax.tree.map(lambda x: x + 0.01, params["head"]))
@@ -121,12 +123,32 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log, precisions
             trainable=n_trainable,
         )
         log(f"  {model_name} {key}: compiled in {compile_s:.1f}s")
+    peers = {}
+    if peer:  # the PyTorch peer, timed in the same round-robin (benchmarks/torch_peer.py)
+        from benchmarks import torch_peer
+
+        for prec in precisions:
+            for spec_ in peer:
+                method, _, comp = spec_.partition("+")
+                run = torch_peer.build(
+                    model_name,
+                    method,
+                    image_size=image_size,
+                    batch=batch,
+                    precision=precision_lib.resolve(prec),
+                    compile_model=comp == "compile",
+                )
+                key = f"{run.name}@{prec}" if multi else run.name
+                peers[key] = dict(run=run, times=[], precision=precision_lib.resolve(prec))
+                log(f"  {model_name} {key}: built")
     for _ in range(reps):  # round-robin: noise hits every method alike
         for r in runs.values():
             t = time.perf_counter()
             r["state"], loss = r["compiled"](r["state"], r["params"], x, y, r["mask"])
             jax.block_until_ready(loss)
             r["times"].append(time.perf_counter() - t)
+        for r in peers.values():
+            r["times"].append(torch_peer.timed(r["run"]))
     out = {}
     for name, r in runs.items():
         med = float(np.median(r["times"]))
@@ -193,7 +215,20 @@ def bench_model(model_name, *, image_size, batch, reps, methods, log, precisions
         topk_s=topk_s,
         topk_k=k,
     )
-    return dict(methods=out, saliency=sal, backbone_params=backbone)
+    peer_out = {}
+    for name, r in peers.items():
+        med = float(np.median(r["times"]))
+        peer_out[name] = dict(
+            precision=r["precision"],
+            step_s=med,
+            images_per_s=batch / med,
+            peak_bytes=r["run"].peak_bytes,
+            trainable=r["run"].trainable,
+        )
+        own = out.get(f"full@{r['precision']}" if multi else "full")
+        if own:
+            peer_out[name]["our_full_vs_this"] = own["images_per_s"] / (batch / med)
+    return dict(methods=out, saliency=sal, backbone_params=backbone, peer=peer_out)
 
 
 def main(argv=None):
@@ -210,10 +245,28 @@ def main(argv=None):
         help=f"comma-separated policies from {', '.join(precision_lib.CHOICES)} "
         "(each method measured under each, interleaved)",
     )
+    ap.add_argument(
+        "--peer",
+        default="",
+        help="'torch': also time the PyTorch peer (timm + peft, when importable) in the same "
+        "round-robin: full, full+compile, lora, bitfit",
+    )
     a = ap.parse_args(argv)
+    if a.peer not in ("", "torch"):
+        ap.error(f"--peer: {a.peer!r} is not allowed; allowed: torch")
+    peer = ("full", "full+compile", "lora", "bitfit") if a.peer == "torch" else ()
+    if peer:
+        from benchmarks import torch_peer
+
+        why = torch_peer.available()
+        if why:
+            ap.error(f"--peer torch: {why}")
     precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
-    for p in precisions:
-        precision_lib.resolve(p)  # a bad name fails before anything runs
+    for p in precisions:  # a bad name fails before anything runs
+        if p not in precision_lib.CHOICES:
+            ap.error(
+                f"--precision: {p!r} is not allowed; allowed: {', '.join(precision_lib.CHOICES)}"
+            )
     unknown = sorted(set(a.methods.split(",")) - set(METHODS))
     if unknown:
         ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
@@ -242,6 +295,7 @@ def main(argv=None):
             methods=a.methods.split(","),
             log=lambda s: print(s, flush=True),
             precisions=precisions,
+            peer=peer,
         )
         for o in r["methods"].values():
             if o["flops_per_s"]:
@@ -249,6 +303,13 @@ def main(argv=None):
         r["batch"] = batch
         res["models"][name] = r
         print(table(name, r), flush=True)
+        for pn, po in r["peer"].items():
+            print(
+                f"| {pn} | step {po['step_s']:.4f}s | {po['images_per_s']:.0f} img/s | "
+                f"ours(full)/this {po.get('our_full_vs_this', float('nan')):.3f} | "
+                f"peak {(po['peak_bytes'] or 0) / 2**30:.2f} GiB |",
+                flush=True,
+            )
         res["wall_s"] = time.time() - t0
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:  # after every model, so a long run keeps what it measured
