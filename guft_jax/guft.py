@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import masks as masks_lib
-from guft_jax import ops, optim, paths
+from guft_jax import ops, paths
 from guft_jax import saliency as sal
 from guft_jax.methods.base import Defaults, Method, MethodHooks, register
 
@@ -166,7 +166,8 @@ def warm_head(ctx, dense_params, *, lr: float = 1e-2, epochs: int = 1):
 
 
 def _all_zero(tree) -> bool:
-    return not any(bool(jnp.any(x != 0)) for x in jax.tree_util.tree_leaves(tree))
+    # On the host: the head is small, and an eager op per leaf would compile one program each.
+    return not any(np.any(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree)))
 
 
 # ----------------------------------------------------------------------------- the two paths
@@ -188,6 +189,26 @@ def _is_kernel(key: str) -> bool:
 
 def _leaf(params, key):
     return paths.get(params, paths.path_of(key))
+
+
+def _resize_host(tree: Any, sizes: dict[str, int], *, suffix: bool = False) -> Any:
+    """:func:`guft_jax.optim.resize_leaves` done in numpy: zero-pads (or truncates) the 1-D
+    leaves ``sizes`` names (by ``/``-joined path; ``suffix``: paths ending with one, as Adam's
+    moments mirror the trainable tree) and leaves every other leaf untouched."""
+
+    def fix(path, x):
+        p = paths.key_to_str(path)
+        hit = next(
+            (n for q, n in sizes.items() if p == q or (suffix and p.endswith("/" + q))), None
+        )
+        if hit is None or getattr(x, "ndim", 0) != 1 or x.shape[0] == hit:
+            return x
+        out = np.zeros((hit,), x.dtype)
+        n = min(hit, x.shape[0])
+        out[:n] = np.asarray(x)[:n]
+        return jax.device_put(out)
+
+    return jax.tree_util.tree_map_with_path(fix, tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,10 +300,13 @@ class SparsePath:
         return icpt
 
     def mask(self, state) -> dict:
+        """Boolean numpy masks of the selected entries (host work: no compile per shape)."""
+        sel = jax.device_get(state.selected)
         out = {}
         for k, s in self.eligible.items():
-            size = math.prod(s)
-            m = jnp.zeros((size,), bool).at[state.selected[k]].set(True, mode="drop")
+            m = np.zeros((math.prod(s),), bool)
+            idx = np.asarray(sel[k])
+            m[idx[idx < m.size]] = True
             out[k] = m.reshape(s)
         return out
 
@@ -291,12 +315,13 @@ class SparsePath:
 
     def adopt(self, trainable, opt_state, state, merged, capacities, log=print):
         """Writes the merged mask's entries into the index vectors (old entries keep their slots
-        and values), growing capacities where they overflow."""
-        idx, count = dict(state.selected), dict(state.count)
+        and values), growing capacities where they overflow. Host work in numpy: per-leaf eager
+        ops would compile a small program for every distinct shape (hundreds a round)."""
+        merged, sel, count = jax.device_get((merged, state.selected, state.count))
         caps = {k: int(v.shape[0]) for k, v in trainable["delta"].items()}
         plans = {}
         for k, s in self.eligible.items():
-            old = np.asarray(idx[k])[: int(count[k])]
+            old = np.asarray(sel[k])[: int(count[k])]
             fresh = np.setdiff1d(np.flatnonzero(np.asarray(merged[k]).reshape(-1)), old)
             plans[k] = (old, fresh, math.prod(s))
         new_caps = capacities(caps, {k: len(o) + len(f) for k, (o, f, _) in plans.items()})
@@ -309,20 +334,26 @@ class SparsePath:
             arr = np.full((new_caps[k],), size, np.int32)
             arr[: len(old)] = old
             arr[len(old) : len(old) + len(fresh)] = fresh
-            idx[k] = jnp.asarray(arr)
-            count[k] = jnp.asarray(len(old) + len(fresh), jnp.int32)
+            idx[k] = jax.device_put(arr)
+            count[k] = jax.device_put(np.int32(len(old) + len(fresh)))
         return trainable, opt_state, state._replace(selected=idx, count=count)
 
     def resize(self, trainable, opt_state, state, caps: dict):
-        """Zero-pads (or truncates) δ, its optimizer leaves and the indices to ``caps``."""
+        """Zero-pads (or truncates) δ, its optimizer leaves and the indices to ``caps`` (on the
+        host; leaves whose length does not change are kept as they are)."""
         sizes = {f"delta/{k}": c for k, c in caps.items()}
-        new_tr = optim.resize_leaves(trainable, sizes)
-        new_opt = optim.resize_leaves(opt_state, sizes, suffix=True)
+        new_tr = _resize_host(trainable, sizes)
+        new_opt = _resize_host(opt_state, sizes, suffix=True)
         idx = {}
         for k, v in state.selected.items():
-            size, c = int(state.size[k]), caps[k]
-            pad = jnp.full((max(c - v.shape[0], 0),), size, jnp.int32)
-            idx[k] = jnp.concatenate([v, pad])[:c]
+            c = caps[k]
+            if v.shape[0] == c:
+                idx[k] = v
+                continue
+            arr = np.full((c,), int(state.size[k]), np.int32)
+            n = min(c, v.shape[0])
+            arr[:n] = np.asarray(v)[:n]
+            idx[k] = jax.device_put(arr)
         return new_tr, new_opt, state._replace(selected=idx)
 
     def indices(self, state, delta):
@@ -362,15 +393,77 @@ def capacity_rule(eligible: dict, total_budget: int, k1: int, *, slack: float, f
 # ----------------------------------------------------------------------------- recompute
 
 
+_SALIENCY_ACC: dict = {}
+
+
 def saliency_scores(ctx, theta_keys, dense_params, *, score, mode, chunk):
-    """Saliency of the eligible leaves at ``dense_params`` over ``ctx.batches()``."""
+    """Saliency of the eligible leaves at ``dense_params`` over ``ctx.batches()``.
+
+    One jitted accumulator per (loss, score, mode, chunk), kept across rounds, that takes the
+    params as arguments: params closed over would be compiled in as constants, a fresh compile
+    of the whole model every round."""
     theta = {k: _leaf(dense_params, k) for k in theta_keys}
+    key = (id(ctx.loss_fn), score, mode, chunk)
+    if key not in _SALIENCY_ACC:
+        loss_fn = ctx.loss_fn
 
-    def loss_per_example(th, x, y):
-        p = paths.replaced(dense_params, {paths.path_of(k): v for k, v in th.items()})
-        return ctx.loss_fn({"params": p}, x, y)
+        def acc(g, th, base, x, y, w):
+            def loss_per_example(t, xx, yy):
+                p = paths.replaced(base, {paths.path_of(k): v for k, v in t.items()})
+                return loss_fn({"params": p}, xx, yy)
 
-    return sal.compute(loss_per_example, theta, ctx.batches(), score=score, mode=mode, chunk=chunk)
+            inner = sal.make_accumulator(loss_per_example, score=score, mode=mode, chunk=chunk)
+            return inner(g, th, x, y, w)
+
+        _SALIENCY_ACC[key] = jax.jit(acc, donate_argnums=(0,))
+    acc = _SALIENCY_ACC[key]
+    return sal.compute(
+        None,
+        theta,
+        ctx.batches(),
+        score=score,
+        mode=mode,
+        chunk=chunk,
+        accumulator=lambda g, th, x, y, w: acc(g, th, dense_params, x, y, w),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("k", "exclude_selected"))
+def _topk_merge_global(scores: dict, prev: dict, *, k: int, exclude_selected: bool):
+    """``select(..., allocation="global", normalize=None)`` as one program, and whether any
+    score is nonzero.
+
+    The same entries as :func:`guft_jax.masks.topk_mask` (its order keys; ties to the lower flat
+    position, as ``lax.top_k``) without its ``top_k`` over every entry, which takes 15-25 s for
+    k = 21,275 of 21M on 2 CPU cores: the k-th largest key is found bit by bit (32 counting
+    passes), then the entries above it and the first ``k - #above`` equal to it are chosen."""
+    keys = sorted(scores)
+    parts = [
+        jnp.ravel(masks_lib._order_key(scores[key], prev[key] if exclude_selected else None))
+        for key in keys
+    ]
+    # int32 -> uint32 with the same order (sign bit flipped), so the bisection is unsigned.
+    u = jax.lax.bitcast_convert_type(jnp.concatenate(parts), jnp.uint32) ^ jnp.uint32(1 << 31)
+
+    def bit(i, t):
+        cand = t | jax.lax.shift_left(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+        return jnp.where(jnp.sum(u >= cand, dtype=jnp.int32) >= k, cand, t)
+
+    t = jax.lax.fori_loop(0, 32, bit, jnp.uint32(0))
+    above = u > t
+    ties = u == t
+    need = k - jnp.sum(above, dtype=jnp.int32)
+    chosen = above | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= need))
+    if k == 0:
+        chosen = jnp.zeros_like(above)
+    out, off = {}, 0
+    for key in keys:
+        size = math.prod(np.shape(scores[key]))
+        new = chosen[off : off + size].reshape(np.shape(scores[key]))
+        out[key] = jnp.logical_or(prev[key], new)
+        off += size
+    nonzero = jnp.any(jnp.stack([jnp.any(v != 0) for v in scores.values()]))
+    return out, nonzero
 
 
 def select(
@@ -387,7 +480,9 @@ def select(
 def _record(state: GuftState, i, epoch, k, selected, batch_size) -> dict:
     h = dict(state.history)
     for name, v in (("epoch", epoch), ("k", k), ("selected", selected), ("batch_size", batch_size)):
-        h[name] = h[name].at[i].set(v)
+        arr = np.array(h[name])
+        arr[i] = v
+        h[name] = jax.device_put(arr)
     return h
 
 
@@ -466,22 +561,31 @@ def _epoch_start(cfg: GuftConfig, epoch: int, ctx):
     return _recompute(cfg, rounds.index(epoch), epoch, ctx)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _merged_leaves(cfg: GuftConfig, params, trainable, state) -> dict:
+    """The eligible leaves of :func:`_merge`, as one program (not an eager scatter per leaf)."""
+    out = _merge(cfg, params, trainable, state)
+    return {k: _leaf(out, k) for k in trainable["delta"]}
+
+
 def _saliency_at(cfg: GuftConfig, epoch: int, ctx, eligible: dict):
     """Scores at the current weights (through a fitted head if the head is still all zero)."""
-    dense = _merge(cfg, ctx.params, ctx.trainable, ctx.state)
+    leaves = _merged_leaves(cfg, ctx.params, ctx.trainable, ctx.state)
+    dense = paths.replaced(ctx.params, {paths.path_of(k): v for k, v in leaves.items()})
+    dense["head"] = ctx.trainable["head"]
     if cfg.head_warmup and cfg.score != "magnitude" and _all_zero(dense["head"]):
         dense = {**dense, "head": warm_head(ctx, dense)}
         ctx.log(f"{cfg.name}: all-zero head at epoch {epoch}; saliency through a fitted head")
-    scores, info = saliency_scores(
-        ctx, eligible, dense, score=cfg.score, mode=cfg.mode, chunk=cfg.chunk
-    )
-    if not bool(_any_nonzero(scores)):
+    return saliency_scores(ctx, eligible, dense, score=cfg.score, mode=cfg.mode, chunk=cfg.chunk)
+
+
+def _check_nonzero(cfg: GuftConfig, epoch: int, nonzero) -> None:
+    if not bool(nonzero):
         raise ValueError(
             f"{cfg.name}: all saliency scores are zero at epoch {epoch} (a zero-initialised head "
             "gives the backbone no gradient before it has trained); use head_warmup=True or "
             "recompute after at least one epoch"
         )
-    return scores, info
 
 
 def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
@@ -490,14 +594,22 @@ def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
     n_elig = sum(math.prod(s) for s in e.values())
     k = masks_lib.budget(cfg.ratios[i], n_elig)
     scores, info = _saliency_at(cfg, epoch, ctx, e)
-    merged = select(
-        scores,
-        path.mask(state),
-        k,
-        exclude_selected=cfg.exclude_selected,
-        allocation=cfg.allocation,
-        normalize=cfg.normalize,
-    )
+    prev = path.mask(state)
+    if cfg.allocation == "global" and cfg.normalize is None:
+        merged, nonzero = _topk_merge_global(
+            scores, prev, k=k, exclude_selected=cfg.exclude_selected
+        )
+        _check_nonzero(cfg, epoch, nonzero)
+    else:
+        _check_nonzero(cfg, epoch, _any_nonzero(scores))
+        merged = select(
+            scores,
+            prev,
+            k,
+            exclude_selected=cfg.exclude_selected,
+            allocation=cfg.allocation,
+            normalize=cfg.normalize,
+        )
     rep = masks_lib.mask_report(merged, top=5)
     ctx.log(
         f"{cfg.name} recompute at epoch {epoch}: k={k:,} ({cfg.ratios[i]:g} of {n_elig:,}), "

@@ -48,6 +48,25 @@ def test_topk_mask_equals_numpy_argsort_reference(k, ties):
         np.testing.assert_array_equal(got[key], ref[key])
 
 
+@pytest.mark.parametrize("exclude_selected", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [0, 1, 9, 40, 50])
+def test_round_selection_equals_topk_mask_merge(k, ties, exclude_selected):
+    """The recompute's one-program global top-k (bit-by-bit threshold) picks exactly the entries
+    of masks.topk_mask, ties and excluded entries included, with negative and zero scores."""
+    s = {key: v - 1.5 for key, v in _scores(k + 100, ties).items()}
+    s["b.bias"] = s["b.bias"].at[:3].set(jnp.array([-0.0, 0.0, jnp.nan]))
+    prev = masks.topk_mask(_scores(7), 20)
+    got, nonzero = guft._topk_merge_global(s, prev, k=k, exclude_selected=exclude_selected)
+    new = masks.topk_mask(s, k, exclude=prev if exclude_selected else None)
+    ref = masks.merge_masks(prev, new)
+    assert bool(nonzero)
+    for key in s:
+        np.testing.assert_array_equal(got[key], ref[key])
+    zeros = {key: jnp.zeros_like(v) for key, v in s.items()}
+    assert not bool(guft._topk_merge_global(zeros, prev, k=k, exclude_selected=False)[1])
+
+
 def test_or_merge_is_monotone_and_exclude_selected_grows_by_exactly_k():
     s1, s2 = _scores(1), _scores(2)
     m1 = masks.topk_mask(s1, 10)
