@@ -41,6 +41,13 @@ SDDMM_IMPLS = ("auto", "gather", "dense", "pallas")
 AUTO_IMPL = {"cpu": "gather", "gpu": "dense", "tpu": "dense"}
 DEFAULT_AUTO_IMPL = "dense"
 
+# "auto" falls back from "gather" to the dense dW matmul for a layer whose capacity is more than
+# this fraction of its weight entries. The gather's cost grows with the entries it visits (only
+# the filled slots: padding is skipped), the matmul's with d_in·d_out; on 2 CPU cores (ViT-S
+# shapes, 850 and 1576 tokens, benchmarks/ops_bench.py) they cross near 0.4-0.5% of filled
+# entries, and GUFT's capacities hold about twice the entries they end up with (slack 2).
+GATHER_MAX_DENSITY = 0.008
+
 # Entries per lax.map step of the "gather" impl: large enough to amortise the loop, small enough
 # that a chunk's gathered rows stay in cache (measured: 32-512 within noise on 2 CPU cores).
 GATHER_CHUNK = 256
@@ -54,12 +61,16 @@ PALLAS_TOKEN_SPLITS = 8
 _log = logging.getLogger(__name__)
 
 
-def resolve_sddmm_impl(impl: str = "auto", backend: str | None = None) -> str:
+def resolve_sddmm_impl(
+    impl: str = "auto", backend: str | None = None, *, density: float | None = None
+) -> str:
     """The concrete SDDMM implementation ``impl`` stands for on ``backend``.
 
     Args:
       impl: one of :data:`SDDMM_IMPLS`.
       backend: a JAX platform name; defaults to ``jax.default_backend()``.
+      density: the layer's capacity as a fraction of its weight entries, if known: "auto"
+        resolving to "gather" becomes "dense" above :data:`GATHER_MAX_DENSITY`.
 
     Returns:
       "gather", "dense" or "pallas".
@@ -75,7 +86,10 @@ def resolve_sddmm_impl(impl: str = "auto", backend: str | None = None) -> str:
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    return AUTO_IMPL.get(backend, DEFAULT_AUTO_IMPL)
+    out = AUTO_IMPL.get(backend, DEFAULT_AUTO_IMPL)
+    if out == "gather" and density is not None and density > GATHER_MAX_DENSITY:
+        return "dense"
+    return out
 
 
 def sparse_delta_matmul(
@@ -114,7 +128,10 @@ def sparse_delta_matmul(
     >>> sparse_delta_matmul(x, w0, rows, cols, jnp.array([2.0, 5.0]))[0].tolist()
     [0.0, 2.0, 0.0, 0.0]
     """
-    impl = resolve_sddmm_impl(impl)
+    if w0.ndim == 2 and rows.ndim == 1:
+        impl = resolve_sddmm_impl(impl, density=rows.shape[0] / max(w0.size, 1))
+    else:
+        impl = resolve_sddmm_impl(impl)
     if impl == "pallas" and jax.default_backend() == "tpu":
         raise NotImplementedError(
             'sparse_delta_matmul(impl="pallas") lowers through Triton (GPU) only; on TPU use '
@@ -201,7 +218,7 @@ def sddmm(
     r = jnp.where(valid, rows, 0).astype(jnp.int32)
     c = jnp.where(valid, cols, 0).astype(jnp.int32)
     if impl == "gather":
-        out = _sddmm_gather(x, dy, r, c)
+        out = _sddmm_gather(x, dy, r, c, valid)
     else:
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
@@ -209,24 +226,30 @@ def sddmm(
     return jnp.where(valid, out, 0.0)
 
 
-def _sddmm_gather(x: Array, dy: Array, r: Array, c: Array) -> Array:
+def _sddmm_gather(x: Array, dy: Array, r: Array, c: Array, valid: Array) -> Array:
     k = r.shape[0]
     if k == 0:
         return jnp.zeros((0,), jnp.float32)
     chunk = min(GATHER_CHUNK, k)
     n = -(-k // chunk)
     pad = n * chunk - k
+    # Valid entries first (GUFT's slots already are: filled, then padding) so that the loop
+    # stops after the last chunk holding one: unfilled capacity costs nothing.
+    order = jnp.argsort(~valid, stable=True)
+    rs = jnp.pad(r[order], (0, pad)).reshape(n, chunk)
+    cs = jnp.pad(c[order], (0, pad)).reshape(n, chunk)
+    used = (jnp.sum(valid, dtype=jnp.int32) + chunk - 1) // chunk
     # Rows of the transposed activations are contiguous token vectors: each gather is a run of
     # row copies that XLA fuses into the multiply-reduce of its chunk.
     xt, dyt = x.T, dy.T
-    rc = (jnp.pad(r, (0, pad)).reshape(n, chunk), jnp.pad(c, (0, pad)).reshape(n, chunk))
 
-    def one_chunk(rc):
-        a = xt.at[rc[0]].get(mode="promise_in_bounds").astype(jnp.float32)
-        b = dyt.at[rc[1]].get(mode="promise_in_bounds").astype(jnp.float32)
-        return jnp.sum(a * b, axis=1)
+    def one_chunk(i, out):
+        a = xt.at[rs[i]].get(mode="promise_in_bounds").astype(jnp.float32)
+        b = dyt.at[cs[i]].get(mode="promise_in_bounds").astype(jnp.float32)
+        return out.at[i].set(jnp.sum(a * b, axis=1))
 
-    return jax.lax.map(one_chunk, rc).reshape(-1)[:k]
+    out = jax.lax.fori_loop(0, used, one_chunk, jnp.zeros((n, chunk), jnp.float32))
+    return jnp.zeros((k,), jnp.float32).at[order].set(out.reshape(-1)[:k], unique_indices=True)
 
 
 def _sddmm_kernel(rows_ref, cols_ref, xt_ref, dyt_ref, out_ref, *, block_t, tiles):

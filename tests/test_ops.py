@@ -164,6 +164,33 @@ def test_auto_resolves_per_backend_and_rejects_unknown():
         ops.sparse_delta_matmul(x, w0.T, rows, cols, values)
 
 
+def test_auto_falls_back_to_dense_dw_above_the_gather_density(monkeypatch):
+    monkeypatch.setitem(ops.AUTO_IMPL, "cpu", "gather")
+    assert ops.resolve_sddmm_impl("auto", "cpu", density=ops.GATHER_MAX_DENSITY) == "gather"
+    assert ops.resolve_sddmm_impl("auto", "cpu", density=2 * ops.GATHER_MAX_DENSITY) == "dense"
+    assert ops.resolve_sddmm_impl("gather", "cpu", density=1.0) == "gather"
+    assert ops.resolve_sddmm_impl("auto", "tpu", density=1e-6) == "dense"
+
+
+def test_gather_skips_unfilled_capacity_and_matches_dense(monkeypatch):
+    # Mostly padding (GUFT's capacity slack), filled slots first and a few padding slots among
+    # them: the chunk loop stops after the last filled chunk, results equal the dense gradient.
+    rng = np.random.default_rng(8)
+    t, d_in, d_out, k, filled = 37, 12, 20, 200, 23
+    x = jnp.asarray(rng.normal(size=(t, d_in)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(t, d_out)), jnp.float32)
+    flat = rng.choice(d_in * d_out, size=k, replace=False)
+    rows = np.where(np.arange(k) < filled, flat // d_out, d_in).astype(np.int32)
+    rows[[3, 11]] = d_in
+    cols = (flat % d_out).astype(np.int32)
+    want = np.asarray(ops.sddmm(x, dy, jnp.asarray(rows), jnp.asarray(cols), impl="dense"))
+    for chunk in (4, 7, 256):
+        monkeypatch.setattr(ops, "GATHER_CHUNK", chunk)
+        got = jax.jit(lambda *a: ops.sddmm(*a, impl="gather"))(x, dy, rows, cols)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(got)[rows >= d_in] == 0.0)
+
+
 def test_empty_capacity():
     x, w0, _, _, _ = _setup()
     e = jnp.zeros((0,), jnp.int32)
