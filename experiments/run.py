@@ -3,6 +3,17 @@
     python -m experiments.run --config experiments/configs/offline.py:animal_mnist,guft \
         --workdir runs/animal_guft [--config.epochs=5 --config.seed=1 ...] [--fresh] [--debug]
 
+Multi-process (one command per process, the same on each; JAX's multi-controller runtime)::
+
+    python -m experiments.run --config ... --workdir /shared/run \
+        --coordinator_address=host0:1234 --num_processes=2 --process_id=0 \
+        --config.fsdp=4 --config.batch_size=64
+
+(or the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables;
+``--coordinator_address=auto`` lets JAX detect a TPU pod slice or a SLURM job). Every process
+meshes all devices, loads only its rows of each batch; process 0 writes logs, metrics and
+results, all processes write their shards of each checkpoint (``workdir`` must be shared).
+
 Writes ``workdir/metrics.jsonl``, TensorBoard events in ``workdir/tb``, orbax checkpoints in
 ``workdir/checkpoints`` (every epoch) and ``workdir/results.json`` (full config, the data's
 classes, split sizes and notes, test accuracy, #trainable params, wall time). Re-running the same
@@ -25,7 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.configs.common import PRETRAINED, validate
-from guft_jax import checkpoint_import, rundir, sharding, train, vit
+from guft_jax import checkpoint_import, distributed, rundir, sharding, train, vit
 from guft_jax.data import get_source
 from guft_jax.errors import InputError, one_line
 from guft_jax.methods import get_method
@@ -39,6 +50,18 @@ _FRESH = flags.DEFINE_bool(
     "delete the workdir's checkpoints, metrics, TensorBoard events and results first",
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "raise errors with their Python traceback")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "multi-process: host:port of process 0's coordinator ('auto': JAX detects TPU / SLURM); "
+    "default $JAX_COORDINATOR_ADDRESS",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "multi-process: how many (default $JAX_NUM_PROCESSES)"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "multi-process: this process's id (default $JAX_PROCESS_ID)"
+)
 
 # What a user causes and can fix: one line on stderr, exit code 2. InputError (bad data files,
 # a locked workdir, a changed config, damaged checkpoints) and CheckpointStructureError are
@@ -95,7 +118,12 @@ def fit_config(
     lock = rundir.acquire_lock(workdir) if workdir and jax.process_index() == 0 else None
     try:
         model, params, src, method = build(c)
-        mesh = sharding.make_mesh(c.num_devices) if c.num_devices else None
+        fsdp = int(c.get("fsdp", 1))
+        mesh = None
+        if c.num_devices or fsdp > 1 or jax.process_count() > 1:
+            n = None if jax.process_count() > 1 else (c.num_devices or None)
+            mesh = sharding.make_mesh(n, fsdp=fsdp)
+        rules = sharding.FSDP_RULES if fsdp > 1 else ()
         return train.fit(
             model=model,
             params=params,
@@ -116,6 +144,7 @@ def fit_config(
             workdir=workdir,
             stop_after_epoch=c.stop_after_epoch or None,
             mesh=mesh,
+            param_rules=rules,
             progress=c.progress,
             log=log,
             config=c.to_dict(),
@@ -137,6 +166,7 @@ def run(c, workdir: str | None, log=print, *, fresh: bool = False) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         if _WORKDIR.value is None:
             raise InputError("--workdir is required")
@@ -147,6 +177,8 @@ def main(argv):
         print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     drop = ("history", "config", "trained_per_tensor", "tensor_sizes", "data")
+    if jax.process_index() != 0:
+        return
     print(json.dumps({k: v for k, v in res.items() if k not in drop}, default=str))
 
 

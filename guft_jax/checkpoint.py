@@ -10,6 +10,8 @@ file's size and SHA-256 (``files.sha256.json``, checked before tensorstore reads
   :class:`CheckpointStructureError` (one line) instead of restoring part of a state, and checks
   every restored leaf against its checksum (tensorstore checks its own index nodes with CRC-32C
   but not the compressed array chunks: bytes flipped in a chunk otherwise restore silently).
+- Across topologies: orbax writes each process's shards; :func:`restore` reads into the
+  target's shardings (any mesh shape, any process count): resharding happens on restore.
 - :func:`restore_intact` restores the newest *intact* step: a step that fails to read or
   verify is named in one line with the check that failed, moved aside to ``<step>.damaged``,
   and the previous step is tried (said in the log); if none is intact,
@@ -65,12 +67,15 @@ def describe(tree: Any) -> dict[str, list]:
 
 
 def checksums(tree: Any) -> dict[str, str | None]:
-    """``{path: sha256 hex}`` of every leaf's bytes (``None`` for arrays not on this host)."""
+    """``{path: sha256 hex}`` of every leaf's bytes (``None`` for an array sharded over several
+    processes: no process holds all of it; a replicated one is hashed from the local copy)."""
     out = {}
     for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            out[key_to_str(p)] = None
-            continue
+            if not x.is_fully_replicated:
+                out[key_to_str(p)] = None
+                continue
+            x = x.addressable_data(0)
         a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
         out[key_to_str(p)] = hashlib.sha256(a.tobytes()).hexdigest()
     return out

@@ -36,7 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_epochs = 1.0
     c.clip_norm = 0.0
     c.seed = 0
-    c.num_devices = 0  # 0: no mesh (single device); n: a data-parallel mesh of n devices
+    # 0: no mesh (one process, one device); n: a (n / fsdp, fsdp) ("data", "fsdp") mesh of n
+    # devices. A multi-process run (experiments.run --coordinator_address, or JAX_* variables)
+    # always meshes all devices of all processes.
+    c.num_devices = 0
+    c.fsdp = 1  # >1: ZeRO-3 over that many devices (sharding.FSDP_RULES), batches over both axes
     c.stop_after_epoch = 0  # >0: stop after that epoch (checkpointed) to test resuming
     c.progress = True
     # "auto": bf16 compute on GPU/TPU, fp32 on CPU (measured faster there); "fp32" | "bf16".
@@ -79,7 +83,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("precision", c.precision, list(CHOICES))
     if c.input not in INPUTS:
         bad("input", c.input, list(INPUTS))
-    for f, lo in (("epochs", 1), ("batch_size", 1), ("image_size", 1)):
+    for f, lo in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("fsdp", 1)):
         if int(c[f]) < lo:
             bad(f, c[f], f">= {lo}")
     for f in ("lr", "head_lr", "weight_decay", "warmup_epochs", "clip_norm"):
