@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from guft_jax import memory_plan, sharding, train, vit
 from guft_jax.methods import get_method
@@ -48,3 +49,26 @@ def test_activation_formula():
     want = layers * (34 * s * h + 5 * a * s * s)  # Korthikanti et al. eq. 1, 16-bit
     assert memory_plan.activations_per_image(cfg, 224, bytes_per_value=2) == want
     assert memory_plan.activations_per_image(cfg, 224) == 2 * want
+
+
+@pytest.mark.parametrize("name", ["ViT-L/16", "ViT-H/14"])
+def test_large_backbones_trace_through_the_train_step(name):
+    """ViT-L/16 and ViT-H/14 (random weights) through the engine's own init, optimizer and step
+    body, under ``jax.eval_shape`` (traced, nothing allocated or run)."""
+    from guft_jax import guft
+    from guft_jax.methods import base as mbase
+
+    model = vit.build_model(name, num_classes=10)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), np.float32)
+    y = jax.ShapeDtypeStruct((2,), np.int32)
+    for m in (get_method("lora", rank=8, alpha=16.0), guft.guft()):
+
+        def run(key, x, y, m=m):
+            params = mbase.prepare_base(m, vit.init_params(model, key, 224))
+            tx, state = train.optimizer_for(m, params, steps_per_epoch=1, epochs=1, lr=1e-3)
+            new, loss = train.make_step_body(model, m, tx, total_steps=1)(state, params, x, y)
+            return state, new, loss
+
+        state, new, loss = jax.eval_shape(run, jax.random.key(0), x, y)
+        assert jax.tree.structure(new) == jax.tree.structure(state)
+        assert loss.shape == () and loss.dtype == np.float32
