@@ -1,6 +1,8 @@
 """GUFT's sparse-delta matmul vs the dense ``x @ W``, forward + backward, per SDDMM implementation.
 
     python -m benchmarks.ops_bench                       # CPU defaults: batch 8,16, float32
+    python -m benchmarks.ops_bench --batches 50 --tokens_per_image 17 --shapes \
+        384x384,384x1536,1536x384 --fill 0.5 --out /tmp/ops_dinov2_56.json  # DINOv2-S/14, 56 px
     python -m benchmarks.ops_bench --batches 64 --dtype bfloat16 --impls gather,dense,pallas \\
         --out benchmarks/results/ops_bench_accelerator.json  # as benchmarks/accelerator.sh
 
@@ -36,16 +38,19 @@ SHAPES = ((768, 768), (768, 3072), (3072, 768))
 TOKENS_PER_IMAGE = 197  # ViT-B/16 at 224 px: 14 x 14 patches + [CLS]
 
 
-def _case(batch, d_in, d_out, density, dtype, seed=0):
+def _case(batch, d_in, d_out, density, dtype, seed=0, *, tokens=TOKENS_PER_IMAGE, fill=1.0):
+    """``density`` of the entries selected, in slots of which ``fill`` are filled: the rest is
+    padding (``rows = d_in``) after them, as GUFT's capacity slack leaves it."""
     rng = np.random.default_rng(seed)
     k = max(1, round(density * d_in * d_out))
+    cap = max(k, round(k / fill))
     flat = rng.choice(d_in * d_out, size=k, replace=False)  # GUFT's order: not sorted
-    x = jnp.asarray(rng.normal(size=(batch, TOKENS_PER_IMAGE, d_in)), dtype)
+    x = jnp.asarray(rng.normal(size=(batch, tokens, d_in)), dtype)
     w0 = jnp.asarray(rng.normal(size=(d_in, d_out)) / math.sqrt(d_in), dtype)
-    g = jnp.asarray(rng.normal(size=(batch, TOKENS_PER_IMAGE, d_out)), dtype)
-    rows = jnp.asarray(flat // d_out, jnp.int32)
-    cols = jnp.asarray(flat % d_out, jnp.int32)
-    values = jnp.asarray(0.01 * rng.normal(size=k), dtype)
+    g = jnp.asarray(rng.normal(size=(batch, tokens, d_out)), dtype)
+    rows = jnp.asarray(np.concatenate([flat // d_out, np.full(cap - k, d_in)]), jnp.int32)
+    cols = jnp.asarray(np.concatenate([flat % d_out, np.zeros(cap - k, int)]), jnp.int32)
+    values = jnp.asarray(0.01 * rng.normal(size=cap), dtype)
     return dict(x=x, w0=w0, g=g, rows=rows, cols=cols, values=values, k=k)
 
 
@@ -94,8 +99,10 @@ def _check_pallas(case) -> float:
     return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
-def bench_case(batch, d_in, d_out, *, density, dtype, impls, reps, log):
-    case = _case(batch, d_in, d_out, density, dtype)
+def bench_case(
+    batch, d_in, d_out, *, density, dtype, impls, reps, log, tokens=TOKENS_PER_IMAGE, fill=1.0
+):
+    case = _case(batch, d_in, d_out, density, dtype, tokens=tokens, fill=fill)
     fns = _functions(impls)
     times = {name: [] for name in fns}
     compile_s = {}
@@ -115,7 +122,8 @@ def bench_case(batch, d_in, d_out, *, density, dtype, impls, reps, log):
     median_ms = {name: 1e3 * float(np.median(v)) for name, v in times.items()}
     out = dict(
         batch=batch,
-        tokens=batch * TOKENS_PER_IMAGE,
+        tokens=batch * tokens,
+        slots=int(case["rows"].shape[0]),
         d_in=d_in,
         d_out=d_out,
         entries=case["k"],
@@ -197,6 +205,10 @@ def main(argv=None):
     ap.add_argument("--batches", default="64" if on_gpu else "8,16")
     ap.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
     ap.add_argument("--density", type=float, default=0.003)
+    ap.add_argument("--tokens_per_image", type=int, default=TOKENS_PER_IMAGE)
+    ap.add_argument(
+        "--fill", type=float, default=1.0, help="filled fraction of the slots (GUFT: ~0.5)"
+    )
     ap.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
     ap.add_argument("--impls", default="gather,dense,pallas" if on_gpu else "gather,dense")
     ap.add_argument("--reps", type=int, default=20 if on_gpu else 7)
@@ -225,13 +237,13 @@ def main(argv=None):
         for d_in, d_out in shapes:
             case, data = bench_case(
                 batch, d_in, d_out, density=a.density, dtype=dtype, impls=impls, reps=a.reps,
-                log=log,
+                log=log, tokens=a.tokens_per_image, fill=a.fill,
             )  # fmt: skip
             res["cases"].append(case)
             if "pallas_check" not in res:
                 # Once, on a real shape: compiled on GPU, interpreted elsewhere.
                 res["pallas_check"] = dict(
-                    shape=[batch * TOKENS_PER_IMAGE, d_in, d_out],
+                    shape=[batch * a.tokens_per_image, d_in, d_out],
                     interpret=not on_gpu,
                     max_rel_err_vs_dense=_check_pallas(data),
                 )
