@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guft_jax import train, vit
+from guft_jax import memory_plan, train, vit
 from guft_jax.methods import get_method, spec
 
 ROWS = {
@@ -61,15 +61,7 @@ def bench(model_name, *, image_size, batch, reps, rows, log=print):
         t = time.perf_counter()
         compiled = step.lower(state, params, x, y, mask).compile()
         compile_s = time.perf_counter() - t
-        mem = compiled.memory_analysis()
-        peak = None
-        if mem is not None:
-            peak = (
-                mem.argument_size_in_bytes
-                + mem.output_size_in_bytes
-                + mem.temp_size_in_bytes
-                - mem.alias_size_in_bytes
-            )
+        peak = memory_plan.compiled_peak_bytes(compiled)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         state, loss = compiled(state, params, x, y, mask)  # warm-up

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guft_jax import masks, paths, saliency, train, vit
+from guft_jax import masks, memory_plan, paths, saliency, train, vit
 from guft_jax import precision as precision_lib
 from guft_jax.methods import base as mbase
 from guft_jax.methods import get_method, method_names, spec
@@ -94,15 +94,7 @@ def bench_model(
         t = time.perf_counter()
         compiled = step.lower(state, base, x, y, mask).compile()
         compile_s = time.perf_counter() - t
-        mem = compiled.memory_analysis()
-        peak = None
-        if mem is not None:
-            peak = (
-                mem.argument_size_in_bytes
-                + mem.output_size_in_bytes
-                + mem.temp_size_in_bytes
-                - mem.alias_size_in_bytes
-            )
+        peak = memory_plan.compiled_peak_bytes(compiled)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         state, loss = compiled(state, base, x, y, mask)  # warm-up

@@ -311,7 +311,7 @@ def step_peak_bytes(c) -> int | None:
     temporaries - aliased, as ``benchmarks/step_bench.py``), at the run's batch and image size,
     after the method's epoch-1 hook (masks selected); ``None`` where the backend gives none."""
     from experiments.run import build
-    from guft_jax import train
+    from guft_jax import memory_plan, train
     from guft_jax.methods import base as mbase
 
     model, params, src, method = build(c)
@@ -326,15 +326,7 @@ def step_peak_bytes(c) -> int | None:
     state = train.epoch_start(model, method, params, state, 1, batches=lambda: [(x, y)],
                               epochs=c.epochs, log=lambda s: None)  # fmt: skip
     step = train.make_train_step(model, method, tx, total_steps=steps * c.epochs)
-    mem = step.lower(state, params, x, y, ()).compile().memory_analysis()
-    if mem is None:
-        return None
-    return int(
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-    )
+    return memory_plan.compiled_peak_bytes(step.lower(state, params, x, y, ()).compile())
 
 
 def _fit_one(c, kind) -> dict:

@@ -51,6 +51,21 @@ class Plan(NamedTuple):
         return self.params + self.trainable + self.optimizer + self.guft_state
 
 
+def compiled_peak_bytes(compiled) -> int | None:
+    """XLA's peak-memory estimate of a compiled program: arguments + outputs + temporaries -
+    aliased (donated) bytes, from ``compiled.memory_analysis()``; ``None`` where the backend
+    gives none. The measured counterpart of :func:`plan` (step and offline benchmarks)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+
+
 def abstract_mesh(chips: int, *, fsdp: int | None = None) -> AbstractMesh:
     """A ``("data", "fsdp")`` mesh of ``chips`` devices without devices (default: all fsdp)."""
     f = chips if fsdp is None else fsdp
