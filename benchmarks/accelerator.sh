@@ -1,73 +1,85 @@
 #!/usr/bin/env bash
-# The accelerator check of issue 16, one command on a GPU box (about 6 minutes on one H100/H200):
+# The accelerator check of issue 16: one command on a GPU box, stages in priority order under one
+# time budget (a stage that would not fit in what is left is skipped and says so):
 #
-#   bash benchmarks/accelerator.sh            # PY=/path/to/python to use another interpreter
+#   bash benchmarks/accelerator.sh                    # results in benchmarks/results/
+#   PY=python3 RESULTS=$OUT/results BUDGET_S=420 bash benchmarks/accelerator.sh
 #
-# 1. ops bench (bf16, ViT-B/16 layer shapes, batch 64): sparse-delta matmul fwd+bwd per SDDMM impl
-#    (gather, dense, the compiled Pallas/Triton kernel, checked against the dense gradient) vs the
-#    dense matmul, and fused attention vs einsum -> benchmarks/results/ops_bench_accelerator.json
-# 2. step bench (ViT-B/16, 224 px, batch 64): full / LoRA / GUFT sparse / GUFT dense, with the
-#    SDDMM that ops.AUTO_IMPL picks on GPU -> benchmarks/results/step_bench_accelerator.json
-# 3. the GUFT sparse step again with the Pallas SDDMM (AUTO_IMPL["gpu"] overridden for this
-#    process only) -> benchmarks/results/step_bench_accelerator_pallas.json
-# 4. end to end: train.fit's steady-state images/s vs the bare step (ViT-B/16, batch 64, LoRA and
-#    full, host vs device input, 112 and 224 px) -> benchmarks/results/fit_bench_accelerator_*.json
-# step_bench's --precision is passed (bf16) when that step bench has it.
-# If the Pallas kernel wins in (1) and (3), set ops.AUTO_IMPL["gpu"] = "pallas".
-set -euo pipefail
+# 1. step bench, bf16, ViT-B/16, 224 px, batch 64: full / LoRA / BitFit / GUFT sparse (the SDDMM
+#    ops.AUTO_IMPL picks on GPU) / GUFT sparse with the Pallas (Triton) SDDMM, and the PyTorch peer
+#    (timm + peft: full eager, full + torch.compile, LoRA, BitFit; bf16 autocast) in the same
+#    round-robin -> step_bench_accelerator.json
+# 2. end to end: train.fit's steady-state images/s vs the bare step (LoRA, device vs host input,
+#    224 then 112 px) -> fit_bench_accelerator_{224,112}.json
+# 3. ops bench (bf16, ViT-B/16 layer shapes, batch 64): the sparse-delta matmul per SDDMM impl vs
+#    the dense matmul, fused attention vs einsum -> ops_bench_accelerator.json
+# 4. remat memory (below)
+# JAX and torch share the GPU in (1): JAX is held to XLA_PYTHON_CLIENT_MEM_FRACTION of it.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=benchmarks/results
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-benchmarks/results}
+BUDGET_S=${BUDGET_S:-420}
+# Sizes (the issue's; smaller ones only for a dry run of this script on CPU with ALLOW_CPU=1)
+MODEL=${MODEL:-ViT-B/16} SIZES=${SIZES:-224 112} BATCH=${BATCH:-64} REPS=${REPS:-10}
+METHODS=${METHODS:-full,lora,bitfit,guft,guft_pallas}
+mkdir -p "$RESULTS"
 unset JAX_PLATFORMS  # the Makefile exports cpu; this script is for the accelerator
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
 
-"$PY" - <<'EOF'
-import jax
-assert jax.default_backend() == "gpu", f"no GPU visible to JAX: {jax.devices()}"
-print("devices:", jax.devices())
+# stage NAME MIN_S MAX_S CMD...: runs CMD under timeout min(MAX_S, time left) if MIN_S is left
+stage() {
+  local name=$1 min=$2 max=$3
+  shift 3
+  local left=$((BUDGET_S - ($(date +%s) - T0)))
+  if ((left < min)); then
+    echo "== $name: SKIPPED (${left}s left of ${BUDGET_S}s, needs ${min}s)"
+    return 0
+  fi
+  local lim=$((left < max ? left : max))
+  echo "== $name (limit ${lim}s, t=$(($(date +%s) - T0))s)"
+  timeout "$lim" "$@" || echo "== $name: FAILED or timed out (rc $?)"
+}
+
+ALLOW_CPU=${ALLOW_CPU:-0} "$PY" - <<'EOF' || exit 1
+import os
+import jax, flax, optax
+print("devices:", jax.devices(), "jax", jax.__version__, "flax", flax.__version__,
+      "optax", optax.__version__)
+if os.environ["ALLOW_CPU"] != "1":
+    assert jax.default_backend() == "gpu", f"no GPU visible to JAX: {jax.devices()}"
 EOF
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/accelerator_env.csv" || true
-
-echo "== ops bench"
-timeout 150 "$PY" -m benchmarks.ops_bench --batches 64 --dtype bfloat16 \
-  --impls gather,dense,pallas --reps 20 --attention_batch 64 \
-  --out "$OUT/ops_bench_accelerator.json"
-
-PRECISION=()
-if "$PY" -m benchmarks.step_bench --help 2>/dev/null | grep -q -- "--precision"; then
-  PRECISION=(--precision bf16)
-fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+  > "$RESULTS/accelerator_env.csv" || true
 
 PEER=()
 if "$PY" -c "import torch, timm, peft" 2>/dev/null; then
-  PEER=(--peer torch)  # timm + peft timed in the same round-robin as ours
+  PEER=(--peer torch)
 fi
+XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45} \
+  stage "step bench bf16 ${PEER[*]}" 60 270 "$PY" -m benchmarks.step_bench \
+  --models "$MODEL" --image_size "${SIZES%% *}" --batch "$BATCH" --reps "$REPS" --precision bf16 \
+  --saliency 0 \
+  --methods "$METHODS" "${PEER[@]}" \
+  --out "$RESULTS/step_bench_accelerator.json"
 
-echo "== step bench ${PRECISION[*]} ${PEER[*]}"
-timeout 300 "$PY" -m benchmarks.step_bench --models ViT-B/16 --image_size 224 --batch 64 \
-  --reps 10 --methods full,lora,guft,guft_dense,bitfit "${PRECISION[@]}" "${PEER[@]}" \
-  --out "$OUT/step_bench_accelerator.json"
-
-echo "== step bench, GUFT with the Pallas SDDMM"
-timeout 150 "$PY" - "${PRECISION[@]}" <<'EOF'
-import sys
-
-from guft_jax import ops
-
-ops.AUTO_IMPL["gpu"] = "pallas"  # this process only: the step engine calls impl="auto"
-from benchmarks import step_bench
-
-step_bench.main(
-    ["--models", "ViT-B/16", "--image_size", "224", "--batch", "64", "--reps", "10",
-     "--methods", "full,guft", "--out", "benchmarks/results/step_bench_accelerator_pallas.json"]
-    + sys.argv[1:]
-)
-EOF
-echo "== fit vs bare step (end to end)"
-for SIZE in 112 224; do
-  timeout 150 "$PY" -m benchmarks.fit_bench --model ViT-B/16 --image_size "$SIZE" --batch 64 \
-    --epochs 3 --reps 1 --methods lora,full --inputs host,device --precision auto \
-    --out "$OUT/fit_bench_accelerator_${SIZE}.json" || echo "fit bench at $SIZE px: failed/timed out"
+for SIZE in $SIZES; do
+  stage "fit vs bare step, ${SIZE} px" 45 150 "$PY" -m benchmarks.fit_bench --model "$MODEL" \
+    --image_size "$SIZE" --batch "$BATCH" --epochs 4 --reps 1 --bare_once 1 --methods lora \
+    --inputs device,host --precision auto --out "$RESULTS/fit_bench_accelerator_${SIZE}.json"
 done
-echo "wrote $OUT/ops_bench_accelerator.json $OUT/step_bench_accelerator.json" \
-  "$OUT/step_bench_accelerator_pallas.json $OUT/fit_bench_accelerator_{112,224}.json"
+
+stage "ops bench" 40 90 "$PY" -m benchmarks.ops_bench --batches "$BATCH" --dtype bfloat16 \
+  --impls "${OPS_IMPLS:-gather,dense,pallas}" --reps "$REPS" --attention_batch "$BATCH" \
+  --out "$RESULTS/ops_bench_accelerator.json"
+
+# 4. memory with remat (jax.checkpoint per block): ViT-B/16 batch 256 and ViT-L/16 batch 64, full
+#    fine-tuning and LoRA, bf16; XLA's peak estimate and the step time -> step_bench_remat.json
+stage "remat: ViT-B/16 b256, ViT-L/16 b64" 60 150 "$PY" -m benchmarks.step_bench \
+  --models "${REMAT_MODELS:-ViT-B/16,ViT-L/16}" --batch "${REMAT_BATCHES:-256,64}" \
+  --image_size "${SIZES%% *}" --reps 3 --precision bf16 --saliency 0 --remat 1 --methods full,lora \
+  --out "$RESULTS/step_bench_remat.json"
+
+echo "== done in $(($(date +%s) - T0))s; results in $RESULTS:"
+ls -la "$RESULTS"

@@ -19,6 +19,7 @@ plain forward+backward passes. Ratios are taken against full fine-tuning in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,13 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guft_jax import masks, memory_plan, paths, saliency, train, vit
+from guft_jax import masks, memory_plan, ops, paths, saliency, train, vit
 from guft_jax import precision as precision_lib
 from guft_jax.methods import base as mbase
 from guft_jax.methods import get_method, method_names, spec
 
-# Every registered method (with its registered defaults), and GUFT's dense reference path.
-METHODS = (*method_names(), "guft_dense")
+# Every registered method (with its registered defaults), GUFT's dense reference path, and GUFT's
+# sparse path with each SDDMM implementation forced (``ops.AUTO_IMPL`` picks one per backend).
+SDDMM_ROWS = {"guft_gather": "gather", "guft_dense_dw": "dense", "guft_pallas": "pallas"}
+METHODS = (*method_names(), "guft_dense", *SDDMM_ROWS)
 
 
 def _method(name):
@@ -43,39 +46,66 @@ def _method(name):
     proportion to their size: GUFT's own machinery with the magnitude score and per-tensor
     allocation fills the mask (no saliency pass needed to time a step; the step is the same)."""
     kw = dict(recompute_epochs=[1], ratios=[0.0034], score="magnitude", allocation="per_tensor")
-    if name == "guft":
+    if name == "guft" or name in SDDMM_ROWS:
         return get_method("guft", **kw)
     if name == "guft_dense":
         return get_method("guft", sparse=False, **kw)
     return get_method(name, **(spec(name).defaults.kwargs or {}))
 
 
+@contextlib.contextmanager
+def _sddmm_impl(impl):
+    """``ops.AUTO_IMPL`` for this backend set to ``impl`` while a step is traced (None: as is)."""
+    backend = jax.default_backend()
+    old = ops.AUTO_IMPL.get(backend)
+    if impl is not None:
+        ops.AUTO_IMPL[backend] = impl
+    try:
+        yield
+    finally:
+        ops.AUTO_IMPL[backend] = old
+
+
 def _bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
-def matmul_flops_per_s(n=2048, reps=5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+def matmul_flops_per_s(n=2048, reps=5, dtype=jnp.float32) -> float:
+    """FLOP/s of one ``n``³ matmul on random data (zeros and ones run faster than real data)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    f = jax.jit(lambda u, v: u @ v)
+    f(a, b).block_until_ready()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        f(a, b).block_until_ready()
         ts.append(time.perf_counter() - t)
     return 2 * n**3 / float(np.median(ts))
 
 
 def bench_model(
-    model_name, *, image_size, batch, reps, methods, log, precisions=("fp32",), peer=()
+    model_name,
+    *,
+    image_size,
+    batch,
+    reps,
+    methods,
+    log,
+    precisions=("fp32",),
+    peer=(),
+    saliency_pass=True,
+    remat=False,
 ):
     model = vit.build_model(model_name, num_classes=100)
+    if remat:  # jax.checkpoint per encoder block
+        model = model.clone(remat=True)
     params = vit.init_params(model, jax.random.PRNGKey(0), image_size)
     params = dict(params, head=jax.tree.map(lambda x: x + 0.01, params["head"]))
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, image_size, image_size, 3))
     y = jnp.arange(batch, dtype=jnp.int32) % 100
     backbone = vit.count_params({k: v for k, v in params.items() if k != "head"})
-    runs = {}
+    runs, failed = {}, {}
     multi = len(precisions) > 1
     for prec, name in [(p, n) for p in precisions for n in methods]:
         key = f"{name}@{prec}" if multi else name
@@ -92,13 +122,19 @@ def bench_model(
         )
         step = train.make_train_step(pmodel, m, tx)
         t = time.perf_counter()
-        compiled = step.lower(state, base, x, y, mask).compile()
-        compile_s = time.perf_counter() - t
+        try:
+            with _sddmm_impl(SDDMM_ROWS.get(name)):  # the impl is chosen while tracing
+                compiled = step.lower(state, base, x, y, mask).compile()
+            compile_s = time.perf_counter() - t
+            state, loss = compiled(state, base, x, y, mask)  # warm-up
+            jax.block_until_ready(loss)
+        except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
+            failed[key] = f"{type(e).__name__}: {str(e)[:500]}"
+            log(f"  {model_name} {key}: FAILED {failed[key]}")
+            continue
         peak = memory_plan.compiled_peak_bytes(compiled)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        state, loss = compiled(state, base, x, y, mask)  # warm-up
-        jax.block_until_ready(loss)
         mstate = _bytes(state.opt_state)
         runs[key] = dict(
             precision=precision_lib.resolve(prec),
@@ -122,14 +158,19 @@ def bench_model(
         for prec in precisions:
             for spec_ in peer:
                 method, _, comp = spec_.partition("+")
-                run = torch_peer.build(
-                    model_name,
-                    method,
-                    image_size=image_size,
-                    batch=batch,
-                    precision=precision_lib.resolve(prec),
-                    compile_model=comp == "compile",
-                )
+                try:
+                    run = torch_peer.build(
+                        model_name,
+                        method,
+                        image_size=image_size,
+                        batch=batch,
+                        precision=precision_lib.resolve(prec),
+                        compile_model=comp == "compile",
+                    )
+                except Exception as e:  # noqa: BLE001 -- the peer failing must not lose ours
+                    failed[f"torch:{spec_}@{prec}"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    log(f"  {model_name} torch:{spec_}: FAILED {failed[f'torch:{spec_}@{prec}']}")
+                    continue
                 key = f"{run.name}@{prec}" if multi else run.name
                 peers[key] = dict(run=run, times=[], precision=precision_lib.resolve(prec))
                 log(f"  {model_name} {key}: built")
@@ -168,7 +209,25 @@ def bench_model(
             o["peak_vs_full"] = o["peak_bytes"] / f["peak_bytes"]
         if f32 is not None:
             o["step_vs_full_fp32"] = o["step_s"] / f32["step_s"]
-    # saliency pass vs the same number of plain fwd+bwd passes
+    peer_out = {}
+    for name, r in peers.items():
+        med = float(np.median(r["times"]))
+        peer_out[name] = dict(
+            precision=r["precision"],
+            step_s=med,
+            images_per_s=batch / med,
+            peak_bytes=r["run"].peak_bytes,
+            trainable=r["run"].trainable,
+        )
+        own = out.get(f"full@{r['precision']}" if multi else "full")
+        if own:
+            peer_out[name]["our_full_vs_this"] = own["images_per_s"] / (batch / med)
+    sal = _saliency_vs_plain(model, params, x, y, reps) if saliency_pass else None
+    return dict(methods=out, saliency=sal, backbone_params=backbone, peer=peer_out, failed=failed)
+
+
+def _saliency_vs_plain(model, params, x, y, reps):
+    """GUFT's saliency pass vs the same number of plain fwd+bwd passes."""
     loss = jax.jit(
         lambda theta, xx, yy: train.optax.softmax_cross_entropy_with_integer_labels(
             model.apply({"params": theta}, xx), yy
@@ -199,7 +258,7 @@ def bench_model(
     mk = masks.topk_mask(g, k)
     jax.block_until_ready(mk)
     topk_s = time.perf_counter() - t
-    sal = dict(
+    return dict(
         batches=n_batches,
         saliency_s=sal_s,
         plain_fwd_bwd_s=plain_s,
@@ -207,20 +266,6 @@ def bench_model(
         topk_s=topk_s,
         topk_k=k,
     )
-    peer_out = {}
-    for name, r in peers.items():
-        med = float(np.median(r["times"]))
-        peer_out[name] = dict(
-            precision=r["precision"],
-            step_s=med,
-            images_per_s=batch / med,
-            peak_bytes=r["run"].peak_bytes,
-            trainable=r["run"].trainable,
-        )
-        own = out.get(f"full@{r['precision']}" if multi else "full")
-        if own:
-            peer_out[name]["our_full_vs_this"] = own["images_per_s"] / (batch / med)
-    return dict(methods=out, saliency=sal, backbone_params=backbone, peer=peer_out)
 
 
 def main(argv=None):
@@ -243,6 +288,14 @@ def main(argv=None):
         help="'torch': also time the PyTorch peer (timm + peft, when importable) in the same "
         "round-robin: full, full+compile, lora, bitfit",
     )
+    ap.add_argument(
+        "--saliency",
+        default=1,
+        type=int,
+        choices=(0, 1),
+        help="1: also time GUFT's saliency pass against plain fwd+bwd passes",
+    )
+    ap.add_argument("--remat", default=0, type=int, choices=(0, 1), help="1: remat each block")
     a = ap.parse_args(argv)
     if a.peer not in ("", "torch"):
         ap.error(f"--peer: {a.peer!r} is not allowed; allowed: torch")
@@ -274,6 +327,8 @@ def main(argv=None):
         matmul_flops_per_s=matmul_flops_per_s(),
         models={},
     )
+    if jax.default_backend() != "cpu":  # the accelerator's bf16 ceiling, measured in this run
+        res["matmul_bf16_flops_per_s"] = matmul_flops_per_s(8192, 10, jnp.bfloat16)
     models = a.models.split(",")
     batches = [int(b) for b in str(a.batch).split(",")]
     batches = batches * len(models) if len(batches) == 1 else batches
@@ -288,10 +343,14 @@ def main(argv=None):
             log=lambda s: print(s, flush=True),
             precisions=precisions,
             peer=peer,
+            saliency_pass=bool(a.saliency),
+            remat=bool(a.remat),
         )
         for o in r["methods"].values():
             if o["flops_per_s"]:
                 o["mfu_vs_matmul"] = o["flops_per_s"] / res["matmul_flops_per_s"]
+                if "matmul_bf16_flops_per_s" in res:  # MFU against the measured bf16 peak
+                    o["mfu_vs_bf16_matmul"] = o["flops_per_s"] / res["matmul_bf16_flops_per_s"]
         r["batch"] = batch
         res["models"][name] = r
         print(table(name, r), flush=True)
@@ -311,19 +370,22 @@ def main(argv=None):
 
 def table(name, r) -> str:
     lines = [
-        f"| {name} | trainable % | step s | step / full | opt state MB | opt / full "
-        f"| peak MB | peak / full | MFU vs matmul |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| {name} | trainable % | step s | img/s | step / full | opt state MB | opt / full "
+        f"| peak MB | peak / full | MFU vs matmul | MFU vs bf16 matmul |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, o in r["methods"].items():
         lines.append(
-            f"| {m} | {o['trainable_pct']:.3f} | {o['step_s']:.3f} | "
+            f"| {m} | {o['trainable_pct']:.3f} | {o['step_s']:.4f} | {o['images_per_s']:.0f} | "
             f"{o.get('step_vs_full', float('nan')):.3f} | {o['opt_state_bytes'] / 2**20:.2f} | "
             f"{o.get('opt_state_vs_full', float('nan')):.4f} | "
             f"{(o['peak_bytes'] or 0) / 2**20:.0f} | {o.get('peak_vs_full', float('nan')):.3f} | "
-            f"{o.get('mfu_vs_matmul') or float('nan'):.3f} |"
+            f"{o.get('mfu_vs_matmul') or float('nan'):.3f} | "
+            f"{o.get('mfu_vs_bf16_matmul') or float('nan'):.3f} |"
         )
     s = r["saliency"]
+    if s is None:
+        return "\n".join(lines)
     lines.append(
         f"\nsaliency pass over {s['batches']} batches: {s['saliency_s']:.2f}s vs plain fwd+bwd "
         f"{s['plain_fwd_bwd_s']:.2f}s (ratio {s['ratio']:.3f}); global top-k "
