@@ -13,7 +13,12 @@
 #    224 then 112 px) -> fit_bench_accelerator_{224,112}.json
 # 3. ops bench (bf16, ViT-B/16 layer shapes, batch 64): the sparse-delta matmul per SDDMM impl vs
 #    the dense matmul, fused attention vs einsum -> ops_bench_accelerator.json
-# 4. remat memory (below)
+# 4. remat: ViT-B/16 batch 256 and ViT-L/16 batch 64 with jax.checkpoint per block, full
+#    fine-tuning and LoRA: XLA's peak estimate and the step -> step_bench_remat.json
+# 5. (stage "guft", second) GUFT's step at a real selection: DINOv2-S/14 (GUFT_JAX_CACHE) trained
+#    3 epochs on Animal-MNIST, then timed with and without its row x column blocks beside full,
+#    LoRA and BitFit -> guft_step_bench_accelerator.json
+# STAGES="guft fit remat" (say) runs a subset, in the order above.
 # JAX and torch share the GPU in (1): JAX is held to XLA_PYTHON_CLIENT_MEM_FRACTION of it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +28,8 @@ BUDGET_S=${BUDGET_S:-420}
 # Sizes (the issue's; smaller ones only for a dry run of this script on CPU with ALLOW_CPU=1)
 MODEL=${MODEL:-ViT-B/16} SIZES=${SIZES:-224 112} BATCH=${BATCH:-64} REPS=${REPS:-10}
 METHODS=${METHODS:-full,lora,bitfit,guft,guft_pallas}
+STAGES=${STAGES:-step guft fit ops remat}  # which stages, in this order
+FIT_INPUTS=${FIT_INPUTS:-device,host}
 mkdir -p "$RESULTS"
 unset JAX_PLATFORMS  # the Makefile exports cpu; this script is for the accelerator
 export PYTHONUNBUFFERED=1
@@ -53,33 +60,46 @@ EOF
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
   > "$RESULTS/accelerator_env.csv" || true
 
-PEER=()
-if "$PY" -c "import torch, timm, peft" 2>/dev/null; then
-  PEER=(--peer torch)
+on() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if on step; then
+  PEER=()
+  if "$PY" -c "import torch, timm, peft" 2>/dev/null; then
+    PEER=(--peer torch)
+  fi
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45} \
+    stage "step bench bf16 ${PEER[*]}" 60 270 "$PY" -m benchmarks.step_bench \
+    --models "$MODEL" --image_size "${SIZES%% *}" --batch "$BATCH" --reps "$REPS" \
+    --precision bf16 --saliency 0 --methods "$METHODS" "${PEER[@]}" \
+    --out "$RESULTS/step_bench_accelerator.json"
 fi
-XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45} \
-  stage "step bench bf16 ${PEER[*]}" 60 270 "$PY" -m benchmarks.step_bench \
-  --models "$MODEL" --image_size "${SIZES%% *}" --batch "$BATCH" --reps "$REPS" --precision bf16 \
-  --saliency 0 \
-  --methods "$METHODS" "${PEER[@]}" \
-  --out "$RESULTS/step_bench_accelerator.json"
 
-for SIZE in $SIZES; do
-  stage "fit vs bare step, ${SIZE} px" 45 150 "$PY" -m benchmarks.fit_bench --model "$MODEL" \
-    --image_size "$SIZE" --batch "$BATCH" --epochs 4 --reps 1 --bare_once 1 --methods lora \
-    --inputs device,host --precision auto --out "$RESULTS/fit_bench_accelerator_${SIZE}.json"
-done
+if on guft; then  # GUFT at a real selection (pretrained DINOv2-S/14, Animal-MNIST; its cache)
+  stage "GUFT step at a real selection" 90 200 "$PY" -m benchmarks.guft_step_bench \
+    --image_size "${SIZES%% *}" --batch "$BATCH" --reps "$REPS" --precision bf16 \
+    --out "$RESULTS/guft_step_bench_accelerator.json"
+fi
 
-stage "ops bench" 40 90 "$PY" -m benchmarks.ops_bench --batches "$BATCH" --dtype bfloat16 \
-  --impls "${OPS_IMPLS:-gather,dense,pallas}" --reps "$REPS" --attention_batch "$BATCH" \
-  --out "$RESULTS/ops_bench_accelerator.json"
+if on fit; then
+  for SIZE in $SIZES; do
+    stage "fit vs bare step, ${SIZE} px" 40 150 "$PY" -m benchmarks.fit_bench --model "$MODEL" \
+      --image_size "$SIZE" --batch "$BATCH" --epochs 4 --reps 1 --bare_once 1 --methods lora \
+      --inputs "$FIT_INPUTS" --precision auto --out "$RESULTS/fit_bench_accelerator_${SIZE}.json"
+  done
+fi
 
-# 4. memory with remat (jax.checkpoint per block): ViT-B/16 batch 256 and ViT-L/16 batch 64, full
-#    fine-tuning and LoRA, bf16; XLA's peak estimate and the step time -> step_bench_remat.json
-stage "remat: ViT-B/16 b256, ViT-L/16 b64" 60 150 "$PY" -m benchmarks.step_bench \
-  --models "${REMAT_MODELS:-ViT-B/16,ViT-L/16}" --batch "${REMAT_BATCHES:-256,64}" \
-  --image_size "${SIZES%% *}" --reps 3 --precision bf16 --saliency 0 --remat 1 --methods full,lora \
-  --out "$RESULTS/step_bench_remat.json"
+if on ops; then
+  stage "ops bench" 40 90 "$PY" -m benchmarks.ops_bench --batches "$BATCH" --dtype bfloat16 \
+    --impls "${OPS_IMPLS:-gather,dense,pallas}" --reps "$REPS" --attention_batch "$BATCH" \
+    --out "$RESULTS/ops_bench_accelerator.json"
+fi
+
+if on remat; then  # jax.checkpoint per block: ViT-B/16 batch 256 and ViT-L/16 batch 64, bf16
+  stage "remat: ${REMAT_MODELS:-ViT-B/16,ViT-L/16} b${REMAT_BATCHES:-256,64}" 60 150 \
+    "$PY" -m benchmarks.step_bench --models "${REMAT_MODELS:-ViT-B/16,ViT-L/16}" \
+    --batch "${REMAT_BATCHES:-256,64}" --image_size "${SIZES%% *}" --reps 3 --precision bf16 \
+    --saliency 0 --remat 1 --methods full,lora --out "$RESULTS/step_bench_remat.json"
+fi
 
 echo "== done in $(($(date +%s) - T0))s; results in $RESULTS:"
 ls -la "$RESULTS"

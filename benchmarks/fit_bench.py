@@ -70,11 +70,14 @@ def fit_once(model, method, params, source, *, image_size, batch, epochs, lr, ki
     ).results
     wall = time.perf_counter() - t
     steady = [h["images_per_s"] for h in r["history"][1:]]
+    # host time to dispatch an epoch's steps over the epoch's time: near 1 = input/host-bound
+    host = [h["dispatch_seconds"] / h["epoch_seconds"] for h in r["history"][1:]]
     return dict(
         wall_s=wall,
         images_per_s=float(np.median(steady)),
         epoch_images_per_s=[h["images_per_s"] for h in r["history"]],
         test_accuracy=r.get("test_accuracy"),
+        host_fraction=float(np.median(host)),
         input=r["input"],
         precision=r["precision"],
     )
@@ -149,6 +152,7 @@ def main(argv=None):
                 print(
                     f"{name:10s} input={kind:6s} rep {rep}: fit {f['images_per_s']:8.1f} img/s, "
                     f"bare step {bare:8.1f} img/s, fit/bare {f['fit_vs_bare']:.3f}, "
+                    f"host {f['host_fraction']:.2f} of the epoch, "
                     f"wall {f['wall_s']:.0f} s",
                     flush=True,
                 )

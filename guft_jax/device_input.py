@@ -326,7 +326,7 @@ def _iterate(data, order, nb, batch_size, image_size, normalization, start_step,
         yield _gather_batch(
             data,
             order,
-            jnp.int32(start),
+            np.int32(start),  # a numpy scalar rides jit's C++ dispatch; jnp.int32 is an eager op
             batch_size=min(batch_size, n - start),
             image_size=image_size,
             normalization=normalization,

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import masks as masks_lib
-from guft_jax import ops, paths
+from guft_jax import ops, paths, vit
 from guft_jax import saliency as sal
 from guft_jax.methods.base import Defaults, Method, MethodHooks, register
 
@@ -75,6 +75,10 @@ class GuftState(NamedTuple):
     - ``history``: per round, ``epoch``, ``k``, ``selected`` (total after the round) and the
       saliency ``batch_size`` (the ranking depends on it).
     - ``size``: entries per leaf (int32 scalars; the sparse path's padding index).
+    - ``blocks``: sparse path, per kernel: ``{"rows", "cols"}``, the sorted unique rows and
+      columns (of the layer's ``(in, out)`` matrix) that its entries lie in, padded with
+      ``in`` / ``out`` to a capacity of their own; the weight gradient is taken on that
+      sub-block where it is small (:func:`guft_jax.ops.block_sddmm`). Dense path: empty.
     """
 
     selected: dict
@@ -82,6 +86,7 @@ class GuftState(NamedTuple):
     round: jax.Array
     history: dict
     size: dict
+    blocks: dict
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -211,6 +216,34 @@ def _resize_host(tree: Any, sizes: dict[str, int], *, suffix: bool = False) -> A
     return jax.tree_util.tree_map_with_path(fix, tree)
 
 
+def _pad_block(arr, n: int):
+    """A block index vector at length ``n``: kept entries first, then its padding value (its
+    largest entry: padding is ``in`` / ``out``, above every row / column)."""
+    if arr.shape[0] == n:
+        return arr
+    a = np.asarray(arr)
+    out = np.full((n,), int(a.max()), np.int32)
+    m = min(n, a.shape[0])
+    out[:m] = a[:m]
+    return jax.device_put(out)
+
+
+def matrix_shape(key: str, shape) -> tuple[int, int]:
+    """``(in, out)`` of the 2-D matrix a ViT kernel multiplies with (:func:`vit.kernel_as_matrix`),
+    which is what the sparse path's flat indices are taken over."""
+    path = paths.path_of(key)
+    return tuple(jax.eval_shape(lambda k: vit.kernel_as_matrix(k, path), _Spec(shape)).shape)
+
+
+def _Spec(shape):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+# Block capacities (sparse path): a round whose unique rows/columns overflow them grows them to
+# this slack times what it needs (one retrace, logged); they start at the entries' floor.
+BLOCK_SLACK = 1.5
+
+
 @dataclasses.dataclass(frozen=True)
 class DensePath:
     """The dense reference path: ``δ`` dense over eligible leaves, masks in the state."""
@@ -282,8 +315,9 @@ class SparsePath:
     @staticmethod
     def intercept(delta, state):
         """Replaces ``vit.Linear.matmul`` of every layer whose kernel has a delta."""
+        blocks = getattr(state, "blocks", None) or {}
         table = {
-            tuple(paths.path_of(k).split("/")[:-1]): (state.selected[k], d)
+            tuple(paths.path_of(k).split("/")[:-1]): (state.selected[k], d, blocks.get(k))
             for k, d in delta.items()
             if _is_kernel(k)
         }
@@ -293,9 +327,10 @@ class SparsePath:
             if not hit:
                 return next_fun(*args, **kwargs)
             x, w = args
-            idx, values = table[tuple(context.module.path)]
+            idx, values, blk = table[tuple(context.module.path)]
             rows, cols = idx // w.shape[1], idx % w.shape[1]
-            return ops.sparse_delta_matmul(x, w, rows, cols, values.astype(w.dtype))
+            block = None if blk is None else (blk["rows"], blk["cols"])
+            return ops.sparse_delta_matmul(x, w, rows, cols, values.astype(w.dtype), block=block)
 
         return icpt
 
@@ -330,17 +365,62 @@ class SparsePath:
             log(f"guft: capacity grown for {len(grown)} tensors (one retrace): {grown[:4]}")
         trainable, opt_state, state = self.resize(trainable, opt_state, state, new_caps)
         idx, count = dict(state.selected), dict(state.count)
+        blocks, grown_blocks = dict(state.blocks), []
         for k, (old, fresh, size) in plans.items():
             arr = np.full((new_caps[k],), size, np.int32)
             arr[: len(old)] = old
             arr[len(old) : len(old) + len(fresh)] = fresh
             idx[k] = jax.device_put(arr)
             count[k] = jax.device_put(np.int32(len(old) + len(fresh)))
-        return trainable, opt_state, state._replace(selected=idx, count=count)
+            if k in blocks:
+                old_shape = (blocks[k]["rows"].shape, blocks[k]["cols"].shape)
+                blocks[k] = self._block(k, arr, blocks[k])
+                if (blocks[k]["rows"].shape, blocks[k]["cols"].shape) != old_shape:
+                    grown_blocks.append(k)
+        if grown_blocks and int(state.round) > 0:
+            log(
+                f"guft: block capacity grown for {len(grown_blocks)} kernels (one retrace): "
+                f"{grown_blocks[:4]}"
+            )
+        return trainable, opt_state, state._replace(selected=idx, count=count, blocks=blocks)
 
-    def resize(self, trainable, opt_state, state, caps: dict):
+    def _block(self, key, idx, cur):
+        """The kernel's block (unique rows and columns of ``idx``), its capacities grown by
+        :data:`BLOCK_SLACK` where they overflow (a retrace, logged)."""
+        n_in, n_out = matrix_shape(key, self.eligible[key])
+        rows, cols = idx // n_out, idx % n_out
+        ok = idx < n_in * n_out
+        need = (len(np.unique(rows[ok])), len(np.unique(cols[ok])))
+        caps = [int(cur["rows"].shape[0]), int(cur["cols"].shape[0])]
+        for i, dim in enumerate((n_in, n_out)):
+            if need[i] > caps[i]:
+                caps[i] = min(dim, max(need[i], math.ceil(BLOCK_SLACK * need[i])))
+        br, bc = ops.block_of(rows, cols, (n_in, n_out), tuple(caps))
+        return {"rows": jax.device_put(br), "cols": jax.device_put(bc)}
+
+    def init_blocks(self) -> dict:
+        """Empty blocks per kernel (every slot padding), of capacity ``min(dim, floor)`` like the
+        entries' (a floor that holds every round never retraces)."""
+        out = {}
+        for k, s in self.eligible.items():
+            if _is_kernel(k):
+                n_in, n_out = matrix_shape(k, s)
+                out[k] = {
+                    "rows": jnp.full((min(n_in, self.floor),), n_in, jnp.int32),
+                    "cols": jnp.full((min(n_out, self.floor),), n_out, jnp.int32),
+                }
+        return out
+
+    def resize(self, trainable, opt_state, state, caps: dict, block_caps: dict | None = None):
         """Zero-pads (or truncates) δ, its optimizer leaves and the indices to ``caps`` (on the
-        host; leaves whose length does not change are kept as they are)."""
+        host; leaves whose length does not change are kept as they are); ``block_caps``
+        (``{key: (rows, cols)}``) re-pads the blocks (with ``in`` / ``out``)."""
+        if block_caps:
+            blocks = dict(state.blocks)
+            for k, (r, c) in block_caps.items():
+                b = blocks[k]
+                blocks[k] = {"rows": _pad_block(b["rows"], r), "cols": _pad_block(b["cols"], c)}
+            state = state._replace(blocks=blocks)
         sizes = {f"delta/{k}": c for k, c in caps.items()}
         new_tr = _resize_host(trainable, sizes)
         new_opt = _resize_host(opt_state, sizes, suffix=True)
@@ -539,7 +619,9 @@ def _init_state(cfg: GuftConfig, params, trainable) -> GuftState:
     sel = cfg.path(params).init_selected(trainable["delta"])
     count = {k: jnp.zeros((), jnp.int32) for k in sel}
     size = {k: jnp.asarray(math.prod(s), jnp.int32) for k, s in cfg.eligible_of(params).items()}
-    return GuftState(sel, count, jnp.zeros((), jnp.int32), hist, size)
+    path = cfg.path(params)
+    blocks = path.init_blocks() if cfg.sparse else {}
+    return GuftState(sel, count, jnp.zeros((), jnp.int32), hist, size, blocks)
 
 
 def _apply(cfg: GuftConfig, params, trainable, state=None, rng=None):
@@ -628,11 +710,20 @@ def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
 
 def _resize(cfg: GuftConfig, trainable, opt_state, state, structure: dict):
     """Adopts the capacities recorded in a checkpoint's structure (sparse path)."""
-    caps = {}
+    caps, block_caps = {}, {}
     for k, v in trainable["delta"].items():
         shape = structure.get(f"trainable/delta/{k}")
         caps[k] = int(shape[0][0]) if shape is not None else int(v.shape[0])
-    return SparsePath({}, cfg.capacity_floor).resize(trainable, opt_state, state, caps)
+    for k, b in state.blocks.items():
+        got = [
+            next((v[0][0] for p, v in structure.items() if p.endswith(f"blocks/{k}/{f}")), None)
+            for f in ("rows", "cols")
+        ]
+        block_caps[k] = tuple(
+            int(g) if g is not None else int(b[f].shape[0])
+            for g, f in zip(got, ("rows", "cols"), strict=True)
+        )
+    return SparsePath({}, cfg.capacity_floor).resize(trainable, opt_state, state, caps, block_caps)
 
 
 def _trained(params, trainable, state):

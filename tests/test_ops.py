@@ -216,3 +216,80 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
     )(x, dy, idx, idx)
     text = exp.mlir_module()
     assert "__gpu$xla.gpu.triton" in text and 'name = "guft_sddmm"' in text
+
+
+def _clustered(seed, t=40, d_in=24, d_out=20, n_rows=5, n_cols=4, k=12, n_pad=3):
+    """Entries inside a random n_rows x n_cols sub-block (as saliency selections cluster), plus
+    padding slots; the block from ops.block_of with spare (padding) capacity."""
+    rng = np.random.default_rng(seed)
+    br = np.sort(rng.choice(d_in, n_rows, replace=False))
+    bc = np.sort(rng.choice(d_out, n_cols, replace=False))
+    cells = rng.choice(n_rows * n_cols, k, replace=False)
+    rows = np.concatenate([br[cells // n_cols], np.full(n_pad, d_in)]).astype(np.int32)
+    cols = np.concatenate([bc[cells % n_cols], np.zeros(n_pad)]).astype(np.int32)
+    block = ops.block_of(rows, cols, (d_in, d_out), (n_rows + 2, n_cols + 1))
+    x = jnp.asarray(rng.normal(size=(t, d_in)).astype(np.float32))
+    w0 = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
+    values = jnp.asarray(rng.normal(size=rows.shape).astype(np.float32))
+    return x, w0, rows, cols, values, block
+
+
+def test_block_of_is_the_sorted_unique_rows_and_cols_padded():
+    rows = np.array([5, 2, 5, 9, 7], np.int32)  # 9 >= d_in: padding, dropped
+    cols = np.array([1, 3, 0, 0, 3], np.int32)
+    br, bc = ops.block_of(rows, cols, (9, 4), (5, 4))
+    assert br.tolist() == [2, 5, 7, 9, 9] and bc.tolist() == [0, 1, 3, 4]
+    with pytest.raises(ValueError, match="exceed capacity"):
+        ops.block_of(rows, cols, (9, 4), (2, 4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_sddmm_equals_the_dense_gradient_at_the_entries_and_dx_is_exact(seed):
+    x, w0, rows, cols, values, block = _clustered(seed)
+    g = jax.random.normal(jax.random.PRNGKey(seed), (x.shape[0], w0.shape[1]))
+    rows_j, cols_j = jnp.asarray(rows), jnp.asarray(cols)
+    blk = tuple(jnp.asarray(b) for b in block)
+
+    def loss(x, values):
+        y = ops.sparse_delta_matmul(x, w0, rows_j, cols_j, values, impl="block", block=blk)
+        return jnp.sum(y * g)
+
+    gx, gv = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, values)
+    gx_ref, gw_ref = _dense_grads(x, w0, rows_j, cols_j, values, g)
+    valid = rows < w0.shape[0]
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(gv)[valid], np.asarray(gw_ref)[rows[valid], cols[valid]], rtol=1e-5, atol=1e-5
+    )
+    assert np.all(np.asarray(gv)[~valid] == 0.0)
+    # the numpy closed form of the block product, read at the entries
+    ref = (np.asarray(x).T @ np.asarray(g))[rows[valid], cols[valid]]
+    direct = ops.block_sddmm(x, np.asarray(g), rows_j, cols_j, *blk)
+    np.testing.assert_allclose(np.asarray(direct)[valid], ref, rtol=1e-5, atol=1e-4)
+
+
+def test_block_entry_outside_its_block_gets_zero_never_a_wrong_value():
+    x, w0, rows, cols, values, (br, bc) = _clustered(3)
+    br = br.copy()
+    br[0] = br[1]  # the first unique row is now missing from the block (and br stays sorted)
+    missing = rows == _clustered(3)[5][0][0]
+    out = np.asarray(ops.block_sddmm(x, x[:, : w0.shape[1]], rows, cols, br, bc))
+    assert missing.any() and np.all(out[missing] == 0.0)
+
+
+def test_auto_takes_the_block_only_where_it_is_small(monkeypatch):
+    x, w0, rows, cols, values, block = _clustered(4)
+    calls = []
+    real = ops.block_sddmm
+    monkeypatch.setattr(ops, "block_sddmm", lambda *a: calls.append(1) or real(*a))
+    grad = lambda blk: jax.grad(
+        lambda v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, block=blk))
+    )(values)
+    small = grad(block)  # 7 x 5 of 24 x 20: 7% of the matrix
+    assert len(calls) == 1
+    full = ops.block_of(rows, cols, w0.shape, w0.shape)  # capacity = the whole matrix
+    dense = grad(full)
+    assert len(calls) == 1  # not taken: the per-backend impl ran
+    np.testing.assert_allclose(small, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs block"):
+        ops.sparse_delta_matmul(x, w0, rows, cols, values, impl="block")
