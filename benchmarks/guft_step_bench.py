@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import guft as guft_lib
-from guft_jax import ops, train
+from guft_jax import memory_plan, ops, train
 from guft_jax import precision as precision_lib
 from guft_jax.data import get_source
 from guft_jax.methods import base as mbase
@@ -112,7 +112,7 @@ def main(argv=None):
     runs = {}
     for name in ("full", "lora", "bitfit", "guft", "guft_noblock"):
         if name.startswith("guft"):
-            m, state = gm, gstate
+            m, state = gm, jax.tree.map(jnp.copy, gstate)  # the step donates its state
             tx, _ = train.optimizer_for(m, params, steps_per_epoch=1000, epochs=1, lr=1e-3)
             state = state._replace(opt_state=tx.init(state.trainable))
             base = params
@@ -133,7 +133,8 @@ def main(argv=None):
         state, loss = compiled(state, base, x, y, mask)
         jax.block_until_ready(loss)
         runs[name] = dict(compiled=compiled, state=state, base=base, mask=mask, times=[],
-                          compile_s=compile_s)  # fmt: skip
+                          compile_s=compile_s,
+                          peak_bytes=memory_plan.compiled_peak_bytes(compiled))  # fmt: skip
         log(f"  {name}: compiled in {compile_s:.1f}s")
     for _ in range(a.reps):
         for r in runs.values():
@@ -146,8 +147,13 @@ def main(argv=None):
     for name, r in runs.items():
         med = float(np.median(r["times"]))
         out[name] = dict(step_s=med, step_vs_full=med / full, compile_s=r["compile_s"],
+                         images_per_s=a.batch / med, peak_bytes=r["peak_bytes"],
                          times=r["times"])  # fmt: skip
-        log(f"| {name} | {med:.3f} s | {med / full:.3f} |")
+    for name, o in out.items():
+        o["peak_vs_lora"] = (o["peak_bytes"] or 0) / (out["lora"]["peak_bytes"] or 1)
+        log(f"| {name} | {o['step_s']:.4f} s | {o['images_per_s']:.0f} img/s | "
+            f"step/full {o['step_vs_full']:.3f} | peak {(o['peak_bytes'] or 0) / 2**20:.0f} MiB | "
+            f"peak/LoRA {o['peak_vs_lora']:.3f} |")  # fmt: skip
     n_sel = int(sum(int(c) for c in gstate.method_state.count.values()))
     backbone = sum(
         math.prod(np.shape(v)) for k, v in params.items() if k != "head" for v in jax.tree.leaves(v)
