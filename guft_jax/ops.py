@@ -41,9 +41,11 @@ SDDMM_IMPLS = ("auto", "gather", "dense", "pallas", "block")
 
 # The SDDMM implementation "auto" uses per backend. CPU: measured by benchmarks/ops_bench.py on 2
 # cores at 0.3% density, ViT-B/16 shapes (benchmarks/results/ops_bench.json): "gather" beats the
-# dense dW matmul there. GPU: the dense-dW path is the one measured on an H100 (README, issue 16);
-# switch to "pallas" once benchmarks/accelerator.sh measures it faster. TPU: the MXU makes the
-# dense dW matmul cheaper than any gather, and Mosaic has no vector gather from refs.
+# dense dW matmul there. GPU: measured on one H200 (benchmarks/accelerator.sh, bf16, ViT-B/16
+# shapes, batch 64, 0.3% random entries; benchmarks/results/ops_bench_accelerator.json): fwd+bwd
+# vs the dense matmul (geomean) dense-dW 0.95, the Pallas/Triton kernel 1.35, gather 2.71, so
+# "dense" stays. TPU: the MXU makes the dense dW matmul cheaper than any gather, and Mosaic has
+# no vector gather from refs. Clustered selections take the "block" SDDMM on every backend.
 AUTO_IMPL = {"cpu": "gather", "gpu": "dense", "tpu": "dense"}
 DEFAULT_AUTO_IMPL = "dense"
 
@@ -185,12 +187,18 @@ def _densify(w0: Array, rows: Array, cols: Array, values: Array) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_delta_matmul(impl, x, w0, rows, cols, values, block):
-    del impl, block
-    return x @ _densify(w0, rows, cols, values)
+    return _fwd(impl, x, w0, rows, cols, values, block)[0]
 
 
 def _fwd(impl, x, w0, rows, cols, values, block):
     del impl
+    if block is not None:  # x @ w0 + the block's part: no dense copy of the weight at all
+        sb = _block_matrix(w0.shape, rows, cols, values.astype(w0.dtype), *block)
+        y = x @ w0
+        part = jnp.take(x, block[0], axis=-1, mode="fill", fill_value=0) @ sb
+        return y.at[..., block[1]].add(part.astype(y.dtype), mode="drop"), (
+            x, w0, rows, cols, values, block,
+        )  # fmt: skip
     # Keep w0 (the frozen param, alive anyway) rather than the densified copy: the backward
     # re-applies the cheap scatter, so no extra dense weight per layer is held for the backward.
     return x @ _densify(w0, rows, cols, values), (x, w0, rows, cols, values, block)
@@ -198,12 +206,33 @@ def _fwd(impl, x, w0, rows, cols, values, block):
 
 def _bwd(impl, res, dy):
     x, w0, rows, cols, values, block = res
-    dx = dy @ _densify(w0, rows, cols, values).T
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
+    if block is not None:
+        sb = _block_matrix(w0.shape, rows, cols, values.astype(w0.dtype), *block)
+        dx = dy @ w0.T
+        part = jnp.take(dy, block[1], axis=-1, mode="fill", fill_value=0) @ sb.T
+        dx = dx.at[..., block[0]].add(part.astype(dx.dtype), mode="drop")
+    else:
+        dx = dy @ _densify(w0, rows, cols, values).T
     dvalues = sddmm(x2, dy2, rows, cols, impl=impl, block=block)
     nb = None if block is None else (None, None)
     return dx, jnp.zeros_like(w0), None, None, dvalues.astype(values.dtype), nb
+
+
+def _block_positions(shape, rows, cols, brows, bcols):
+    """Each entry's (row, column) inside the block and whether it is a valid entry there."""
+    ri = jnp.clip(jnp.searchsorted(brows, rows), 0, brows.shape[0] - 1)
+    ci = jnp.clip(jnp.searchsorted(bcols, cols), 0, bcols.shape[0] - 1)
+    valid = (rows < shape[0]) & (cols < shape[1]) & (brows[ri] == rows) & (bcols[ci] == cols)
+    return ri, ci, valid
+
+
+def _block_matrix(shape, rows, cols, values, brows, bcols):
+    """The ``(R, C)`` dense block of ``S`` (duplicates add up, padding and strays dropped)."""
+    ri, ci, valid = _block_positions(shape, rows, cols, brows, bcols)
+    sb = jnp.zeros((brows.shape[0], bcols.shape[0]), values.dtype)
+    return sb.at[ri, ci].add(jnp.where(valid, values, 0))
 
 
 _sparse_delta_matmul.defvjp(_fwd, _bwd)
@@ -296,9 +325,7 @@ def block_sddmm(x: Array, dy: Array, rows: Array, cols: Array, brows: Array, bco
     xs = jnp.take(x, brows, axis=1, mode="fill", fill_value=0)
     dys = jnp.take(dy, bcols, axis=1, mode="fill", fill_value=0)
     blk = jax.lax.dot_general(xs, dys, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    ri = jnp.clip(jnp.searchsorted(brows, rows), 0, brows.shape[0] - 1)
-    ci = jnp.clip(jnp.searchsorted(bcols, cols), 0, bcols.shape[0] - 1)
-    valid = (rows < d_in) & (cols < d_out) & (brows[ri] == rows) & (bcols[ci] == cols)
+    ri, ci, valid = _block_positions((d_in, d_out), rows, cols, brows, bcols)
     return jnp.where(valid, blk[ri, ci], 0.0)
 
 

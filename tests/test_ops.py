@@ -244,7 +244,7 @@ def test_block_of_is_the_sorted_unique_rows_and_cols_padded():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_block_sddmm_equals_the_dense_gradient_at_the_entries_and_dx_is_exact(seed):
+def test_block_path_equals_the_dense_matmul_and_gradient_at_the_entries(seed):
     x, w0, rows, cols, values, block = _clustered(seed)
     g = jax.random.normal(jax.random.PRNGKey(seed), (x.shape[0], w0.shape[1]))
     rows_j, cols_j = jnp.asarray(rows), jnp.asarray(cols)
@@ -257,7 +257,11 @@ def test_block_sddmm_equals_the_dense_gradient_at_the_entries_and_dx_is_exact(se
     gx, gv = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, values)
     gx_ref, gw_ref = _dense_grads(x, w0, rows_j, cols_j, values, g)
     valid = rows < w0.shape[0]
-    np.testing.assert_allclose(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    # forward and dx: x @ w0 plus the block's part, never a densified weight; same numbers
+    y = ops.sparse_delta_matmul(x, w0, rows_j, cols_j, values, impl="block", block=blk)
+    dense_w = ops.dense_delta_reference(w0, rows_j, cols_j, values)
+    np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(dense_w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
         np.asarray(gv)[valid], np.asarray(gw_ref)[rows[valid], cols[valid]], rtol=1e-5, atol=1e-5
     )
@@ -293,3 +297,34 @@ def test_auto_takes_the_block_only_where_it_is_small(monkeypatch):
     np.testing.assert_allclose(small, dense, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs block"):
         ops.sparse_delta_matmul(x, w0, rows, cols, values, impl="block")
+
+
+def test_block_path_forms_no_dense_weight_in_forward_or_backward():
+    """With a block, neither pass builds ``w0 + S``: no (in, out)-shaped value other than w0
+    itself (and its transpose) appears in the jaxpr of the forward + backward."""
+    x, w0, rows, cols, values, block = _clustered(5)
+    blk = tuple(jnp.asarray(b) for b in block)
+    shapes = {tuple(w0.shape), tuple(w0.shape[::-1])}
+
+    def eqns(jx):
+        for e in jx.eqns:
+            yield e
+            for p in e.params.values():
+                for sub in p if isinstance(p, list | tuple) else [p]:
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        yield from eqns(getattr(inner, "jaxpr", inner))
+
+    def weight_sized(b):
+        f = lambda x, v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, block=b) ** 2)
+        jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, values)
+        return {
+            e.primitive.name
+            for e in eqns(jaxpr.jaxpr)
+            for v in e.outvars
+            if tuple(getattr(v.aval, "shape", ())) in shapes
+        }
+
+    # w0's transpose for dx, and the zero cotangent of the frozen w0 (dropped under jit)
+    assert weight_sized(blk) <= {"transpose", "broadcast_in_dim"}, weight_sized(blk)
+    assert "scatter-add" in weight_sized(None)  # the path without a block densifies
