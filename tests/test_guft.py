@@ -184,6 +184,31 @@ def test_blocks_are_exactly_the_selected_rows_and_columns_and_are_used(tiny, mon
     assert calls  # traced through the block SDDMM for at least one layer
 
 
+def test_resize_adopts_the_checkpoints_grown_entry_and_block_capacities(tiny):
+    """What a resumed run does before restoring: shapes (entries, moments, blocks) from the
+    checkpoint's stored structure, which the strict restore then fills."""
+    from guft_jax import checkpoint
+
+    _, params = tiny
+    m = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, capacity_floor=2)
+    done = _fit(tiny, m)["state"]
+    fresh_tr = m.init(jax.random.PRNGKey(0), params)
+    tx = optax.adam(1e-3)
+    fresh = done._replace(
+        trainable=fresh_tr,
+        opt_state=tx.init(fresh_tr),
+        method_state=m.hooks.init_state(params, fresh_tr),
+    )
+    structure = checkpoint.describe(done._replace(opt_state=tx.init(done.trainable)))
+    tr, opt, ms = m.hooks.resize(fresh.trainable, fresh.opt_state, fresh.method_state, structure)
+    got = checkpoint.describe(fresh._replace(trainable=tr, opt_state=opt, method_state=ms))
+    assert got == structure
+    grown = [k for k, b in done.method_state.blocks.items()
+             if b["rows"].shape[0] > 2 or b["cols"].shape[0] > 2]  # fmt: skip
+    assert grown and all(ms.blocks[k]["rows"].shape == done.method_state.blocks[k]["rows"].shape
+                         for k in grown)  # fmt: skip
+
+
 def test_train_step_is_traced_once_across_mask_growth(tiny):
     dense = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, sparse=False)
     assert _fit(tiny, dense)["traces"] == 1
