@@ -9,9 +9,11 @@ rounds at epochs 1, 2, 3 of a 3-epoch ``train.fit`` on the real Animal-MNIST tra
 split, pretrained DINOv2-S/14) and then times the engine's jitted step (forward + backward +
 AdamW) at that final selection with each weight-gradient choice the sparse path has:
 
-- ``guft``: the shipped path (``ops.sparse_delta_matmul(impl="auto", block=...)``: the
-  selection's row × column block where it is at most ``ops.BLOCK_MAX_FRACTION`` of a matrix,
-  else the backend's SDDMM);
+- ``guft``: the sparse path with blocks and no densified weight (``ops.BLOCK_FORWARD[backend]
+  = True``: ``x W0`` plus the block's part in both passes, the weight gradient on the block),
+  where the block is at most ``ops.BLOCK_MAX_FRACTION`` of a matrix, else the backend's SDDMM;
+- ``guft_block_dw``: blocks for the weight gradient only, ``W0 + S`` densified in each pass
+  (``ops.BLOCK_FORWARD[backend] = False``);
 - ``guft_noblock``: the same step with blocks disabled (the backend's SDDMM everywhere, what
   shipped before blocks);
 
@@ -110,7 +112,7 @@ def main(argv=None):
                                     image_size=a.image_size)))  # fmt: skip
     x, y = jnp.asarray(x), jnp.asarray(y.astype(np.int32))
     runs = {}
-    for name in ("full", "lora", "bitfit", "guft", "guft_noblock"):
+    for name in ("full", "lora", "bitfit", "guft", "guft_block_dw", "guft_noblock"):
         if name.startswith("guft"):
             m, state = gm, jax.tree.map(jnp.copy, gstate)  # the step donates its state
             tx, _ = train.optimizer_for(m, params, steps_per_epoch=1000, epochs=1, lr=1e-3)
@@ -122,14 +124,16 @@ def main(argv=None):
             tx, state = train.optimizer_for(m, base, steps_per_epoch=1000, epochs=1, lr=1e-3)
         step = train.make_train_step(model, m, tx)
         mask = train.mask_of(m, state)
-        saved = ops.BLOCK_MAX_FRACTION
-        ops.BLOCK_MAX_FRACTION = -1.0 if name == "guft_noblock" else saved  # read while tracing
+        backend = jax.default_backend()
+        saved = ops.BLOCK_MAX_FRACTION, ops.BLOCK_FORWARD.get(backend)  # read while tracing
+        ops.BLOCK_MAX_FRACTION = -1.0 if name == "guft_noblock" else saved[0]
+        ops.BLOCK_FORWARD[backend] = name != "guft_block_dw"
         try:
             t = time.perf_counter()
             compiled = step.lower(state, base, x, y, mask).compile()
             compile_s = time.perf_counter() - t
         finally:
-            ops.BLOCK_MAX_FRACTION = saved
+            ops.BLOCK_MAX_FRACTION, ops.BLOCK_FORWARD[backend] = saved
         state, loss = compiled(state, base, x, y, mask)
         jax.block_until_ready(loss)
         runs[name] = dict(compiled=compiled, state=state, base=base, mask=mask, times=[],

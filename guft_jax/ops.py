@@ -62,6 +62,16 @@ GATHER_MAX_DENSITY = 0.008
 # near the whole matrix only adds the gathers to the dense dW.
 BLOCK_MAX_FRACTION = 0.5
 
+# With a block, per backend: True computes ``y = x W0 + scatter(x[:, rows] S_block)`` (and ``dx``
+# likewise), so no densified weight exists in either pass and the backward keeps x's block
+# columns only; False densifies ``W0 + S`` in each pass (XLA holds about one weight-sized copy per
+# layer) and takes only the weight gradient on the block. Read while tracing. Measured on 2 CPU
+# cores (benchmarks/guft_step_bench.py, DINOv2-S/14, 56 px, batch 50, real selection, one run):
+# step / full 0.797 (True) vs 0.729 (False), peak / LoRA's 0.996 vs 1.167. CPU takes the faster
+# one; accelerators take the one without weight copies (issue 16's memory target; not yet
+# measured there: `STAGES=guft bash benchmarks/accelerator.sh`).
+BLOCK_FORWARD = {"cpu": False, "gpu": True, "tpu": True}
+
 # Entries per lax.map step of the "gather" impl: large enough to amortise the loop, small enough
 # that a chunk's gathered rows stay in cache (measured: 32-512 within noise on 2 CPU cores).
 GATHER_CHUNK = 256
@@ -162,6 +172,8 @@ def sparse_delta_matmul(
         impl = resolve_sddmm_impl(impl)
     if impl != "block":
         block = None
+    elif not BLOCK_FORWARD.get(jax.default_backend(), True):
+        impl = "block_dw"  # densified passes, the weight gradient on the block
     if impl == "pallas" and jax.default_backend() == "tpu":
         raise NotImplementedError(
             'sparse_delta_matmul(impl="pallas") lowers through Triton (GPU) only; on TPU use '
@@ -191,33 +203,46 @@ def _sparse_delta_matmul(impl, x, w0, rows, cols, values, block):
 
 
 def _fwd(impl, x, w0, rows, cols, values, block):
-    del impl
-    if block is not None:  # x @ w0 + the block's part: no dense copy of the weight at all
+    if impl == "block":
+        # x @ w0 plus the block's part, scattered into its columns: no dense copy of the weight
+        # in either pass, and the backward keeps only x's block columns (not x).
+        xs = jnp.take(x, block[0], axis=-1, mode="fill", fill_value=0)
         sb = _block_matrix(w0.shape, rows, cols, values.astype(w0.dtype), *block)
         y = x @ w0
-        part = jnp.take(x, block[0], axis=-1, mode="fill", fill_value=0) @ sb
-        return y.at[..., block[1]].add(part.astype(y.dtype), mode="drop"), (
-            x, w0, rows, cols, values, block,
-        )  # fmt: skip
+        y = y.at[..., block[1]].add((xs @ sb).astype(y.dtype), mode="drop", indices_are_sorted=True)
+        return y, (xs, w0, rows, cols, values, block)
     # Keep w0 (the frozen param, alive anyway) rather than the densified copy: the backward
-    # re-applies the cheap scatter, so no extra dense weight per layer is held for the backward.
+    # re-applies the cheap scatter.
     return x @ _densify(w0, rows, cols, values), (x, w0, rows, cols, values, block)
 
 
 def _bwd(impl, res, dy):
     x, w0, rows, cols, values, block = res
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    if block is not None:
+    if impl == "block":
+        xs = x  # (..., R): the block's columns of x, saved by the forward
+        dys = jnp.take(dy, block[1], axis=-1, mode="fill", fill_value=0)
         sb = _block_matrix(w0.shape, rows, cols, values.astype(w0.dtype), *block)
         dx = dy @ w0.T
-        part = jnp.take(dy, block[1], axis=-1, mode="fill", fill_value=0) @ sb.T
-        dx = dx.at[..., block[0]].add(part.astype(dx.dtype), mode="drop")
-    else:
-        dx = dy @ _densify(w0, rows, cols, values).T
-    dvalues = sddmm(x2, dy2, rows, cols, impl=impl, block=block)
+        dx = dx.at[..., block[0]].add((dys @ sb.T).astype(dx.dtype), mode="drop",
+                                      indices_are_sorted=True)  # fmt: skip
+        dvalues = block_sddmm(
+            xs.reshape(-1, xs.shape[-1]), dys.reshape(-1, dys.shape[-1]), rows, cols, *block,
+            shape=w0.shape,
+        )  # fmt: skip
+        return dx, jnp.zeros_like(w0), None, None, dvalues.astype(values.dtype), (None, None)
+    dx = dy @ _densify(w0, rows, cols, values).T
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dvalues = sddmm(x2, dy2, rows, cols, impl="block" if impl == "block_dw" else impl, block=block)
     nb = None if block is None else (None, None)
     return dx, jnp.zeros_like(w0), None, None, dvalues.astype(values.dtype), nb
+
+
+def _block_matrix(shape, rows, cols, values, brows, bcols):
+    """The ``(R, C)`` dense block of ``S`` (duplicates add up, padding and strays dropped)."""
+    ri, ci, valid = _block_positions(shape, rows, cols, brows, bcols)
+    sb = jnp.zeros((brows.shape[0], bcols.shape[0]), values.dtype)
+    return sb.at[ri, ci].add(jnp.where(valid, values, 0))
 
 
 def _block_positions(shape, rows, cols, brows, bcols):
@@ -226,13 +251,6 @@ def _block_positions(shape, rows, cols, brows, bcols):
     ci = jnp.clip(jnp.searchsorted(bcols, cols), 0, bcols.shape[0] - 1)
     valid = (rows < shape[0]) & (cols < shape[1]) & (brows[ri] == rows) & (bcols[ci] == cols)
     return ri, ci, valid
-
-
-def _block_matrix(shape, rows, cols, values, brows, bcols):
-    """The ``(R, C)`` dense block of ``S`` (duplicates add up, padding and strays dropped)."""
-    ri, ci, valid = _block_positions(shape, rows, cols, brows, bcols)
-    sb = jnp.zeros((brows.shape[0], bcols.shape[0]), values.dtype)
-    return sb.at[ri, ci].add(jnp.where(valid, values, 0))
 
 
 _sparse_delta_matmul.defvjp(_fwd, _bwd)
@@ -295,7 +313,16 @@ def sddmm(
     return jnp.where(valid, out, 0.0)
 
 
-def block_sddmm(x: Array, dy: Array, rows: Array, cols: Array, brows: Array, bcols: Array) -> Array:
+def block_sddmm(
+    x: Array,
+    dy: Array,
+    rows: Array,
+    cols: Array,
+    brows: Array,
+    bcols: Array,
+    *,
+    shape: tuple[int, int] | None = None,
+) -> Array:
     """``(xᵀ @ dy)[rows, cols]`` through the sub-block ``brows × bcols``, in float32.
 
     The activations' columns ``x[:, brows]`` and ``dy[:, bcols]`` are gathered and contracted
@@ -311,6 +338,8 @@ def block_sddmm(x: Array, dy: Array, rows: Array, cols: Array, brows: Array, bco
       brows: ``(R,)`` int32, sorted ascending, padded at the end with ``in``: every valid entry's
         row appears in it.
       bcols: ``(C,)`` int32, likewise for columns (padding ``out``).
+      shape: ``(in, out)`` when ``x`` and ``dy`` are already the block's columns, ``(tokens, R)``
+        and ``(tokens, C)`` (what the sparse-delta matmul's backward has).
 
     Returns:
       ``(K,)`` float32. An entry whose row or column is missing from the block gets 0 (a
@@ -321,9 +350,12 @@ def block_sddmm(x: Array, dy: Array, rows: Array, cols: Array, brows: Array, bco
     ...             jnp.array([0, 2])).tolist()
     [9.0, 0.0]
     """
-    d_in, d_out = x.shape[-1], dy.shape[-1]
-    xs = jnp.take(x, brows, axis=1, mode="fill", fill_value=0)
-    dys = jnp.take(dy, bcols, axis=1, mode="fill", fill_value=0)
+    if shape is None:
+        d_in, d_out = x.shape[-1], dy.shape[-1]
+        xs = jnp.take(x, brows, axis=1, mode="fill", fill_value=0)
+        dys = jnp.take(dy, bcols, axis=1, mode="fill", fill_value=0)
+    else:
+        (d_in, d_out), xs, dys = shape, x, dy
     blk = jax.lax.dot_general(xs, dys, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     ri, ci, valid = _block_positions((d_in, d_out), rows, cols, brows, bcols)
     return jnp.where(valid, blk[ri, ci], 0.0)

@@ -145,7 +145,10 @@ def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tin
     assert moved > 0
 
 
-def test_sparse_path_follows_the_dense_reference_trajectory(tiny):
+@pytest.mark.parametrize("block_forward", [True, False])
+def test_sparse_path_follows_the_dense_reference_trajectory(tiny, block_forward, monkeypatch):
+    # both forms of the block path (ops.BLOCK_FORWARD); the tiny layers' blocks are taken
+    monkeypatch.setitem(guft.ops.BLOCK_FORWARD, jax.default_backend(), block_forward)
     kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.01, 0.01, 0.01])
     md, ms = guft.guft(sparse=False, **kw), guft.guft(sparse=True, **kw)
     rd, rs = _fit(tiny, md, wd=1e-2), _fit(tiny, ms, wd=1e-2)
@@ -168,7 +171,9 @@ def test_blocks_are_exactly_the_selected_rows_and_columns_and_are_used(tiny, mon
     small: the trajectory test above then checks it against the dense reference."""
     calls = []
     real = guft.ops.block_sddmm
-    monkeypatch.setattr(guft.ops, "block_sddmm", lambda *a: calls.append(a[4].shape) or real(*a))
+    monkeypatch.setattr(
+        guft.ops, "block_sddmm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k)
+    )
     m = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3)
     st = _fit(tiny, m)["state"].method_state
     _, params = tiny
