@@ -240,7 +240,8 @@ def _Spec(shape):
 
 
 # Block capacities (sparse path): a round whose unique rows/columns overflow them grows them to
-# this slack times what it needs (one retrace, logged); they start at the entries' floor.
+# this slack times what it needs (one retrace, logged); they start at the entries' floor. (A
+# first-round slack of 2 was tried: the same two later rounds still overflowed some kernels.)
 BLOCK_SLACK = 1.5
 
 
