@@ -17,15 +17,13 @@ machine noise hits both. Writes ``benchmarks/results/fit_bench.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from guft_jax import precision as precision_lib
 from guft_jax import train, vit
 from guft_jax.data import get_source
@@ -112,12 +110,7 @@ def main(argv=None):
     params = vit.init_params(model, jax.random.PRNGKey(0), a.image_size)
     steps = source.size("train800val200") // a.batch
     res = dict(
-        machine=dict(
-            cpu_count=os.cpu_count(),
-            platform=platform.platform(),
-            device=str(jax.devices()[0]),
-            jax=jax.__version__,
-        ),
+        machine=common.machine(),
         args=vars(a),
         steps_per_epoch=steps,
         runs={},
@@ -162,9 +155,7 @@ def main(argv=None):
             print(f"{name:10s} input={kind:6s} median fit/bare over {len(fs)} reps: {med:.3f}")
         res["runs"][name] = row
         res["wall_s"] = time.time() - t0
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+        common.write_json(a.out, res)
     print(f"wrote {a.out} ({res['wall_s']:.0f} s)")
 
 

@@ -26,16 +26,14 @@ fine-tuning's median step. Also reported: how much of each matrix its block cove
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from guft_jax import guft as guft_lib
 from guft_jax import memory_plan, ops, train
 from guft_jax import precision as precision_lib
@@ -163,12 +161,7 @@ def main(argv=None):
         math.prod(np.shape(v)) for k, v in params.items() if k != "head" for v in jax.tree.leaves(v)
     )
     res = dict(
-        machine=dict(
-            cpu_count=os.cpu_count(),
-            platform=platform.platform(),
-            device=str(jax.devices()[0]),
-            jax=jax.__version__,
-        ),  # fmt: skip
+        machine=common.machine(),
         args=vars(a),
         precision=precision_lib.resolve(a.precision),
         selected=n_sel,
@@ -177,9 +170,7 @@ def main(argv=None):
         methods=out,
         wall_s=time.time() - t0,
     )
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    common.write_json(a.out, res)
     log(f"wrote {a.out} ({res['wall_s']:.0f} s)")
 
 

@@ -15,15 +15,14 @@ gradient at all). Writes ``benchmarks/results/losia_bench.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from guft_jax import memory_plan, train, vit
 from guft_jax.methods import get_method, spec
 
@@ -130,13 +129,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     t0 = time.time()
     res = dict(
-        machine=dict(
-            cpu_count=os.cpu_count(),
-            platform=platform.platform(),
-            device=str(jax.devices()[0]),
-            jax=jax.__version__,
-            load_avg_start=os.getloadavg(),
-        ),
+        machine=common.machine(load_avg_start=os.getloadavg()),
         args=vars(a),
         batches={
             b: bench(
@@ -147,9 +140,7 @@ def main(argv=None):
     )
     res["machine"]["load_avg_end"] = os.getloadavg()
     res["wall_s"] = time.time() - t0
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    common.write_json(a.out, res)
     for b, rows in res["batches"].items():
         for row, o in rows.items():
             peak = o.get("peak_vs_full", float("nan"))

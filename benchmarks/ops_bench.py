@@ -22,16 +22,14 @@ after every configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from guft_jax import ops
 
 SHAPES = ((768, 768), (768, 3072), (3072, 768))
@@ -222,13 +220,7 @@ def main(argv=None):
     shapes = [tuple(int(d) for d in s.split("x")) for s in a.shapes.split(",")]
     t0 = time.time()
     res = dict(
-        machine=dict(
-            cpu_count=os.cpu_count(),
-            platform=platform.platform(),
-            device=str(jax.devices()[0]),
-            backend=jax.default_backend(),
-            jax=jax.__version__,
-        ),
+        machine=common.machine(),
         args=vars(a),
         cases=[],
     )
@@ -249,14 +241,11 @@ def main(argv=None):
                 )
             res["summary"] = summarize(res["cases"], impls)
             res["wall_s"] = time.time() - t0
-            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-            with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
+            common.write_json(a.out, res)
     if a.attention_batch:
         res["attention"] = bench_attention(a.attention_batch, dtype=dtype, reps=a.reps, log=log)
         res["wall_s"] = time.time() - t0
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        common.write_json(a.out, res)
     s = res["summary"]
     log(
         "fwd+bwd / dense (geomean): "

@@ -15,14 +15,12 @@ aliased). Compiled for CPU this is the CPU compiler's plan, a stand-in for the a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import common
 from guft_jax import memory_plan, train, vit
 from guft_jax import precision as precision_lib
 from guft_jax.methods import get_method, spec
@@ -75,15 +73,11 @@ def main(argv=None):
                 flush=True,
             )
     res = dict(
-        machine=dict(
-            platform=platform.platform(), device=str(jax.devices()[0]), jax=jax.__version__
-        ),  # fmt: skip
+        machine=common.machine(),
         args=vars(a),
         rows=rows,
     )
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    common.write_json(a.out, res)
     print(f"wrote {a.out}")
 
 

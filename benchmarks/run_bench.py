@@ -22,14 +22,13 @@ The default size fits a few minutes on 2 busy CPU cores: a 2,000-image pool of F
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import common
 from guft_jax import train
 from guft_jax.data import get_source
 from guft_jax.methods import get_method, spec
@@ -174,7 +173,7 @@ def main(argv=None):
             w = {r["method"]: r["wall_s"] for r in runs if r["pair"] == p}
             ratios.append(w[methods[1]] / w[methods[0]])
     res = dict(
-        machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(), jax=jax.__version__),
+        machine=common.machine(),
         args=vars(a),
         data=sizes,
         runs=runs,
@@ -183,9 +182,7 @@ def main(argv=None):
     )
     if ratios:
         print(f"{methods[1]} / {methods[0]} wall: {ratios} (median {res['ratio_median']:.3f})")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    common.write_json(a.out, res)
     print(f"wrote {a.out}")
 
 

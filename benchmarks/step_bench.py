@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from guft_jax import masks, memory_plan, ops, paths, saliency, train, vit
 from guft_jax import precision as precision_lib
 from guft_jax.methods import base as mbase
@@ -317,12 +315,7 @@ def main(argv=None):
         ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
     t0 = time.time()
     res = dict(
-        machine=dict(
-            cpu_count=os.cpu_count(),
-            platform=platform.platform(),
-            device=str(jax.devices()[0]),
-            jax=jax.__version__,
-        ),
+        machine=common.machine(),
         args=vars(a),
         matmul_flops_per_s=matmul_flops_per_s(),
         models={},
@@ -362,9 +355,7 @@ def main(argv=None):
                 flush=True,
             )
         res["wall_s"] = time.time() - t0
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        with open(a.out, "w") as f:  # after every model, so a long run keeps what it measured
-            json.dump(res, f, indent=1)
+        common.write_json(a.out, res)
         print(f"wrote {a.out} ({res['wall_s']:.0f} s)", flush=True)
 
 
