@@ -232,10 +232,10 @@ def matrix_shape(key: str, shape) -> tuple[int, int]:
     """``(in, out)`` of the 2-D matrix a ViT kernel multiplies with (:func:`vit.kernel_as_matrix`),
     which is what the sparse path's flat indices are taken over."""
     path = paths.path_of(key)
-    return tuple(jax.eval_shape(lambda k: vit.kernel_as_matrix(k, path), _Spec(shape)).shape)
+    return tuple(jax.eval_shape(lambda k: vit.kernel_as_matrix(k, path), _spec(shape)).shape)
 
 
-def _Spec(shape):
+def _spec(shape):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
 
 
