@@ -291,6 +291,7 @@ class SparsePath:
 
     eligible: dict
     floor: int = 16
+    blocks: bool = True
 
     def init_delta(self) -> dict:
         return {k: jnp.zeros((self.floor,), jnp.float32) for k in self.eligible}
@@ -401,9 +402,9 @@ class SparsePath:
 
     def init_blocks(self) -> dict:
         """Empty blocks per kernel (every slot padding), of capacity ``min(dim, floor)`` like the
-        entries' (a floor that holds every round never retraces)."""
+        entries' (a floor that holds every round never retraces). None with ``blocks=False``."""
         out = {}
-        for k, s in self.eligible.items():
+        for k, s in (self.eligible if self.blocks else {}).items():
             if _is_kernel(k):
                 n_in, n_out = matrix_shape(k, s)
                 out[k] = {
@@ -587,6 +588,7 @@ class GuftConfig:
     sparse: bool
     capacity_slack: float
     capacity_floor: int
+    blocks: bool
     chunk: int
     head_warmup: bool
     name: str
@@ -596,7 +598,7 @@ class GuftConfig:
 
     def path(self, params):
         e = self.eligible_of(params)
-        return SparsePath(e, self.capacity_floor) if self.sparse else DensePath(e)
+        return SparsePath(e, self.capacity_floor, self.blocks) if self.sparse else DensePath(e)
 
     def schedule(self, epochs: int) -> list[int]:
         return list(self.recompute_epochs or auto_schedule(epochs, len(self.ratios)))
@@ -781,6 +783,7 @@ def guft(
     sparse: bool = True,
     capacity_slack: float = 2.0,
     capacity_floor: int = 16,
+    blocks: bool = True,
     chunk: int = 8,
     head_warmup: bool = True,
     name: str = "guft",
@@ -801,6 +804,10 @@ def guft(
       include, exclude: regexes over ``/``-joined param paths, applied on top of ``eligible``.
       sparse: the efficient sparse path (default) or the dense reference path.
       capacity_slack, capacity_floor: sparse capacities (module docstring).
+      blocks: sparse path: keep each kernel's row × column block of the selection and take its
+        weight gradient there where the block is small (faster on clustered, saliency-chosen
+        entries; each later round that outgrows a block retraces the step once). ``False``: the
+        backend's SDDMM everywhere and no block retraces (short runs).
       chunk: examples per ``vmap`` chunk in ``example`` mode.
       head_warmup: take saliency through a fitted head when the head is still all zero.
 
@@ -840,6 +847,7 @@ def guft(
         sparse=sparse,
         capacity_slack=float(capacity_slack),
         capacity_floor=int(capacity_floor),
+        blocks=bool(blocks),
         chunk=int(chunk),
         head_warmup=head_warmup,
         name=name,

@@ -189,6 +189,19 @@ def test_blocks_are_exactly_the_selected_rows_and_columns_and_are_used(tiny, mon
     assert calls  # traced through the block SDDMM for at least one layer
 
 
+def test_blocks_off_keeps_no_blocks_and_never_takes_the_block_path(tiny, monkeypatch):
+    calls = []
+    real = guft.ops.block_sddmm
+    monkeypatch.setattr(guft.ops, "block_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3)
+    r = _fit(tiny, guft.guft(blocks=False, **kw))
+    assert r["state"].method_state.blocks == {} and not calls
+    d = _fit(tiny, guft.guft(sparse=False, **kw))
+    np.testing.assert_allclose(
+        [h["train_loss"] for h in r["history"]], [h["train_loss"] for h in d["history"]], rtol=1e-5
+    )
+
+
 def test_resize_adopts_the_checkpoints_grown_entry_and_block_capacities(tiny):
     """What a resumed run does before restoring: shapes (entries, moments, blocks) from the
     checkpoint's stored structure, which the strict restore then fills."""
