@@ -216,15 +216,12 @@ def _resize_host(tree: Any, sizes: dict[str, int], *, suffix: bool = False) -> A
     return jax.tree_util.tree_map_with_path(fix, tree)
 
 
-def _pad_block(arr, n: int):
-    """A block index vector at length ``n``: kept entries first, then its padding value (its
-    largest entry: padding is ``in`` / ``out``, above every row / column)."""
-    if arr.shape[0] == n:
-        return arr
-    a = np.asarray(arr)
-    out = np.full((n,), int(a.max()), np.int32)
-    m = min(n, a.shape[0])
-    out[:m] = a[:m]
+def _pad_host(arr, n: int, fill: int):
+    """An int32 index vector at length ``n`` (built on the host): kept entries first, then
+    ``fill``."""
+    out = np.full((n,), fill, np.int32)
+    m = min(n, arr.shape[0])
+    out[:m] = np.asarray(arr)[:m]
     return jax.device_put(out)
 
 
@@ -421,21 +418,19 @@ class SparsePath:
             blocks = dict(state.blocks)
             for k, (r, c) in block_caps.items():
                 b = blocks[k]
-                blocks[k] = {"rows": _pad_block(b["rows"], r), "cols": _pad_block(b["cols"], c)}
+                # padding is in / out, the largest entry of a block vector
+                blocks[k] = {
+                    f: b[f] if b[f].shape[0] == n else _pad_host(b[f], n, int(np.max(b[f])))
+                    for f, n in (("rows", r), ("cols", c))
+                }
             state = state._replace(blocks=blocks)
         sizes = {f"delta/{k}": c for k, c in caps.items()}
         new_tr = _resize_host(trainable, sizes)
         new_opt = _resize_host(opt_state, sizes, suffix=True)
-        idx = {}
-        for k, v in state.selected.items():
-            c = caps[k]
-            if v.shape[0] == c:
-                idx[k] = v
-                continue
-            arr = np.full((c,), int(state.size[k]), np.int32)
-            n = min(c, v.shape[0])
-            arr[:n] = np.asarray(v)[:n]
-            idx[k] = jax.device_put(arr)
+        idx = {
+            k: v if v.shape[0] == caps[k] else _pad_host(v, caps[k], int(state.size[k]))
+            for k, v in state.selected.items()
+        }
         return new_tr, new_opt, state._replace(selected=idx)
 
     def indices(self, state, delta):
