@@ -8,8 +8,10 @@ over seeds), the three group means, **19-task mean** (the plain mean of the 19 t
 most PEFT papers call "mean"), backbone parameters trained, seeds, and the rank-1 count (tasks
 on which the row is the best of *our* rows; ties count for each tied row; reference rows have no
 per-task numbers to rank). A mean over a group that lacks tasks is shown with ``(k/n)``, the
-number of tasks it averages. Reference rows are SPEC.md §7 (ViT-B/16 in21k, published numbers);
-they are labelled ``[ref]`` and never enter the ranks.
+number of tasks it averages. Reference rows are published VTAB-1K numbers for ViT-B/16
+(ImageNet-21k) as the PEFT literature tabulates them (VPT arXiv:2203.12119, SSF arXiv:2210.08823,
+GPS arXiv:2312.10136; the GUFT paper reports its natural group only); they are labelled ``[ref]``
+and never enter the ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 GROUP_NAMES = ("natural", "specialized", "structured")
 
-# SPEC.md §7: (natural, specialized, structured, 19-task mean, mean of group means, params).
+# Published rows: (natural, specialized, structured, 19-task mean, mean of group means, params).
 REFERENCE = {
     "Full FT": (75.9, 83.4, 47.6, 65.57, 68.97, "85.8M"),
     "Linear": (68.9, 77.2, 26.8, 52.94, 57.64, "0"),
@@ -34,7 +36,7 @@ REFERENCE = {
     "GPS (gradient-selected sparse)": (83.7, 86.8, 61.9, 75.18, 77.47, "0.22M"),
     "GUFT (paper, natural only)": (81.0, None, None, None, None, "~0.29M"),
 }
-# The GUFT paper's natural-group per-task numbers (SPEC.md §1).
+# The GUFT paper's natural-group per-task numbers.
 GUFT_PAPER_NATURAL = {
     "cifar100": 72.8,
     "caltech101": 89.6,

@@ -1,4 +1,4 @@
-"""VTAB-1K configs: one per (task, method family), the protocol of SPEC.md §6.
+"""VTAB-1K configs: one per (task, method family), under the VTAB-1K protocol below.
 
     python -m experiments.run --config experiments/vtab/configs.py:cifar100,guft \
         --workdir runs/vtab/cifar100_guft_0 --config.checkpoint=/path/ViT-B_16.npz
@@ -15,8 +15,8 @@ weight decay 1e-4, batch 64, 100 epochs, cosine decay with 10 warm-up epochs. No
 flag (``imagenet``: NOAH/VPT/FacT; ``0.5``: SSF/GPS and the HF in21k weights).
 
 Per-method settings come from the registry (each method's ``Defaults``: ``vtab_lr``,
-``vtab_kwargs``, ``dry_kwargs``; SPEC.md §1-3), so a newly registered method has a VTAB config
-with no edit here:
+``vtab_kwargs``, ``dry_kwargs``; the settings of each method's paper), so a newly registered
+method has a VTAB config with no edit here:
 - ``full``, ``linear``, ``bitfit``: the common protocol.
 - ``lora`` / ``dora``: rank 8, alpha 16 on query and value. ``vera``: rank 256.
 - ``fourierft``: n = 3000 entries, alpha 300, spectral lr 0.2 (the head keeps 1e-3).
