@@ -9,10 +9,12 @@ the offline benchmark and artifacts.
 from __future__ import annotations
 
 from guft_jax.methods.base import (
+    FAMILIES,
     HEAD,
     METHOD,
     Defaults,
     EpochContext,
+    Info,
     Method,
     MethodHooks,
     MethodSpec,
@@ -59,8 +61,10 @@ __all__ = [
     "HEAD",
     "METHOD",
     "METHODS",
+    "FAMILIES",
     "Defaults",
     "EpochContext",
+    "Info",
     "Method",
     "combine",
     "MethodHooks",

@@ -285,32 +285,58 @@ class Defaults(NamedTuple):
     step_cost: float = 0.6
 
 
+FAMILIES = ("baseline", "low-rank", "spectral", "orthogonal", "sparse", "activation", "hybrid")
+
+
+class Info(NamedTuple):
+    """What the documentation says of a registered method (the methods table is built from it).
+
+    - ``family``: one of :data:`FAMILIES`.
+    - ``summary``: one line: what trains, as a formula where there is one.
+    - ``paper``: the paper's arXiv id (``"2106.09685"``), or ``""`` for the baselines.
+    """
+
+    family: str
+    summary: str
+    paper: str = ""
+
+
 class MethodSpec(NamedTuple):
     name: str
     factory: Callable[..., Method]
     fixed: dict
     defaults: Defaults
+    info: Info | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(
-    name: str, *, defaults: Defaults | None = None, fixed: dict | None = None, replace=False
+    name: str,
+    *,
+    defaults: Defaults | None = None,
+    fixed: dict | None = None,
+    info: Info | None = None,
+    replace=False,
 ):
-    """Decorator registering a method factory under ``name`` (with ``fixed`` keyword arguments).
+    """Decorator registering a method factory under ``name`` (with ``fixed`` keyword arguments
+    and the :class:`Info` the documentation's methods table shows).
 
     >>> @register("mine", defaults=Defaults(lr=1e-3))  # doctest: +SKIP
     ... def mine(*, scale: float = 1.0) -> Method: ...
 
     Raises:
-      ValueError: ``name`` is already registered (unless ``replace=True``).
+      ValueError: ``name`` is already registered (unless ``replace=True``), or ``info.family``
+        is not one of :data:`FAMILIES`.
     """
+    if info is not None and info.family not in FAMILIES:
+        raise ValueError(f"register.info.family: {info.family!r} not in {list(FAMILIES)}")
 
     def deco(factory):
         if name in _REGISTRY and not replace and _REGISTRY[name].factory is not factory:
             raise ValueError(f"method: {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, factory, dict(fixed or {}), defaults or Defaults())
+        _REGISTRY[name] = MethodSpec(name, factory, dict(fixed or {}), defaults or Defaults(), info)
         return factory
 
     return deco
