@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, MethodHooks, StepInfo, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, StepInfo, register
 
 GROUP = "adalora"
 FACTORS = ("P", "lambda", "Q")
@@ -135,6 +135,11 @@ def rank_pattern(state: AdaLoRAState) -> dict[str, int]:
 
 @register(
     "adalora",
+    info=Info(
+        "low-rank",
+        "`P Λ Q` with an orthogonality loss; singular values pruned to a cubic rank budget",
+        "2303.10512",
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,

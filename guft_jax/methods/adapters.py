@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 from guft_jax.vit import Attention, MlpBlock, kernel_as_matrix
 
 POSITIONS = ("attn", "mlp")
@@ -229,6 +229,9 @@ def _serial_method(name, *, init, weights_of, act, act_name, hparams) -> Method:
 
 @register(
     "adapter",
+    info=Info(
+        "activation", "Houlsby bottleneck after attention and MLP, zero up-projection", "1902.00751"
+    ),
     defaults=Defaults(
         # NOAH's VTAB-1K protocol for every baseline (Zhang et al., arXiv:2206.04673): AdamW,
         # lr 1e-3, wd 1e-4; reduction 8 is the VPT/NOAH "Adapter-8" row.
@@ -279,6 +282,11 @@ def adapter(
 
 @register(
     "adaptformer",
+    info=Info(
+        "activation",
+        "parallel scaled bottleneck MLP branch",
+        "2205.13535",
+    ),
     defaults=Defaults(
         lr=1e-3,  # NOAH's VTAB-1K protocol (AdamW 1e-3); the paper's m = 64, s = 0.1
         head_lr=1e-2,
@@ -325,6 +333,9 @@ def adaptformer(*, bottleneck: int = 64, scale: float = 0.1) -> Method:
 
 @register(
     "compacter",
+    info=Info(
+        "activation", "adapters whose weights are Kronecker sums `Σ A_i ⊗ B_i`", "2106.04647"
+    ),
     defaults=Defaults(
         lr=1e-3,  # NOAH's protocol; n = 4, rank 1 as in the Compacter paper
         head_lr=1e-2,

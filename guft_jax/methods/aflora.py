@@ -52,7 +52,7 @@ import numpy as np
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.adalora import schedule_steps, sensitivity_ema
-from guft_jax.methods.base import Defaults, Method, MethodHooks, StepInfo, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, StepInfo, register
 
 GROUP = "aflora"
 PROJ = ("A", "B")  # the projection matrices that freeze
@@ -124,6 +124,9 @@ def _zero_moments(opt_state, active: dict):
 
 @register(
     "aflora",
+    info=Info(
+        "low-rank", "`s_b ⊙ B(s_d ⊙ A x)`, A and B frozen adaptively per matrix", "2403.13269"
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,

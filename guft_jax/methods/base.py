@@ -285,7 +285,17 @@ class Defaults(NamedTuple):
     step_cost: float = 0.6
 
 
-FAMILIES = ("baseline", "low-rank", "spectral", "orthogonal", "sparse", "activation", "hybrid")
+FAMILIES = (
+    "baseline",
+    "selective",
+    "low-rank",
+    "spectral",
+    "orthogonal",
+    "sparse",
+    "activation",
+    "prompt",
+    "hybrid",
+)
 
 
 class Info(NamedTuple):
@@ -293,7 +303,8 @@ class Info(NamedTuple):
 
     - ``family``: one of :data:`FAMILIES`.
     - ``summary``: one line: what trains, as a formula where there is one.
-    - ``paper``: the paper's arXiv id (``"2106.09685"``), or ``""`` for the baselines.
+    - ``paper``: the paper's arXiv id (``"2106.09685"``), another citation where the paper has
+      none, or ``""`` for the baselines.
     """
 
     family: str

@@ -54,7 +54,7 @@ import numpy as np
 
 from guft_jax import masks as masks_lib
 from guft_jax import paths
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 
 BETA, ZETA, GAMMA = 2.0 / 3.0, 1.1, -0.1
 
@@ -129,6 +129,11 @@ _add_jit = jax.jit(_add)
 
 @register(
     "diff_pruning",
+    info=Info(
+        "sparse",
+        "a task diff gated by hard-concrete L0 gates, then top-k and a re-fit",
+        "2012.07463",
+    ),
     defaults=Defaults(
         lr=1e-4,
         head_lr=1e-2,

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 from guft_jax.methods.lora import lora
 
 GROUP = "dylora"
@@ -79,6 +79,11 @@ def _masked(f: dict, b: jax.Array, frozen_lower: bool) -> tuple[jax.Array, jax.A
 
 @register(
     "dylora",
+    info=Info(
+        "low-rank",
+        "nested-rank LoRA (rank sampled per step); any rank ≤ r_max by truncation",
+        "2210.07558",
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,

@@ -25,6 +25,7 @@ import numpy as np
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import (
     Defaults,
+    Info,
     Method,
     MethodHooks,
     default_export,
@@ -86,6 +87,9 @@ def delta_w(coef: jax.Array, entries: jax.Array, shape: tuple[int, int], alpha: 
 
 @register(
     "fourierft",
+    info=Info(
+        "spectral", "`ΔW = α·Re(ifft2(F))` from n spectral coefficients per kernel", "2405.03003"
+    ),
     defaults=Defaults(
         lr=0.1,
         head_lr=1e-2,

@@ -103,6 +103,7 @@ from guft_jax import paths
 from guft_jax.methods.base import (
     ArtifactMismatchError,
     Defaults,
+    Info,
     Method,
     MethodHooks,
     StepInfo,
@@ -777,5 +778,16 @@ def losia(
     return _method(cfg)
 
 
-register("losia", defaults=_defaults(0.95), fixed={"pro": False})(losia)
-register("losia_pro", defaults=_defaults(0.75), fixed={"pro": True})(losia)
+_INFO = "a dense sub-block per matrix, relocalised per layer on a slot schedule"
+register(
+    "losia",
+    defaults=_defaults(0.95),
+    fixed={"pro": False},
+    info=Info("sparse", _INFO, "2507.04487"),
+)(losia)
+register(
+    "losia_pro",
+    defaults=_defaults(0.75),
+    fixed={"pro": True},
+    info=Info("sparse", _INFO + "; block-only weight gradient", "2507.04487"),
+)(losia)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods.adapters import block_of, encoder_blocks, head_only_apply, width
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 from guft_jax.vit import Attention, Encoder1DBlock
 
 FINAL_NORM = "encoder_norm"
@@ -83,6 +83,11 @@ def vpt_interceptor(prompts: dict, first_block: str) -> Callable:
 
 @register(
     "vpt",
+    info=Info(
+        "prompt",
+        "learnable prompt tokens after [CLS], shallow or deep",
+        "2203.12119",
+    ),
     defaults=Defaults(
         # NOAH's VTAB-1K protocol for every baseline (Zhang et al., arXiv:2206.04673): AdamW,
         # lr 1e-3; VPT-deep with 10 prompts. Prompts usually want larger steps: a wider grid.
@@ -160,6 +165,11 @@ def is_attend(context) -> bool:
 
 @register(
     "prefix",
+    info=Info(
+        "prompt",
+        "learnable key/value prefixes per layer",
+        "2101.00190",
+    ),
     defaults=Defaults(
         lr=1e-3,  # NOAH's protocol (AdamW 1e-3); 10 prefixes per layer
         head_lr=1e-2,

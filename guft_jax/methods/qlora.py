@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from guft_jax import paths
 from guft_jax.methods import nf4
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 from guft_jax.vit import kernel_as_matrix
 
 QUANT_KEY = "nf4"
@@ -93,6 +93,11 @@ def _as_matrix_shape(path: str, shape) -> tuple[int, int]:
 
 @register(
     "qlora",
+    info=Info(
+        "low-rank",
+        "LoRA on an NF4-quantised frozen base",
+        "2305.14314",
+    ),
     defaults=Defaults(
         lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), dry_kwargs=dict(rank=2)
     ),

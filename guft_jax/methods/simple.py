@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 
 from guft_jax import paths
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 
 
 def subset_method(name: str, include: list[str] | None, exclude: list[str] | None) -> Method:
@@ -42,19 +42,31 @@ def subset_method(name: str, include: list[str] | None, exclude: list[str] | Non
     )
 
 
-@register("full", defaults=Defaults(lr=1e-4, head_lr=1e-2, step_cost=1.0))
+@register(
+    "full",
+    defaults=Defaults(lr=1e-4, head_lr=1e-2, step_cost=1.0),
+    info=Info("baseline", "every backbone parameter and the head"),
+)
 def full() -> Method:
     """Every backbone parameter trains (the reference for cost and accuracy)."""
     return subset_method("full", None, None)
 
 
-@register("linear", defaults=Defaults(lr=1e-3, head_lr=1e-2, select_head_lr=True, step_cost=0.25))
+@register(
+    "linear",
+    defaults=Defaults(lr=1e-3, head_lr=1e-2, select_head_lr=True, step_cost=0.25),
+    info=Info("baseline", "the head only (a linear probe of the frozen backbone)"),
+)
 def linear() -> Method:
     """Only the task head trains."""
     return subset_method("linear", [r"^head/"], None)
 
 
-@register("bitfit", defaults=Defaults(lr=1e-3, head_lr=1e-2, step_cost=0.68))
+@register(
+    "bitfit",
+    defaults=Defaults(lr=1e-3, head_lr=1e-2, step_cost=0.68),
+    info=Info("selective", "every bias (LayerNorm biases included)", "2106.10199"),
+)
 def bitfit() -> Method:
     """Biases (including LayerNorm biases) and the head train."""
     return subset_method("bitfit", [r"/bias$", r"^head/"], None)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax import paths
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 from guft_jax.vit import Linear
 
 DEFAULT_TARGETS = (
@@ -65,6 +65,11 @@ def target_layers(params, targets) -> dict[str, tuple[str, int]]:
 
 @register(
     "ssf",
+    info=Info(
+        "activation",
+        "`γ ⊙ x + β` after each linear and norm; mergeable",
+        "2210.08823",
+    ),
     defaults=Defaults(lr=5e-3, head_lr=1e-2, lr_grid=(0.3, 1.0, 3.0), step_cost=0.7),
 )
 def ssf(*, targets: tuple[str, ...] = DEFAULT_TARGETS, init_std: float = 0.0) -> Method:

@@ -42,7 +42,7 @@ from guft_jax.methods.adapters import (
     position_of,
     width,
 )
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 from guft_jax.methods.prompts import is_attend, prefix_init, with_prefix
 from guft_jax.vit import Linear
 
@@ -65,6 +65,11 @@ def gate(z: jax.Array, g: dict) -> jax.Array:
 
 @register(
     "unipelt",
+    info=Info(
+        "hybrid",
+        "gated LoRA + prefix + adapter branches",
+        "2110.07577",
+    ),
     defaults=Defaults(
         # UniPELT's components (LoRA r = 8 on q/v, 10 prefixes, adapter 16×) under NOAH's
         # VTAB-1K optimiser (AdamW 1e-3).

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 
 
 def vera_projections(seed: int, rank: int, d_in: int, d_out: int):
@@ -29,7 +29,15 @@ def vera_delta(s: dict, a_all: jax.Array, b_all: jax.Array, d_in: int, d_out: in
     return ((s["lambda_b"][:, None] * b) @ (s["lambda_d"][:, None] * a)).T
 
 
-@register("vera", defaults=Defaults(lr=1e-2, head_lr=1e-2, kwargs=dict(rank=256), step_cost=0.45))
+@register(
+    "vera",
+    defaults=Defaults(lr=1e-2, head_lr=1e-2, kwargs=dict(rank=256), step_cost=0.45),
+    info=Info(
+        "low-rank",
+        "`λ_b ⊙ B(λ_d ⊙ A x)` over frozen shared random `A`, `B`",
+        "2310.11454",
+    ),
+)
 def vera(
     *,
     rank: int = 256,
