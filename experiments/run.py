@@ -21,15 +21,23 @@ command resumes from the newest intact checkpoint; only ``epochs`` and the progr
 change on resume, ``--fresh`` starts over. The workdir is locked for the whole run, from before
 any data is read.
 
-A bad input (a data file, a config value, a workdir in use or holding another run, a damaged
-checkpoint, a NaN loss) prints one line ``error: <message>`` to stderr and exits with code 2;
-``--debug`` raises it with its traceback instead.
+A bad input (a data file, a config value, a workdir in use or holding another run or other
+data, a damaged checkpoint, a NaN loss) and every operating-system error (read-only folder, no
+space, a path too long, a folder where a file should be, no permission) prints one line
+``error: <message>`` to stderr naming the path and the problem and exits with code 2; the
+checkpoint library's background-thread reports are kept from the terminal. Ctrl-C stops after
+the current step, keeps nothing of the unfinished epoch, prints ``interrupted at epoch E step
+S; rerun the same command to resume`` and exits with code 130. ``--debug`` raises errors with
+their traceback and leaves the library logs on instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import signal
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
@@ -38,7 +46,7 @@ from ml_collections import config_flags
 from experiments.configs.common import PRETRAINED, validate
 from guft_jax import checkpoint_import, distributed, rundir, sharding, train, vit
 from guft_jax.data import get_source
-from guft_jax.errors import InputError, one_line
+from guft_jax.errors import InputError, Interrupted, one_line, os_error_line
 from guft_jax.methods import get_method
 from guft_jax.pretrained import load_pretrained
 
@@ -69,6 +77,55 @@ _PROCESS_ID = flags.DEFINE_integer(
 # FileNotFoundError / ModuleNotFoundError.
 USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, FloatingPointError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a user sees for an error: an ``OSError`` names its path and the reason
+    (a library's own message for a missing file is kept), anything else its message."""
+    if isinstance(e, OSError) and not isinstance(e, InputError) and e.errno:
+        return f"error: {os_error_line(e)}"
+    return f"error: {one_line(str(e))}"
+
+
+def quiet_libraries() -> None:
+    """Keeps the checkpoint library's background-thread reports off the terminal: its writer
+    threads log each failure with a traceback before the failure reaches :func:`main`, which
+    prints it once. Log records at FATAL level and the main thread's uncaught errors still
+    show."""
+    logging.set_verbosity(logging.FATAL)
+    std_logging.getLogger().setLevel(std_logging.CRITICAL)
+    for name in ("asyncio", "absl", "orbax", "jax"):
+        std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    # tensorstore's native threads report callbacks into orbax's closed event loop through
+    # sys.excepthook ("Event loop is closed"); the main thread's own errors still print.
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if threading.current_thread() is threading.main_thread():
+            default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) sets the flag the training loop asks after every step; a second Ctrl-C
+    interrupts at once (the default handler is back)."""
+
+    def __init__(self):
+        self.set = False
+
+    def __call__(self) -> bool:
+        return self.set
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def source_for(c):
@@ -106,15 +163,18 @@ def build(c):
 
 
 def fit_config(
-    c, workdir: str | None = None, *, source=None, log=print, fresh: bool = False
+    c, workdir: str | None = None, *, source=None, log=print, fresh: bool = False, stop=None
 ) -> train.FitResult:
     """Trains the run a validated config describes (the one ``train.fit`` call of the experiment
     scripts); ``source`` overrides the config's dataset (same name and splits).
 
     The workdir's lock is taken before anything is read or built, so a second run on it fails
-    at once (naming the holder's pid); ``fresh`` deletes the workdir's run files first.
+    at once (naming the holder's pid); ``fresh`` deletes the workdir's run files first;
+    ``stop`` is ``train.fit``'s (a Ctrl-C flag).
     """
     validate(c)
+    if workdir is not None and not str(workdir).strip():
+        raise InputError("--workdir is empty; give a folder for the run's checkpoints and records")
     lock = rundir.acquire_lock(workdir) if workdir and jax.process_index() == 0 else None
     try:
         model, params, src, method = build(c)
@@ -152,29 +212,45 @@ def fit_config(
             fresh=fresh,
             precision=c.get("precision", "auto"),
             input=c.get("input", "auto"),
+            stop=stop,
         )
     finally:
         if lock is not None:
             rundir.release_lock(lock)
 
 
-def run(c, workdir: str | None, log=print, *, fresh: bool = False) -> dict:
+def run(c, workdir: str | None, log=print, *, fresh: bool = False, stop=None) -> dict:
     """:func:`fit_config`'s JSON-able results."""
-    return fit_config(c, workdir, log=log, fresh=fresh).results
+    return fit_config(c, workdir, log=log, fresh=fresh, stop=stop).results
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DEBUG.value:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    else:
+        quiet_libraries()
+    stop = StopFlag()
+    stop.install()
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         if _WORKDIR.value is None:
             raise InputError("--workdir is required")
-        res = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
-    except USER_ERRORS as e:
+        res = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value, stop=stop)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        print(
+            "interrupted; rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except (*USER_ERRORS, OSError) as e:
         if _DEBUG.value:
             raise
-        print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
+        print(error_line(e), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     drop = ("history", "config", "trained_per_tensor", "tensor_sizes", "data")
     if jax.process_index() != 0:

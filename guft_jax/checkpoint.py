@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from guft_jax.errors import CheckpointDamagedError, one_line
+from guft_jax.errors import CheckpointDamagedError, one_line, short_path
 from guft_jax.paths import key_to_str
 from guft_jax.rundir import write_json_atomic  # noqa: F401  (kept importable from here)
 
@@ -105,18 +105,50 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     ``meta`` may carry anything JSON-serialisable; the engine stores the epoch, the data
     position, the method name and the config fingerprint (:func:`guft_jax.rundir.fingerprint`).
     """
-    mgr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta),
-            structure=ocp.args.JsonSave(describe(state)),
-            checksums=ocp.args.JsonSave(checksums(state)),
-        ),
-    )
-    mgr.wait_until_finished()
+    try:
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(meta),
+                structure=ocp.args.JsonSave(describe(state)),
+                checksums=ocp.args.JsonSave(checksums(state)),
+            ),
+        )
+        mgr.wait_until_finished()
+    except Exception as e:  # orbax / tensorstore report a full disk as several error types
+        err = os_error_of(e)
+        if err is None:
+            raise
+        err.filename = err.filename or _step_dir(mgr, step)
+        raise err from e
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(_step_dir(mgr, step), MANIFEST), _file_sums(mgr, step))
+
+
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The operating-system error behind an orbax / tensorstore failure, if there is one.
+
+    Orbax raises a file system's refusal (no space, read-only, no permission) from its writer
+    threads as a ``ValueError`` that quotes tensorstore's status and ``os_error_code``; this
+    finds the ``OSError`` in the chain or rebuilds one from that code.
+
+    Returns:
+      An ``OSError`` (errno and reason set, ``filename`` empty), or ``None``.
+    """
+    x, seen = error, 0
+    while x is not None and seen < 8:
+        if isinstance(x, OSError) and x.errno:
+            return OSError(x.errno, x.strerror or os.strerror(x.errno), x.filename)
+        m = _OS_CODE.search(str(x))
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        x, seen = x.__cause__ or x.__context__, seen + 1
+    return None
 
 
 def _step_dir(mgr, step) -> str:
@@ -332,6 +364,19 @@ def quarantine(mgr: ocp.CheckpointManager, step: int) -> str:
     return dst
 
 
+def quarantined(mgr: ocp.CheckpointManager) -> list[str]:
+    """The names of the damaged steps moved aside in ``mgr``'s directory (``3.damaged``...).
+
+    They are the run directory's memory of a refusal: while they are there and no intact step
+    is, :func:`restore_intact` refuses again (``--fresh`` deletes them with the checkpoints).
+    """
+    d = str(mgr.directory)
+    if not os.path.isdir(d):
+        return []
+    names = [n for n in os.listdir(d) if re.fullmatch(r"\d+\.damaged(\.\d+)?", n)]
+    return sorted(names, key=lambda n: [int(p) for p in n.replace("damaged", "0").split(".")])
+
+
 def restore_intact(
     mgr: ocp.CheckpointManager,
     target: Any | Callable[[dict], Any],
@@ -353,15 +398,24 @@ def restore_intact(
       log: receives one line per damaged step and one for the fallback.
 
     Returns:
-      ``(state, meta, step)``, or ``None`` when the directory holds no checkpoint.
+      ``(state, meta, step)``, or ``None`` when the directory holds no checkpoint (and no
+      damaged step moved aside earlier).
 
     Raises:
       CheckpointStructureError: as :func:`restore` (not damage: nothing is moved).
       CheckpointDamagedError: every step is damaged; one line naming the directory and each
-        step's failed check.
+        step's failed check. Raised again on every later call while only damaged steps
+        (:func:`quarantined`) are left.
     """
     steps = sorted(mgr.all_steps(), reverse=True)
     if not steps:
+        damaged = quarantined(mgr)
+        if damaged:
+            raise CheckpointDamagedError(
+                f"no intact checkpoint in {short_path(mgr.directory)}: every step was found "
+                f"damaged earlier and moved aside ({', '.join(damaged)}); rerun with --fresh to "
+                "start over"
+            )
         return None
     failures = []
     for i, step in enumerate(steps):

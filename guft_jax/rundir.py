@@ -36,13 +36,23 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from guft_jax.errors import ConfigChangedError, InputError, WorkdirLockedError
+from guft_jax.errors import (
+    ConfigChangedError,
+    DataChangedError,
+    InputError,
+    WorkdirLockedError,
+    os_error_line,
+    short_path,
+)
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
 TB_NAME = "tb"
 CHECKPOINTS_NAME = "checkpoints"
+# The longest path a run writes below its workdir: an orbax temporary step folder's chunk file
+# (``checkpoints/<step>.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/...``).
+PATH_RESERVE = 256
 # Config fields a resume may change: the length of the run and what is printed.
 RESUMABLE_FIELDS = ("epochs", "progress", "stop_after_epoch")
 
@@ -58,8 +68,29 @@ class WorkdirLock(NamedTuple):
 
 
 def _check_workdir(workdir: str) -> None:
+    if not str(workdir).strip():
+        raise InputError("--workdir is empty; give a folder for the run's checkpoints and records")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise InputError(f"workdir {workdir} is a file, not a folder")
+        raise InputError(f"workdir {short_path(workdir)} is a file, not a folder")
+    full = os.path.abspath(workdir)
+    limit = _path_max(full)
+    if len(full) + PATH_RESERVE > limit:
+        raise InputError(
+            f"workdir {short_path(full)} is {len(full)} characters long; the run's files add up "
+            f"to {PATH_RESERVE} more and paths are limited to {limit} characters here: use a "
+            "shorter --workdir"
+        )
+
+
+def _path_max(path: str) -> int:
+    """The file system's path length limit at the nearest existing folder above ``path``."""
+    probe = path
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    try:
+        return int(os.pathconf(probe or "/", "PC_PATH_MAX"))
+    except (OSError, ValueError):
+        return 4096
 
 
 def acquire_lock(workdir: str) -> WorkdirLock:
@@ -73,7 +104,9 @@ def acquire_lock(workdir: str) -> WorkdirLock:
 
     Raises:
       WorkdirLockedError: another process holds it; the message names its pid.
-      InputError: ``workdir`` is a file or cannot be created.
+      InputError: ``workdir`` is empty, a file, or cannot be created or written (read-only,
+        no permission, a path too long, a ``.lock`` that is a folder): one line naming the
+        path and the operating system's reason.
 
     >>> lock = acquire_lock("/tmp/run")  # doctest: +SKIP
     >>> release_lock(lock)  # doctest: +SKIP
@@ -82,21 +115,31 @@ def acquire_lock(workdir: str) -> WorkdirLock:
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
-        raise InputError(f"workdir {workdir} cannot be created ({e.strerror})") from e
+        e.filename = workdir
+        raise InputError(f"workdir cannot be created: {os_error_line(e)}") from e
     path = os.path.join(workdir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        e.filename = path
+        raise InputError(f"workdir lock cannot be opened: {os_error_line(e)}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise WorkdirLockedError(
-            f"workdir {workdir} is in use by process {holder} (lock {path}); wait for it to "
-            "finish or use another --workdir"
+            f"workdir {short_path(workdir)} is in use by process {holder} (lock "
+            f"{short_path(path)}); wait for it to finish or use another --workdir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        os.close(fd)
+        e.filename = path
+        raise InputError(f"workdir lock cannot be written: {os_error_line(e)}") from e
     return WorkdirLock(path, fd)
 
 
@@ -189,9 +232,46 @@ def check_resume_config(
             f"; and {len(changes) - 8} more" if len(changes) > 8 else ""
         )
         raise ConfigChangedError(
-            f"workdir {workdir} holds a run with a different config ({shown}); only "
+            f"workdir {short_path(workdir)} holds a run with a different config ({shown}); only "
             f"{', '.join(sorted(set(ignore)))} may change on resume: rerun with the original "
             "values, use another --workdir, or pass --fresh to start over"
+        )
+
+
+def check_resume_data(saved: Mapping | None, current: Mapping, *, workdir: str) -> None:
+    """Refuses to resume ``workdir`` on other data than its checkpoints were trained on.
+
+    Args:
+      saved: the data identity stored with the checkpoint (``{split: {"count", "sha256"}}``,
+        :func:`guft_jax.data.data_identity`); ``None`` (an older checkpoint) is accepted.
+      current: the identity of the data the resume would read.
+      workdir: named in the message.
+
+    Raises:
+      DataChangedError: naming each split that changed, with its stored and new image count
+        and content hash.
+
+    >>> check_resume_data({"test": {"count": 3, "sha256": "ab"}},
+    ...                   {"test": {"count": 3, "sha256": "ab"}}, workdir="W")
+    """
+    if not saved:
+        return
+    changed = []
+    for split in sorted(set(saved) & set(current)):
+        a, b = saved[split], current[split]
+        if a == b:
+            continue
+
+        def show(d):
+            digest = d.get("sha256")
+            return f"{d.get('count')} images" + (f" (sha256 {digest[:12]})" if digest else "")
+
+        changed.append(f"split {split}: {show(a)} -> {show(b)}")
+    if changed:
+        raise DataChangedError(
+            f"workdir {short_path(workdir)} was trained on other data: the data changed "
+            f"({'; '.join(changed)}); resume on the original data, use another --workdir, or "
+            "pass --fresh to start over"
         )
 
 
@@ -348,6 +428,7 @@ __all__ = [
     "acquire_lock",
     "append_jsonl",
     "check_resume_config",
+    "check_resume_data",
     "clear_run",
     "config_changes",
     "fingerprint",

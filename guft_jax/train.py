@@ -23,7 +23,9 @@ one line and the previous intact one is used (:func:`guft_jax.checkpoint.restore
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -39,7 +41,8 @@ from guft_jax import device_input, distributed, optim, rundir
 from guft_jax import paths as paths_lib
 from guft_jax import precision as precision_lib
 from guft_jax import sharding as shard_lib
-from guft_jax.data import describe_source, summary_line
+from guft_jax.data import data_identity, describe_source, summary_line
+from guft_jax.errors import EpochsLoweredError, Interrupted, short_path
 from guft_jax.methods import base as mbase
 from guft_jax.methods.base import (
     EpochContext,
@@ -317,10 +320,12 @@ class _Writer:
     def __init__(self, workdir: str | None, *, step: int, log: Callable[[str], None]):
         self.workdir = workdir if jax.process_index() == 0 else None
         self.tb = None
+        self.kept: list[dict] = []  # the records of the epochs before this resume
         if self.workdir:
             os.makedirs(self.workdir, exist_ok=True)
             self.path = os.path.join(self.workdir, rundir.METRICS_NAME)
             kept, dropped = rundir.truncate_metrics(self.path, step)
+            self.kept = kept
             if dropped:
                 log(
                     f"{self.path}: dropped {dropped} record(s) past step {step}, which the "
@@ -393,12 +398,20 @@ def _place(state, params, mesh, param_rules, state_rules):
 
 
 def _restore(
-    run: _Run, mgr, state: TrainState, config: dict | None, workdir: str | None
+    run: _Run,
+    mgr,
+    state: TrainState,
+    config: dict | None,
+    workdir: str | None,
+    *,
+    data: dict | None = None,
+    warn: Callable[[str], None] = print,
 ) -> tuple[TrainState, dict | None]:
     """``(state, meta)`` of the newest intact checkpoint (``meta`` None: nothing to resume).
 
-    Refuses another method's checkpoint and (with ``config``) a changed config before reading
-    any array; damaged steps are named, moved aside and skipped.
+    Refuses another method's checkpoint, other data (``data``: :func:`guft_jax.data.data_identity`
+    of the splits the run reads) and (with ``config``) a changed config before reading any
+    array; damaged steps are named on ``warn``, moved aside and skipped.
     """
     if mgr is None:
         return state, None
@@ -413,10 +426,12 @@ def _restore(
         return state._replace(trainable=tr, opt_state=opt, method_state=ms)
 
     def check(meta):
+        if data is not None:
+            rundir.check_resume_data(meta.get("data"), data, workdir=workdir)
         if config is not None:
             rundir.check_resume_config(meta.get("fingerprint"), config, workdir=workdir)
 
-    out = ckpt_lib.restore_intact(mgr, target, method=method.name, check_meta=check, log=run.log)
+    out = ckpt_lib.restore_intact(mgr, target, method=method.name, check_meta=check, log=warn)
     if out is None:
         return state, None
     state, meta, _ = out
@@ -550,8 +565,14 @@ def _det_loss(model):
     return _DET_LOSS[id(model)]
 
 
-def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, dict]:
-    """One epoch of steps; returns the new state and the epoch's record."""
+def _train_epoch(
+    run: _Run, epoch: int, state: TrainState, stop: Callable[[], bool] = lambda: False
+) -> tuple[TrainState, dict]:
+    """One epoch of steps; returns the new state and the epoch's record.
+
+    ``stop()`` is asked after every step; when it says so the epoch ends with
+    :class:`~guft_jax.errors.Interrupted` (its partial work is not kept).
+    """
     mask = ()  # the step takes the method's mask from its traced state
     t0 = time.time()
     losses = []
@@ -591,6 +612,8 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, 
             x, y = shard_lib.put_batch((x, y), run.mesh)
         state, loss = step_fn(state, run.params, x, y, mask)
         losses.append(loss)
+        if stop():
+            raise Interrupted(epoch, len(losses))
         if run.progress and len(losses) % 5 == 0:
             # the previous step's loss: reading it does not wait for the step just dispatched
             rate = len(losses) * d["batch_size"] / (time.time() - t0)
@@ -600,8 +623,7 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> tuple[TrainState, 
     if not np.all(np.isfinite(losses)):
         bad = int(np.argmax(~np.isfinite(losses)))
         raise FloatingPointError(
-            f"non-finite training loss in epoch {epoch} (step {bad} of the epoch); stopping. "
-            f"The last good checkpoint (epoch {epoch - 1}) is kept."
+            f"non-finite training loss in epoch {epoch} (step {bad} of the epoch); stopping"
         )
     dt = time.time() - t0
     rec = {
@@ -716,6 +738,8 @@ def fit(
     fresh: bool = False,
     precision: str | None = "auto",
     input: str = "auto",
+    warn: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Trains ``method`` on ``source``; returns a :class:`FitResult` (the JSON-able results are
     also written to ``workdir/results.json``). Resumes from ``workdir``'s newest intact
@@ -742,15 +766,32 @@ def fit(
     reading any data); ``fresh=True`` deletes the workdir's checkpoints, metrics, events and
     results first.
 
+    A run directory's ``results.json`` describes the model beside it: ``history`` holds every
+    epoch trained (read back from ``metrics.jsonl`` across resumes), ``epochs`` the epochs
+    trained, ``wall_seconds`` the time of all the run's processes up to its last checkpoint
+    plus this one's, and ``data_identity`` the data's per-split counts and content hashes
+    (also stored with every checkpoint: a resume on other data is refused). Rerunning a
+    finished run with the same ``epochs`` changes nothing and returns the stored results;
+    asking for fewer epochs than were trained is refused; more continues the run.
+
+    ``warn`` receives the damaged-checkpoint and fallback notices (default: stderr). ``stop``
+    is asked after every step (e.g. a Ctrl-C handler's flag): when true, training ends with
+    :class:`~guft_jax.errors.Interrupted` after that step, saving nothing of the unfinished
+    epoch (a rerun resumes from the last epoch's checkpoint).
+
     Raises:
-      FloatingPointError: a NaN/Inf loss (the last good checkpoint is kept).
+      FloatingPointError: a NaN/Inf loss (the last good checkpoint, if any, is kept).
+      EpochsLoweredError: ``epochs`` is below the epochs the workdir's model was trained.
+      DataChangedError: a resume on other data (the changed splits named).
+      Interrupted: ``stop()`` said so (a ``KeyboardInterrupt``).
       WorkdirLockedError: another process holds ``workdir``.
       ConfigChangedError: a resume with a changed config (the fields named).
       CheckpointStructureError: the workdir holds another method's or another shape's run.
       CheckpointDamagedError: no intact checkpoint is left in the workdir.
     """
     if jax.process_index() != 0:
-        log = _quiet
+        log = warn = _quiet
+    warn = _stderr if warn is None else warn
     with contextlib.ExitStack() as stack:
         _open_workdir(stack, workdir, lock=lock, fresh=fresh, log=log)
         t_start = time.time()
@@ -819,19 +860,46 @@ def fit(
         if workdir:
             mgr = ckpt_lib.manager(os.path.join(workdir, rundir.CHECKPOINTS_NAME))
             stack.callback(mgr.close)
-        state, meta = _restore(run, mgr, state, config, workdir)
-        start_epoch = 1 if meta is None else int(meta["epoch"]) + 1
+        data_id = data_identity(source, [train_split, eval_split])
+        state, meta = _restore(run, mgr, state, config, workdir, data=data_id, warn=warn)
+        trained = 0 if meta is None else int(meta["epoch"])
+        if trained > epochs:
+            raise EpochsLoweredError(
+                f"epochs={epochs} is fewer than the {trained} epochs the model in "
+                f"{short_path(workdir)} has been trained; give epochs >= {trained} to continue it, "
+                "or pass --fresh to start over"
+            )
+        results_path = os.path.join(workdir, rundir.RESULTS_NAME) if workdir else None
+        if trained == epochs and results_path:
+            finished = _read_results(results_path, epochs)
+            if finished is not None:
+                log(
+                    f"{short_path(workdir)} already holds this run, finished after {epochs} "
+                    f"epochs; nothing to do ({rundir.RESULTS_NAME} unchanged)"
+                )
+                return FitResult(state, finished)
+        start_epoch = trained + 1
         notes = _resume_notes(meta, epochs, int(state.step), log)
         writer = _Writer(workdir, step=0 if meta is None else int(state.step), log=log)
         stack.callback(writer.close)
-        results_path = os.path.join(workdir, rundir.RESULTS_NAME) if workdir else None
         if results_path and start_epoch <= epochs and os.path.exists(results_path):
             os.remove(results_path)  # it described the run before this resume
         fingerprint = None if config is None else rundir.fingerprint(config)
-        history = []
+        wall_before = 0.0 if meta is None else float(meta.get("wall_seconds", 0.0))
+        history = list(writer.kept)
         for epoch in range(start_epoch, epochs + 1):
+            if stop is not None and stop():
+                raise Interrupted(epoch, 0)
             state = _epoch_start(run, epoch, state)
-            state, rec = _train_epoch(run, epoch, state)
+            try:
+                state, rec = _train_epoch(run, epoch, state, stop or (lambda: False))
+            except FloatingPointError as e:
+                kept = (
+                    f"the checkpoint of epoch {epoch - 1} is kept"
+                    if mgr is not None and epoch > 1
+                    else "no checkpoint was saved"
+                )
+                raise FloatingPointError(f"{e}; {kept}") from None
             history.append(rec)
             writer.write(rec)
             log(f"epoch {epoch}: loss {rec['train_loss']:.4f}, {rec['images_per_s']:.1f} img/s")
@@ -842,6 +910,8 @@ def fit(
                     "method": method.name,
                     "epochs": epochs,
                     "fingerprint": fingerprint,
+                    "data": data_id,
+                    "wall_seconds": wall_before + time.time() - t_start,
                 }
                 ckpt_lib.save(mgr, epoch, state, ckpt_meta)
             if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs:
@@ -849,19 +919,37 @@ def fit(
                 return FitResult(state, {"stopped_after_epoch": epoch, "history": history})
         results = _results(run, state, history, config)
         results["data"] = describe_source(source)
+        results["data_identity"] = data_id
         results["precision"] = jnp.dtype(dtype).name
         results["input"] = input_kind
         results["resumed_from_epoch"] = start_epoch - 1 if start_epoch > 1 else None
         results.update(notes)
         _evaluate_into(run, state, eval_split, results)
-        results["wall_seconds"] = time.time() - t_start
+        results["wall_seconds"] = wall_before + time.time() - t_start
         if results_path and jax.process_index() == 0:
             rundir.write_json_atomic(results_path, results)
         return FitResult(state, results)
 
 
+def _read_results(path: str, epochs: int) -> dict | None:
+    """The finished run's ``results.json`` if it is whole and records ``epochs`` epochs."""
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or res.get("epochs") != epochs:
+        return None
+    return res
+
+
 def _quiet(line: str) -> None:
     """``log`` of the processes other than 0."""
+
+
+def _stderr(line: str) -> None:
+    """``warn``'s default: damage and fallback notices go to stderr."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def mask_of(method: Method, state: TrainState):
