@@ -17,7 +17,7 @@ set -euo pipefail
 VENV="${TORCH_VENV:-.torch-venv}"
 APT_PACKAGES="python3-torch python3-torchvision python3-venv python3-numpy python3-yaml
   python3-packaging python3-filelock python3-requests python3-tqdm python3-psutil python3-regex
-  python3-fsspec python3-typing-extensions"
+  python3-fsspec python3-typing-extensions python3-jinja2"
 # Versions that run on torch 1.13 and numpy 1.24.
 PIP_PACKAGES="peft==0.17.1 timm==1.0.15 transformers==4.46.3 tokenizers==0.20.3
   accelerate==1.0.1 huggingface_hub==0.26.5 safetensors==0.4.5"
