@@ -1,6 +1,6 @@
 """PyTorch interop: timm / Hugging Face checkpoints and Hugging Face PEFT adapters.
 
-- :mod:`guft_jax.interop.timm`: :func:`load_timm` (timm ViT/DeiT/DINOv2-style checkpoints),
+- :mod:`guft_jax.interop.timm_io`: :func:`load_timm` (timm ViT/DeiT/DINOv2-style checkpoints),
   :func:`export_timm` / :func:`export_hf` (merged guft_jax params as PyTorch state dicts).
 - :mod:`guft_jax.interop.peft_io`: :func:`save_peft` / :func:`load_peft` (PEFT 0.17 adapters for
   LoRA, DoRA, VeRA, FourierFT, AdaLoRA, and GUFT / one-shot masks as SHiRA), one table entry
@@ -10,7 +10,7 @@ Nothing here imports torch: arrays cross to PyTorch as safetensors files.
 """
 
 from guft_jax.interop.peft_io import CONVERTERS, Loaded, load_peft, save_peft, torch_randperm
-from guft_jax.interop.timm import export_hf, export_timm, load_timm, timm_to_flat
+from guft_jax.interop.timm_io import export_hf, export_timm, load_timm, timm_to_flat
 
 __all__ = [
     "CONVERTERS",

@@ -40,7 +40,7 @@ line naming the layer):
   ``model.load_state_dict(..., strict=False)`` before ``PeftModel.from_pretrained``.
 
 Methods without an entry are exported as merged weights (``model.safetensors`` in the base's
-names, :func:`guft_jax.interop.timm.export_timm` / ``export_hf``).
+names, :func:`guft_jax.interop.timm_io.export_timm` / ``export_hf``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import numpy as np
 
 from guft_jax import guft as guft_lib
 from guft_jax import paths as paths_lib
-from guft_jax.interop import timm as timm_lib
+from guft_jax.interop import timm_io as timm_lib
 from guft_jax.methods import base as base_lib
 from guft_jax.methods import fourierft as fourierft_lib
 from guft_jax.methods import vera as vera_lib
@@ -714,6 +714,8 @@ CONVERTERS: dict[str, Converter] = {
     "vera": Converter("VERA", _vera_save, _vera_load_method),
     "fourierft": Converter("FOURIERFT", _fourierft_save, _fourierft_load_method),
     SHIRA: _SHIRA,
+    "shira": _SHIRA,  # GUFT-family methods with a per-tensor quota: the same payload
+    "gps": _SHIRA,
     "guft": _SHIRA,
     **{s: _SHIRA for s in guft_lib.ONESHOT_SCORES},
 }
