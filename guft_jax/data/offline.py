@@ -1,16 +1,16 @@
 """Real image datasets that ship inside registry packages, and users' own data, VTAB-1K style.
 
-Every dataset here is split the VTAB-1K way (SPEC.md §6): ``train800`` + ``val200`` (1,000 images
-drawn from the training pool with ``seed``) and a held-out ``test`` set of a stated size that does
+Every dataset here is split the VTAB-1K way: ``train800`` + ``val200`` (1,000 images drawn from
+the training pool with ``seed``) and a held-out ``test`` set of a stated size that does
 not depend on ``seed``, so that every run of a sweep is scored on the same images.
 
-==============  ========================================  ======  ==============  ===========
-name            package (install command)                 pool    test (default)  classes
-==============  ========================================  ======  ==============  ===========
-fashion_mnist   ``apt-get install dataset-fashion-mnist``  60,000  official 10,000  10
-animal_mnist    ``pip install --no-deps animal-mnist==0.4`` 9,716*  2,000 held out   10
-digits          scikit-learn (``load_digits``, 8x8)       1,797   797 held out     10
-==============  ========================================  ======  ==============  ===========
+==============  ============================================  ======  ================  =======
+name            package (install command)                     pool    test (default)    classes
+==============  ============================================  ======  ================  =======
+fashion_mnist   ``apt-get install dataset-fashion-mnist``     60,000  official 10,000   10
+animal_mnist    ``pip install --no-deps animal-mnist==0.4``   9,716*  2,000 held out    10
+digits          scikit-learn (``load_digits``, 8x8)           1,797   797 held out      10
+==============  ============================================  ======  ================  =======
 
 \\* Animal-MNIST has 10,000 images of which 284 are exact copies of an earlier one (no duplicate
 group carries two labels); they are removed, keeping the first occurrence, *before* splitting so

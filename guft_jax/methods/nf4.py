@@ -108,8 +108,9 @@ def quantize(
       absmax_block_size: absmax constants per second-level block (256 in QLoRA).
 
     Returns:
-      ``{"codes": uint8 w.shape[:-1] + (w.shape[-1] // 2,), "absmax": uint8 (⌈n/block⌉,),
-      "absmax_scale": float32 (⌈⌈n/block⌉/absmax_block⌉,), "absmax_mean": float32 ()}``.
+      A dict: ``codes`` (uint8, ``w.shape[:-1] + (w.shape[-1] // 2,)``), ``absmax`` (uint8, one
+      per block), ``absmax_scale`` (float32, one per second-level block) and ``absmax_mean``
+      (float32 scalar).
 
     Raises:
       ValueError: the last axis has odd length (two codes are packed per byte along it).

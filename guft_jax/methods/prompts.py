@@ -13,7 +13,7 @@
 - ``prefix`` (Li & Liang, arXiv:2101.00190): per block learnable key and value prefixes
   ``P_k, P_v`` (p, d) concatenated before the block's keys and values in ``Attention.attend``
   (queries attend over ``p + T`` keys). Direct parameterisation (no reparameterising MLP), init
-  N(0, ``init_std``²). Not the pretrained function at init either (prefixes take softmax mass).
+  N(0, ``init_std ** 2``). Not the pretrained function at init either (prefixes take softmax mass).
 
 Neither merges into plain ViT params (``merge=None``); the artifact stores the trainable tree.
 
