@@ -68,7 +68,8 @@ def test_resume_after_stop_is_bitwise_identical(tiny, tmp_path, name):
     part = _fit(tiny, method(), epochs=4, workdir=str(tmp_path / "b"), stop_after_epoch=2)
     assert part["stopped_after_epoch"] == 2
     rest = _fit(tiny, method(), epochs=4, workdir=str(tmp_path / "b"))
-    assert [h["epoch"] for h in rest["history"]] == [3, 4]
+    assert [h["epoch"] for h in rest["history"]] == [1, 2, 3, 4]  # the whole run's history
+    assert rest["resumed_from_epoch"] == 2 and rest["epochs"] == 4
     for x, y in zip(_leaves(full["state"]), _leaves(rest["state"]), strict=True):
         np.testing.assert_array_equal(x, y)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()

@@ -99,7 +99,7 @@ def test_vtab_rule_from_1250_images_and_explicit_sizes(tmp_path):
     for bad, field in bad_sizes:
         with pytest.raises(InputError, match=field):
             get_source(f"npz:{npz}", **bad)
-    with pytest.raises(InputError, match="smaller than the 4 classes"):
+    with pytest.raises(InputError, match="would get 3 images for 4 classes"):
         get_source(f"npz:{npz}", train_size=3)
 
 

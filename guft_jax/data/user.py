@@ -6,21 +6,25 @@ unreadable image, NaN in float pixels, labels that are not integers, ...). What 
 rather than refused is listed in the source's ``notes``:
 
 - ``npz:PATH``: arrays ``images`` (N, H, W) or (N, H, W, C) with C in {1, 3, 4} and ``labels``
-  (N,). Pixels may be uint8, integers in [0, 255], or finite floats in [0, 1] (scaled by 255) or
+  (N,). Pixels may be uint8, uint16 (16-bit: scaled by 255/65535, as 16-bit images in
+  folders, and noted), integers in [0, 255], or finite floats in [0, 1] (scaled by 255) or
   [0, 255] (rounded). Labels may be integers (or integral floats), or strings (the class names,
   sorted). Optional arrays: ``class_names`` (names indexed by integer label) and
   ``test_images`` / ``test_labels`` (an explicit test set).
 - ``folder:PATH``: ``PATH/<class>/<image>`` or ``PATH/{train,test}/<class>/<image>``; classes
-  are the sorted sub-folder names (hidden ones ignored). Images of mixed sizes and of mixed
-  grey / RGB / RGBA / palette / 16-bit modes are read as uint8 grey or RGB (alpha dropped) and
-  resized per batch; files that are not images (by extension) and loose files are ignored and
+  are the sorted sub-folder names (hidden ones ignored). A folder whose sub-folders are
+  ``train`` (and ``test``) is read as the split layout, never as classes named so (noted).
+  Images of mixed sizes and of mixed grey / RGB / RGBA / palette / 16-bit modes are read as
+  uint8 grey or RGB (alpha dropped; 16-bit scaled by 255/65535, noted) and resized per batch;
+  files that are not images (by extension) and loose files are ignored and
   counted. An unreadable image is an error naming it, unless ``skip_bad=True``: then it is
   skipped and counted. An empty class folder is an error.
 - An explicit test set can also be a second file or folder: ``npz:A.npz,test:B.npz`` or
   ``folder:DIR,test:TESTDIR`` (the text after the last ``,test:``).
 
 Labels. Integer labels that are exactly ``0..K-1`` are used as they are; otherwise (e.g.
-``{3, 7, 9}``) they are remapped to ``0..K-1`` in sorted order and the mapping is recorded
+``{3, 7, 9}`` or ``{0, 2**40}``: by rank, no table as large as a label) they are remapped to
+``0..K-1`` in sorted order and the mapping is recorded
 (``info["label_map"]``, and ``class_names`` are the original labels unless the file names
 them). With ``num_classes`` given nothing is remapped and every label must be in
 ``[0, num_classes)``. Negative labels, one class only, and test labels that never occur in
@@ -43,10 +47,13 @@ Every split is stratified: each class gives one image to train first, then one t
 one to val, and the rest of each split is filled in proportion to what each class has left
 (largest remainders, ties to the lower label). So every class is in train; a class with >= 3
 images is also in val and test; a class with 2 images is in train and test only and one with 1
-image in train only (both said in ``notes``). If a split is smaller than the number of classes
-the largest classes get its places (noted); ``train_size`` below the number of classes is an
-error. The test images are drawn with the fixed :data:`TEST_SEED` (the same for every run seed
-for the same sizes); train and val with the run's ``seed``.
+image in train only (both said in ``notes``). For that, with the default sizes the pool's
+test split is raised to the number of classes with >= 2 images and val/test give images back
+so that train holds one image per class (the rule then says "moved"); one image in every
+class and no explicit test set is an error (nothing is left to test on). If a split is smaller
+than the number of classes the largest classes get its places (noted); a train split below the
+number of classes is an error. The test images are drawn with the fixed :data:`TEST_SEED`
+(the same for every run seed for the same sizes); train and val with the run's ``seed``.
 """
 
 from __future__ import annotations
@@ -67,6 +74,10 @@ VTAB_MIN_POOL = 1250  # >= 800 + 200 + a 20 % test set: the VTAB-1K 800/200/rest
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp")  # fmt: skip
 TEST_MARKER = ",test:"
+# npz and folders say the same when they scale 16-bit pixels (uint16 arrays, 16-bit PNG/TIFF).
+SIXTEEN_BIT_NOTE = "16-bit pixels scaled to 8 bits (x 255/65535)"
+# Float labels above this are not exact integers in float64.
+MAX_FLOAT_LABEL = 2**53
 SPLIT_FOLDERS = ("train", "test")
 
 
@@ -275,6 +286,9 @@ def _check_images(x: np.ndarray, path: str, notes: list, key: str = "images") ->
             raise InputError(
                 f"{where} are floats in [{lo:g}, {hi:g}]; allowed: [0, 1] or [0, 255] (uint8 best)"
             )
+    elif x.dtype == np.uint16:  # 16-bit pixels, as a 16-bit PNG in a folder
+        x = np.round(x.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+        notes.append(f"{key}: {SIXTEEN_BIT_NOTE}")
     elif np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.bool_):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
@@ -312,7 +326,16 @@ def _check_label_array(y: np.ndarray, n: int, path: str, notes: list, key: str) 
             raise InputError(
                 f"{where} must be integers; entry {i} is {y[i].item()!r} (dtype {y.dtype})"
             )
+        if np.abs(y).max() > MAX_FLOAT_LABEL:
+            i = int(np.argmax(np.abs(y) > MAX_FLOAT_LABEL))
+            raise InputError(
+                f"{where} must be integers up to 2**53; entry {i} is {y[i].item()!r} "
+                f"(dtype {y.dtype})"
+            )
         notes.append(f"{key}: integral float labels converted to integers")
+    elif y.dtype == np.uint64 and int(y.max()) > np.iinfo(np.int64).max:
+        i = int(np.argmax(y > np.iinfo(np.int64).max))
+        raise InputError(f"{where} must be integers up to 2**63 - 1; entry {i} is {int(y[i])}")
     y = y.astype(np.int64)
     if y.min() < 0:
         i = int(np.argmax(y < 0))
@@ -327,8 +350,11 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
-def _read_image(path: str) -> np.ndarray:
-    """One image file -> uint8 ``(H, W, 1)`` or ``(H, W, 3|4)``; raises on unreadable files."""
+def _read_image(path: str, scaled: list | None = None) -> np.ndarray:
+    """One image file -> uint8 ``(H, W, 1)`` or ``(H, W, 3|4)``; raises on unreadable files.
+
+    ``scaled`` receives ``path`` when 16-bit pixels were scaled to 8 bits.
+    """
     from PIL import Image
 
     with Image.open(path) as im:
@@ -338,6 +364,8 @@ def _read_image(path: str) -> np.ndarray:
             a = np.asarray(im, np.float64)
             if mode != "I" or a.max() > 255:
                 a = a * (255.0 / 65535.0)
+                if scaled is not None:
+                    scaled.append(path)
             a = np.round(a).clip(0, 255).astype(np.uint8)
         elif mode == "F":
             a = np.asarray(im, np.float64)
@@ -423,7 +451,7 @@ def read_folder(root: str, *, classes: Sequence[str] | None = None, skip_bad: bo
             f"{os.path.join(root, unknown[0])}: class {unknown[0]!r} is not among the training "
             f"classes {names}"
         )
-    images, labels, ignored, skipped = [], [], [], []
+    images, labels, ignored, skipped, scaled = [], [], [], [], []
     for k, c in enumerate(names):
         d = os.path.join(root, c)
         if not os.path.isdir(d):
@@ -437,7 +465,7 @@ def read_folder(root: str, *, classes: Sequence[str] | None = None, skip_bad: bo
                 ignored.append(os.path.join(c, fn))
                 continue
             try:
-                im = _read_image(p)
+                im = _read_image(p, scaled)
             except Exception as e:  # PIL raises many types for a bad file; all mean "unreadable"
                 reason = f"{type(e).__name__}: {e}"
                 if not skip_bad:
@@ -467,6 +495,8 @@ def read_folder(root: str, *, classes: Sequence[str] | None = None, skip_bad: bo
         notes.append(
             f"{root}: skipped {len(skipped)} unreadable images (e.g. {'; '.join(skipped[:2])})"
         )
+    if scaled:
+        notes.append(f"{root}: {len(scaled)} images: {SIXTEEN_BIT_NOTE}")
     images = _unify_images(images, root, notes)
     info = {"ignored_files": len(ignored), "skipped_files": len(skipped)}
     return Pool(images, np.asarray(labels, np.int64), tuple(names), tuple(notes), info)
@@ -495,6 +525,14 @@ def read_image_folder(path: str, *, skip_bad: bool = False) -> tuple[Pool, Pool 
     """Reads a ``folder:`` dataset in either layout; returns ``(pool, test_pool or None)``."""
     train_root, test_root = _folder_layout(path)
     pool = read_folder(train_root, skip_bad=skip_bad)
+    if test_root is not None or train_root != path:
+        pool = pool._replace(
+            notes=(
+                f"{path}: sub-folders {', '.join(_list_dirs(path)[0])} read as the train/test "
+                "split layout (train/<class>/<image>), not as classes",
+                *pool.notes,
+            )
+        )
     test = None
     if test_root is not None:
         test = read_folder(test_root, classes=pool.class_names, skip_bad=skip_bad)
@@ -552,13 +590,15 @@ def _encode_labels(pool: Pool, test: Pool | None, num_classes: int | None, where
     if np.array_equal(present, np.arange(k)):
         return y, ty, _names_for(pool.class_names, k, where), None, notes
     lut = {int(v): i for i, v in enumerate(present)}
-    remap = np.full(int(present[-1]) + 1, -1, np.int64)
-    remap[present] = np.arange(k)
+
+    def remap(labels):  # the rank among the present labels: no table as large as a label
+        return np.searchsorted(present, labels).astype(np.int64)
+
     old = pool.class_names
     names = tuple(old[int(v)] if old is not None else str(int(v)) for v in present)
     shown = ", ".join(str(int(v)) for v in present[:8]) + (", …" if k > 8 else "")
     notes.append(f"labels {{{shown}}} remapped to 0..{k - 1} in sorted order")
-    return remap[y], None if ty is None else remap[ty], names, lut, notes
+    return remap(y), None if ty is None else remap(ty), names, lut, notes
 
 
 def _names_for(names: tuple | None, k: int, where: str) -> tuple[str, ...]:
@@ -712,8 +752,8 @@ def allocate(counts: Sequence[int], sizes: dict[str, int], splits: Sequence[str]
     k = len(counts)
     if sizes["train800"] < k:
         raise InputError(
-            f"train_size={sizes['train800']} is smaller than the {k} classes; every class needs "
-            "a training image"
+            f"the training split would get {sizes['train800']} images for {k} classes and every "
+            "class needs one: raise train_size or lower val_size / test_size"
         )
     alloc = {s: np.zeros(k, np.int64) for s in splits}
     notes = []
@@ -854,6 +894,10 @@ def load_user_data(
         test_size=test_size,
         n_test_pool=None if test is None else len(ty),
     )
+    if train_size is None and val_size is None and test_size is None:
+        sizes, rule = _fit_small_classes(
+            sizes, rule, np.bincount(y), path, has_test=test is not None
+        )
     if test is None:
         idx, split_notes = stratified_split(y, sizes, seed=seed)
         splits = {s: (_take(pool.images, i), y[i]) for s, i in idx.items()}
@@ -882,6 +926,45 @@ def load_user_data(
         + (0 if test is None else test.info.get("ignored_files", 0)),
     }
     return UserData(splits, k, tuple(names), tuple(all_notes), info)
+
+
+def _fit_small_classes(sizes: dict, rule: str, counts: np.ndarray, path: str, *, has_test: bool):
+    """The default sizes moved so that the stratification rule holds for small classes.
+
+    Every class keeps a training image, and with the pool's own test split the test split has
+    room for one image of each class with >= 2 images (so a 2-image class is in train and
+    test, as the module docstring says). Images move between the default sizes only; given
+    sizes are never changed.
+
+    Raises:
+      InputError: every class has a single image and there is no explicit test set (no image
+        is left to test on).
+    """
+    counts = counts[counts > 0]
+    k, n = len(counts), int(counts.sum())
+    k2, k3 = int((counts >= 2).sum()), int((counts >= 3).sum())  # classes that reach test, val
+    tr, va, te = sizes["train800"], sizes["val200"], sizes["test"]
+    if not has_test:
+        if k2 == 0:
+            raise InputError(
+                f"{path}: {n} images in {k} classes, one per class: each class's image goes to "
+                "train and none is left to test on; add images (>= 2 in some classes) or give "
+                "an explicit test set"
+            )
+        te = max(te, k2)
+    if has_test:  # the test split is the explicit test set: train and val share the pool
+        va = max(0, min(va, n - k))
+        tr = max(min(tr, n - va), k)
+    else:
+        while n - te - va < k and va > k3:  # back to one training image per class
+            va -= 1
+        while n - te - va < k and te > k2:
+            te -= 1
+        tr = n - va - te
+    new = {"train800": tr, "val200": va, "test": te}
+    if new != sizes:
+        rule += " (moved: every class in train, and in test from 2 images)"
+    return new, rule
 
 
 def _test_subsample(labels: np.ndarray, size: int) -> np.ndarray:
