@@ -133,8 +133,9 @@ def _refuse_fused(method: str, groups: dict) -> None:
 
 
 def _pattern(module: str) -> str:
-    """A PEFT ``*_pattern`` key matching exactly ``module``."""
-    return re.escape(module)
+    """A PEFT ``*_pattern`` key matching exactly ``module``: its name after the first dot,
+    escaped (LoRA matches keys as ``(.*\\.)?key$``, FourierFT as ``.*\\.key$``)."""
+    return re.escape(module.split(".", 1)[1] if "." in module else module)
 
 
 def _lookup(pattern: dict, module: str, default):
@@ -381,7 +382,12 @@ def _vera_save(ctx: Ctx) -> tuple[dict, dict]:
         a_all, b_all = vera_lib.vera_projections(
             hp["seed"], hp["rank"], max(d[0] for d in dims), max(d[1] for d in dims)
         )
-    tensors = {"vera_A": _np(a_all), "vera_B": _np(b_all)}
+    # PEFT 0.17 checks for ``base_model.vera_A`` but loads the buffers only under the adapter's
+    # name (``base_model.vera_A.default``); without that key it silently keeps the projections
+    # regenerated from ``projection_prng_key``. Both keys are written.
+    tensors = {}
+    for k, v in (("vera_A", a_all), ("vera_B", b_all)):
+        tensors[k] = tensors[f"{k}.default"] = _np(v)
     for mod, blocks in groups.items():
         s = lam[ws.key(blocks[None])]
         tensors[f"{mod}.vera_lambda_b"] = _np(s["lambda_b"])
@@ -432,8 +438,9 @@ def vera_explicit(
 def _vera_load_method(config, tensors, params, base):
     if "base_model.vera_A" not in tensors:
         raise ValueError("load_peft: a VeRA adapter saved without its projections is not supported")
-    a_all = np.asarray(tensors.pop("base_model.vera_A"), np.float32)
-    b_all = np.asarray(tensors.pop("base_model.vera_B"), np.float32)
+    proj = [tensors.pop(f"base_model.{k}") for k in ("vera_A", "vera_B")]
+    proj = [tensors.pop(f"base_model.{k}.default", v) for k, v in zip(("vera_A", "vera_B"), proj)]
+    a_all, b_all = (np.asarray(v, np.float32) for v in proj)
     mods = _parse(tensors, ("vera_lambda_b", "vera_lambda_d"))
     group = {}
     for mod, t in mods.items():

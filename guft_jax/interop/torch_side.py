@@ -5,7 +5,8 @@ timm / Hugging Face transformers / PEFT on CPU and writes every result array to 
 (the JAX side needs numpy 2 and torch 1.13 needs numpy 1, so the two sides share files only).
 Set up the environment with ``tools/torch_env.sh``.
 
-Jobs (``{"kind": ..., "out": result name, ...}``):
+Jobs (``{"kind": ..., "out": result name, ...}``; ``images``: a job's own ``.npy`` NHWC images
+instead of the spec's):
 
 - ``logits``: build ``model`` (``base``: ``timm`` or ``hf``), load ``weights`` (safetensors,
   strict), optionally ``updates`` (strict=False) and the PEFT ``adapter`` directory
@@ -131,7 +132,10 @@ def main(path: str) -> None:
     with open(path) as f:
         spec = json.load(f)
     images = np.load(spec["images"]).astype(np.float32)
-    results = {job["out"]: run(job, images) for job in spec["jobs"]}
+    results = {}
+    for job in spec["jobs"]:
+        imgs = np.load(job["images"]).astype(np.float32) if "images" in job else images
+        results[job["out"]] = run(job, imgs)
     np.savez(spec["results"], **results)
 
 
