@@ -6,10 +6,11 @@ import jax
 import method_checks as mc
 import numpy as np
 import pytest
+from test_loha import assert_unmerged_equals_merged
 
 from guft_jax import paths
 from guft_jax.methods import get_method
-from guft_jax.methods.lokr import factorization, lokr_shapes
+from guft_jax.methods.lokr import factorization, lokr_delta, lokr_shapes
 
 ALPHA = 6.0  # never equal to the ranks used here, so a wrong scale would show
 Q0 = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
@@ -108,6 +109,13 @@ def test_inits_zero_one_factor_so_identity(tiny, hp, zero):
         assert np.all(v == 0) if n == zero else np.abs(v).max() > 0.5 * bound, n
         assert np.all(np.abs(v) <= bound), n
     mc.identity_at_init(*tiny, m)
+
+
+def test_unmerged_forward_equals_merged(tiny):
+    model, params = tiny
+    m = get_method("lokr", rank=2, alpha=ALPHA)
+    tr = mc.perturb(m.init(jax.random.key(0), params), scale=0.3)
+    assert_unmerged_equals_merged(model, params, m, tr, lambda f: lokr_delta(f, ALPHA / 2))
 
 
 def test_merge_gradients_artifact(tiny, tmp_path):
