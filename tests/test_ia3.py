@@ -109,3 +109,27 @@ def test_bad_input_names_the_field(tiny):
         get_method("ia3", targets=(r"no_such_layer",)).init(jax.random.key(0), params)
     with pytest.raises(ValueError, match=r"ia3\.targets"):
         get_method("ia3", targets=(r"LayerNorm_0/scale$",)).init(jax.random.key(0), params)
+
+
+def test_any_param_tree_with_explicit_layout():
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": {"kernel": rng.normal(size=(3, 3, 4, 8)), "bias": rng.normal(size=(8,))},
+        "fc": {"kernel": rng.normal(size=(8, 5)), "bias": rng.normal(size=(5,))},
+        "head": {"kernel": np.zeros((5, 2)), "bias": np.zeros((2,))},
+    }
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    hp = dict(targets=(r"^conv/kernel$", r"^fc/kernel$"), feedforward=(r"^fc/kernel$",))
+    with pytest.raises(ValueError, match="layout"):  # a 4-D kernel needs its rule
+        get_method("ia3", **hp).init(jax.random.key(0), params)
+    m = get_method("ia3", layout=((r"^conv/kernel$", 3),), **hp)
+    tr = mc.perturb(m.init(jax.random.key(0), params), scale=0.5)
+    sizes = {k: v["ia3_l"].shape for k, v in tr["ia3"].items()}
+    assert sizes == {"conv.kernel": (8,), "fc.kernel": (8,)}  # conv: out channels; fc: inputs
+    lc, lf = (np.asarray(tr["ia3"][k]["ia3_l"]) for k in ("conv.kernel", "fc.kernel"))
+    merged = jax.tree.map(np.asarray, m.merge(params, tr))
+    p = jax.tree.map(np.asarray, params)
+    np.testing.assert_allclose(merged["conv"]["kernel"], p["conv"]["kernel"] * lc, rtol=1e-6)
+    np.testing.assert_allclose(merged["conv"]["bias"], p["conv"]["bias"] * lc, rtol=1e-6)
+    np.testing.assert_allclose(merged["fc"]["kernel"], lf[:, None] * p["fc"]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(merged["fc"]["bias"], p["fc"]["bias"])
