@@ -439,7 +439,10 @@ def _vera_load_method(config, tensors, params, base):
     if "base_model.vera_A" not in tensors:
         raise ValueError("load_peft: a VeRA adapter saved without its projections is not supported")
     proj = [tensors.pop(f"base_model.{k}") for k in ("vera_A", "vera_B")]
-    proj = [tensors.pop(f"base_model.{k}.default", v) for k, v in zip(("vera_A", "vera_B"), proj)]
+    proj = [
+        tensors.pop(f"base_model.{k}.default", v)
+        for k, v in zip(("vera_A", "vera_B"), proj, strict=True)
+    ]
     a_all, b_all = (np.asarray(v, np.float32) for v in proj)
     mods = _parse(tensors, ("vera_lambda_b", "vera_lambda_d"))
     group = {}
