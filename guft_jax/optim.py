@@ -71,13 +71,80 @@ def make_optimizer(
     return tx
 
 
-def expand_mask(mask: Any, like: Any) -> Any:
-    """Broadcasts a mask *prefix* (a bool leaf may cover a whole subtree) to ``like``'s leaves."""
-    return jax.tree_util.tree_map(
-        lambda m, sub: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(m, jnp.shape(x)), sub),
-        mask,
-        like,
+def expand_mask(mask: Any, like: Any, *, field: str = "mask") -> Any:
+    """Broadcasts a mask *prefix* (a bool leaf may cover a whole subtree) to ``like``'s leaves.
+
+    Each mask leaf must be bool (a Python bool or a bool array) and either a scalar or shaped
+    exactly like every leaf it covers: a 0/1 integer or float score mask would otherwise train
+    every nonzero entry, and a wrongly shaped one would broadcast silently or fail naming no leaf.
+
+    Raises:
+      ValueError: a non-bool or wrongly shaped mask leaf (naming ``field`` and the leaf's path).
+    """
+    from guft_jax.paths import key_to_str
+
+    def cover(mpath, m, sub):
+        dtype = jnp.result_type(m) if not isinstance(m, bool) else jnp.bool_
+        name = key_to_str(mpath)
+        if dtype != jnp.bool_:
+            raise ValueError(
+                f"{field}: leaf {name or '<root>'!r} has dtype {dtype}; a mask must be bool "
+                "(True = trainable): turn scores into a mask first (e.g. guft_jax.oneshot_mask)"
+            )
+
+        def leaf(spath, x):
+            shape = jnp.shape(x)
+            if jnp.shape(m) not in ((), shape):
+                path = "/".join(p for p in (name, key_to_str(spath)) if p) or "<root>"
+                raise ValueError(
+                    f"{field}: leaf {path!r} has shape {jnp.shape(m)}, the parameter "
+                    f"{shape} (a mask leaf is a scalar or shaped like its parameter)"
+                )
+            return jnp.broadcast_to(m, shape)
+
+        return jax.tree_util.tree_map_with_path(leaf, sub)
+
+    return jax.tree_util.tree_map_with_path(cover, mask, like)
+
+
+def masked_update(
+    tx: optax.GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    mask: Any,
+    **extra: Any,
+) -> tuple[Any, Any]:
+    """``tx``'s update restricted to an element-level ``mask`` (True = trainable): the one
+    implementation of element masking, used by :func:`masked_step` (the engine) and
+    :func:`guft_jax.transforms.masked` (optax users).
+
+    Gradients outside the mask reach ``tx`` as exact zeros (its moments stay zero there, and an
+    entry unfrozen later starts from zero moments); the updates outside it are ``-0.0``, so
+    ``optax.apply_updates`` leaves those entries bitwise unchanged (``x + -0.0 == x`` for every
+    float ``x``, ``-0.0`` included), whatever ``tx`` adds (decoupled weight decay, momentum).
+
+    Args:
+      tx: the optimizer.
+      grads: the gradients (a pytree shaped like ``params``).
+      opt_state: ``tx``'s state.
+      params: the parameters (passed to ``tx``; may be None).
+      mask: a bool pytree prefix of ``grads`` (see :func:`expand_mask`); traced values are fine.
+      **extra: extra arguments for ``tx.update``.
+
+    Returns:
+      ``(updates, opt_state)``.
+
+    Raises:
+      ValueError: a non-bool or wrongly shaped mask leaf (see :func:`expand_mask`).
+    """
+    mask = expand_mask(mask, grads)
+    grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    updates = jax.tree_util.tree_map(
+        lambda u, m: jnp.where(m, u, jnp.asarray(-0.0, jnp.result_type(u))), updates, mask
     )
+    return updates, opt_state
 
 
 def masked_step(
@@ -91,24 +158,21 @@ def masked_step(
     """One optimizer step that leaves entries outside an element-level ``mask`` bitwise unchanged.
 
     ``mask`` is a bool pytree shaped like ``params`` (True = trainable) passed as a traced value,
-    so changing it never retraces. Gradients outside the mask are zeroed before the update (so
-    Adam moments there stay exactly zero and an entry that is unfrozen later starts with zero
-    moments), and the new value is selected with ``jnp.where`` rather than adding a zero update
-    (which would turn -0.0 into 0.0 and let decoupled weight decay move frozen weights).
-    Adam's bias correction uses the global step count for every entry.
+    so changing it never retraces. The update is :func:`masked_update`: gradients outside the mask
+    are zeroed before the update (so Adam moments there stay exactly zero and an entry that is
+    unfrozen later starts with zero moments) and the updates there are ``-0.0``, which adds to
+    every float (``-0.0`` included) without changing its bits, so decoupled weight decay cannot
+    move a frozen weight. Adam's bias correction uses the global step count for every entry.
 
     ``scale`` (a pytree of scalars shaped like ``params``, optional) multiplies the updates: with
-    a learning-rate-1 optimizer it makes the learning rates data (packed runs, one per lr).
+    a learning-rate-1 optimizer it makes the learning rates data (packed runs, one per lr);
+    ``-0.0`` times a non-negative scale stays ``-0.0``.
     """
     if mask is None:
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, _scaled(updates, scale)), opt_state
-    mask = expand_mask(mask, grads)
-    grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    new = optax.apply_updates(params, _scaled(updates, scale))
-    new = jax.tree_util.tree_map(lambda n, p, m: jnp.where(m, n, p), new, params, mask)
-    return new, opt_state
+    else:
+        updates, opt_state = masked_update(tx, grads, opt_state, params, mask)
+    return optax.apply_updates(params, _scaled(updates, scale)), opt_state
 
 
 def _scaled(updates: Any, scale: Any | None) -> Any:

@@ -27,13 +27,19 @@ SCORES = ("guft", "salun", "fisher", "snip", "magnitude")
 
 
 def _pad(x, y, batch_size):
+    """Pads a short batch with zero examples of weight 0. Integer labels become int32 (what a
+    jitted function sees anyway); any other target (float regression targets, soft labels of
+    shape ``(B, C)``) passes unchanged."""
+    x, y = np.asarray(x), np.asarray(y)
     n = len(x)
     w = np.ones(batch_size, np.float32)
     if n < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-        y = np.concatenate([y, np.zeros((batch_size - n,), y.dtype)])
+        y = np.concatenate([y, np.zeros((batch_size - n,) + y.shape[1:], y.dtype)])
         w[n:] = 0.0
-    return x, y.astype(np.int32), w
+    if np.issubdtype(y.dtype, np.integer):
+        y = y.astype(np.int32)
+    return x, y, w
 
 
 def make_accumulator(
@@ -69,7 +75,8 @@ def make_accumulator(
         if b % chunk:
             raise ValueError(f"saliency.chunk: {chunk} must divide the batch size {b}")
         xs = x.reshape((b // chunk, chunk) + x.shape[1:])
-        ys, ws = y.reshape(b // chunk, chunk), w.reshape(b // chunk, chunk)
+        ys = y.reshape((b // chunk, chunk) + y.shape[1:])
+        ws = w.reshape(b // chunk, chunk)
 
         def one(theta, xi, yi, wi):
             return wi * loss_per_example(theta, xi[None], yi[None])[0]

@@ -4,26 +4,30 @@ Three pieces, each an ``optax.GradientTransformationExtraArgs`` built by a facto
 conventions: ``init(params) -> state``, ``update(updates, state, params=None, **extra_args)``,
 a small NamedTuple state), so they chain with anything optax offers:
 
-- :func:`masked`: an element-level mask around an inner optimizer (True = trainable).
+- :func:`masked`: an element-level mask around an inner optimizer (True = trainable). Unlike
+  ``optax.masked``, which passes the raw gradient of its masked-out leaves through as their
+  update, :func:`masked` freezes every entry outside its mask (its update there is ``-0.0``).
   Gradients outside the mask are zeroed before ``inner`` (its moments stay exactly zero there,
-  and an entry unfrozen later starts from zero moments) and updates outside it are set to
-  ``-0.0`` after ``inner`` (decoupled weight decay, momentum, anything ``inner`` adds cannot move
-  a frozen entry). ``x + (-0.0) == x`` bitwise for every float ``x`` (``+0.0`` and ``-0.0``
-  included), so ``optax.apply_updates`` leaves frozen entries bitwise unchanged. The mask is
-  fixed at construction, a function of the params, or the ``mask=`` extra argument of
-  ``update`` (a traced value: a changing mask never retraces). ``sparse=True`` keeps ``inner``'s
-  state only for the selected entries.
+  and an entry unfrozen later starts from zero moments); ``optax.apply_updates`` then leaves
+  frozen entries bitwise unchanged, decoupled weight decay included. The masking is
+  :func:`guft_jax.optim.masked_update`, the engine's. The mask is fixed at construction, a
+  function of the params, or the ``mask=`` extra argument of ``update`` (a traced value: a
+  changing mask never retraces). ``sparse=True`` keeps ``inner``'s state only for the selected
+  entries.
 - :func:`gradual_unfreeze`: GUFT (seed paper 000, SPEC.md §1) as a transform. Its state holds
-  the OR-merged mask and the round counter; at the scheduled steps it reads the ``saliency=``
-  extra argument (a score pytree, e.g. from :func:`guft_jax.saliency.compute`) and adds its
-  exact top-``k`` (:func:`guft_jax.guft.select`, the selection rule of
-  :func:`guft_jax.guft.guft`). The round runs inside the jitted step (``lax.cond`` /
-  ``lax.switch``): one trace for a whole run.
+  the OR-merged mask (``sparse=True``: the selected entries' indices and ``inner``'s state for
+  them only) and the round counter; at the scheduled steps it reads the ``saliency=`` extra
+  argument (a score pytree, e.g. from :func:`guft_jax.saliency.compute`) and adds its exact
+  top-``k`` (:func:`guft_jax.guft.select`, the selection rule of :func:`guft_jax.guft.guft`).
+  The round runs inside the jitted step (``lax.cond`` / ``lax.switch``): one trace for a whole
+  run. :func:`round_due` / :func:`updates_until_round` tell the loop when to compute saliency.
 - :func:`oneshot_mask` / :func:`magnitude_mask`: the one-shot masks (SNIP, SalUN, Fisher,
   magnitude; SPEC.md §2) as ``scores -> mask`` functions whose mask feeds :func:`masked`.
 
 Parameters are named by ``/``-joined key paths (``Conv_0/kernel``); a Flax NNX ``State``'s
 trailing ``value`` attribute is dropped, so NNX and linen params are selected by the same regexes.
+The task head (``head=``) trains in full; the default names the ``head`` subtree where there is
+one and nothing otherwise.
 
 Gradient clipping: put it inside the mask, ``masked(optax.chain(optax.clip_by_global_norm(1.0),
 optax.adamw(1e-3)))``, to clip by the norm of the gradients that train (what
@@ -46,9 +50,19 @@ import optax
 
 from guft_jax import guft as guft_lib
 from guft_jax import masks as masks_lib
+from guft_jax import optim
 from guft_jax import paths as paths_lib
 
 PyTree = Any
+
+
+class _DefaultHead(str):
+    """The default ``head=``: the regex ``^head/`` where it matches, no head leaf where not."""
+
+    __slots__ = ()
+
+
+HEAD = _DefaultHead(paths_lib.HEAD_PATTERN)
 
 # ----------------------------------------------------------------------------- paths
 
@@ -85,13 +99,14 @@ def match_paths(tree: PyTree, patterns: str | Sequence[str] | None, *, field: st
     """Paths of ``tree`` matched (``re.search``) by any of ``patterns``.
 
     Raises:
-      ValueError: a pattern matches no path (naming ``field`` and the pattern).
+      ValueError: a pattern matches no path (naming ``field`` and the pattern); not for the
+        default head (:data:`HEAD`), which then matches nothing.
     """
     all_paths = tree_paths(tree)
     out = []
     for pat in _patterns(patterns):
         hit = [p for p in all_paths if re.search(pat, p)]
-        if not hit:
+        if not hit and not isinstance(patterns, _DefaultHead):
             raise ValueError(
                 f"{field}: regex {pat!r} matches no parameter; example paths: {all_paths[:6]}"
             )
@@ -107,26 +122,39 @@ class Selection(NamedTuple):
     full: frozenset
 
 
+def _check_keys(all_paths: list[str]) -> None:
+    seen: dict = {}
+    for p in all_paths:
+        key = masks_lib.leaf_key(p)
+        if key in seen:
+            raise ValueError(
+                f"params: leaves {seen[key]!r} and {p!r} have the same mask key {key!r} (a '.' "
+                "or '/' inside a key name); rename one of them"
+            )
+        seen[key] = p
+
+
 def selection(
     tree: PyTree,
     *,
     eligible: str = "all",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    head: str | Sequence[str] | None = r"^head/",
+    head: str | Sequence[str] | None = HEAD,
 ) -> Selection:
     """The eligible leaves of any param pytree (:func:`guft_jax.masks.eligible_leaves` rules on
     its NNX-normalised paths), minus the ``head`` leaves, which train in full.
 
     Raises:
-      ValueError: a regex matching nothing (``head``, ``guft.include``, ``guft.exclude``), an
-        unknown preset, or nothing eligible.
+      ValueError: a regex matching nothing (``head`` when given explicitly, ``guft.include``,
+        ``guft.exclude``), an unknown preset, nothing eligible, or two leaves whose paths give
+        the same mask key.
     """
+    all_paths = tree_paths(tree)
+    _check_keys(all_paths)
     full = match_paths(tree, head, field="head") if head is not None else []
     view: dict = {}
-    for p, (_, x) in zip(
-        tree_paths(tree), jax.tree_util.tree_flatten_with_path(tree)[0], strict=True
-    ):
+    for p, (_, x) in zip(all_paths, jax.tree_util.tree_flatten_with_path(tree)[0], strict=True):
         if p not in full:
             paths_lib.set(view, p, jax.ShapeDtypeStruct(np.shape(x), jnp.float32))
     if not view:
@@ -148,6 +176,69 @@ def full_mask(tree: PyTree, sel: Selection, partial: dict) -> PyTree:
     return map_paths(leaf, tree)
 
 
+# ----------------------------------------------------------------------------- sparse store
+# A flat store: int32 indices into the concatenation of some leaves (raveled, in a fixed order),
+# ascending, padded with the sentinel ``n`` (the concatenation's size) up to a static capacity of
+# at least 1 (orbax cannot save zero-size arrays). The inner optimizer sees one vector of the
+# entries at those indices; the padded slots read 0 and are dropped when scattering back.
+
+
+def _concat(leaves: Sequence[jax.Array]) -> jax.Array:
+    dtype = jnp.result_type(*leaves)
+    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+
+def _gather(leaves: Sequence[jax.Array], indices: jax.Array) -> jax.Array:
+    return jnp.take(_concat(leaves), indices, mode="fill", fill_value=0)
+
+
+def _scatter(values: jax.Array, indices: jax.Array, like: Sequence[Any]) -> list:
+    """``values`` at ``indices`` of the concatenation of ``like``'s leaves, ``-0.0`` elsewhere."""
+    dtype = jnp.result_type(*like)
+    n = sum(math.prod(np.shape(x)) for x in like)
+    flat = jnp.full((n,), -0.0, dtype).at[indices].set(values.astype(dtype), mode="drop")
+    out, off = [], 0
+    for x in like:
+        size = math.prod(np.shape(x))
+        out.append(flat[off : off + size].reshape(np.shape(x)).astype(jnp.result_type(x)))
+        off += size
+    return out
+
+
+def _host_indices(mask_leaves: Sequence[Any], capacity: int | None = None) -> jax.Array:
+    flat = np.concatenate([np.asarray(m, bool).reshape(-1) for m in mask_leaves])
+    idx = np.flatnonzero(flat)
+    cap = max(1, len(idx) if capacity is None else capacity)
+    out = np.full((cap,), flat.size, np.int32)
+    out[: len(idx)] = idx
+    return jnp.asarray(out)
+
+
+def _indices_to_masks(indices: jax.Array, shapes: Sequence[tuple]) -> list:
+    n = sum(math.prod(s) for s in shapes)
+    flat = jnp.zeros((n,), bool).at[indices].set(True, mode="drop")
+    out, off = [], 0
+    for s in shapes:
+        out.append(flat[off : off + math.prod(s)].reshape(s))
+        off += math.prod(s)
+    return out
+
+
+def _remap(inner_state: PyTree, old: jax.Array, new: jax.Array, *, n: int) -> PyTree:
+    """Moves the per-entry leaves of ``inner_state`` (those under a ``"selected"`` key) from the
+    slots of ``old`` to those of ``new`` (both ascending, padded with ``n``); new entries get 0."""
+    pos = jnp.clip(jnp.searchsorted(old, new), 0, old.shape[0] - 1)
+    hit = (old[pos] == new) & (new < n)
+
+    def move(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        if "selected" not in keys or np.shape(x) != old.shape:
+            return x
+        return jnp.where(hit, x[pos], jnp.zeros((), x.dtype))
+
+    return jax.tree_util.tree_map_with_path(move, inner_state)
+
+
 # ----------------------------------------------------------------------------- masked
 
 
@@ -158,34 +249,12 @@ class MaskedState(NamedTuple):
 
 
 class SparseMaskedState(NamedTuple):
-    """State of ``masked(..., sparse=True)``: per leaf the int32 flat indices of its selected
-    entries, and the inner state over those entries only (one vector per leaf)."""
+    """State of ``masked(..., sparse=True)``: the int32 indices of the selected entries in the
+    concatenation of the raveled leaves (ascending, padded with its size to at least one slot),
+    and the inner state over those entries only (one vector)."""
 
-    indices: tuple
+    indices: jax.Array
     inner_state: Any
-
-
-def _expand(mask: PyTree, like: PyTree) -> PyTree:
-    """Broadcasts a mask *prefix* (a bool leaf may cover a subtree) to ``like``'s leaves."""
-    return jax.tree_util.tree_map(
-        lambda m, sub: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(m, jnp.shape(x)), sub),
-        mask,
-        like,
-    )
-
-
-def _zero_outside(tree: PyTree, mask: PyTree, fill: float) -> PyTree:
-    return jax.tree_util.tree_map(
-        lambda x, m: jnp.where(m, x, jnp.asarray(fill, jnp.result_type(x))), tree, mask
-    )
-
-
-def _masked_update(inner, mask, updates, inner_state, params, extra):
-    """Zero gradients outside ``mask``, ``inner``, then ``-0.0`` updates outside ``mask``."""
-    mask = _expand(mask, updates)
-    grads = _zero_outside(updates, mask, 0.0)
-    new, inner_state = inner.update(grads, inner_state, params, **extra)
-    return _zero_outside(new, mask, -0.0), inner_state
 
 
 def masked(
@@ -196,32 +265,37 @@ def masked(
 ) -> optax.GradientTransformationExtraArgs:
     """``inner`` restricted to an element-level mask (True = trainable).
 
-    Unlike ``optax.masked`` (static, leaf-level, the opposite polarity of ``optax.freeze``) the
-    mask here is element-level and may be traced data. Outside the mask the gradients reach
-    ``inner`` as exact zeros and the returned updates are ``-0.0``, so after
-    ``optax.apply_updates`` every frozen entry is bitwise equal to its value before the step,
-    also under ``optax.adamw``'s decoupled weight decay. (A transform *after* ``masked`` in a
-    chain that scales updates keeps them zero, but may turn ``-0.0`` into ``+0.0``, which then
-    moves only a ``-0.0`` parameter to ``+0.0``.) Adam's bias correction uses the global step for
-    every entry, as :func:`guft_jax.optim.masked_step` does.
+    Unlike ``optax.masked``, which passes the raw gradient of the leaves outside its mask
+    through as their update, this freezes every entry outside the mask. The mask here is
+    element-level and may be traced data. Outside the mask the gradients reach ``inner`` as
+    exact zeros and the returned updates are ``-0.0``, so after ``optax.apply_updates`` every
+    frozen entry is bitwise equal to its value before the step, also under ``optax.adamw``'s
+    decoupled weight decay (:func:`guft_jax.optim.masked_update`, the engine's masking). (A
+    transform *after* ``masked`` in a chain that scales updates keeps them zero, but may turn
+    ``-0.0`` into ``+0.0``, which then moves only a ``-0.0`` parameter to ``+0.0``.) Adam's bias
+    correction uses the global step for every entry, as :func:`guft_jax.optim.masked_step` does.
 
     Args:
       inner: the optimizer to restrict (any ``GradientTransformation``; extra arguments given
-        to ``update`` are passed on to it).
+        to ``update`` other than ``mask`` are passed on to it).
       mask: a bool pytree shaped like the params (or a prefix of it: a bool leaf may cover a
         subtree), a function ``params -> mask``, or None: then every ``update`` takes it as the
         ``mask=`` extra argument (traced; changing it never retraces).
-      sparse: keep ``inner``'s state only for the selected entries: ``inner`` sees one vector per
-        leaf holding the selected entries (gathered) and its updates are scattered back. Needs a
-        concrete mask (a pytree or function, not None) when ``init`` runs; the mask is then
-        fixed (its indices live in the state).
+      sparse: keep ``inner``'s state only for the selected entries: ``inner`` sees one vector
+        holding the selected entries of all leaves (gathered) and its updates are scattered
+        back. Needs a concrete mask (a pytree or function, not None) when ``init`` runs; the
+        mask is then fixed (its indices live in the state). Element-wise optimizers (SGD,
+        Adam/AdamW, Lion, RMSProp, ...) give the dense form's result; optimizers that use a
+        leaf's shape or its norm (Muon, Adafactor's factored moments, LARS/LAMB trust ratios)
+        see one vector instead and compute something different: use the dense form for them.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
     Raises:
       ValueError: ``update`` without a mask when none was given at construction;
-        ``sparse=True`` without a mask.
+        ``sparse=True`` without a mask; a non-bool mask leaf or one shaped unlike its
+        parameter (naming the leaf).
 
     >>> params = {"w": jnp.array([1.0, 2.0, 3.0])}
     >>> tx = masked(optax.adamw(0.1, weight_decay=0.1), {"w": jnp.array([True, False, True])})
@@ -239,7 +313,10 @@ def masked(
 
     def update_fn(updates, state, params=None, **extra):
         m = _resolve(mask, extra, params, updates)
-        new, inner_state = _masked_update(inner, m, updates, state.inner_state, params, extra)
+        extra.pop("mask", None)
+        new, inner_state = optim.masked_update(
+            inner, updates, state.inner_state, params, m, **extra
+        )
         return new, MaskedState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -262,29 +339,18 @@ def _masked_sparse(inner, mask) -> optax.GradientTransformationExtraArgs:
     if mask is None:
         raise ValueError("mask: sparse=True needs the mask at construction (a pytree or function)")
 
-    def gather(tree, indices):
-        return [
-            jnp.ravel(x)[i] for x, i in zip(jax.tree_util.tree_leaves(tree), indices, strict=True)
-        ]
-
     def init_fn(params):
-        m = _expand(mask(params) if callable(mask) else mask, params)
-        indices = tuple(
-            jnp.asarray(np.flatnonzero(np.asarray(x).reshape(-1)), jnp.int32)
-            for x in jax.tree_util.tree_leaves(m)
-        )
-        return SparseMaskedState(indices, inner.init(gather(params, indices)))
+        m = optim.expand_mask(mask(params) if callable(mask) else mask, params)
+        indices = _host_indices(jax.tree_util.tree_leaves(m))
+        return SparseMaskedState(indices, inner.init(_gather(jax.tree.leaves(params), indices)))
 
     def update_fn(updates, state, params=None, **extra):
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        p_sel = None if params is None else gather(params, state.indices)
+        p_sel = None if params is None else _gather(jax.tree.leaves(params), state.indices)
         new, inner_state = inner.update(
-            gather(updates, state.indices), state.inner_state, p_sel, **extra
+            _gather(leaves, state.indices), state.inner_state, p_sel, **extra
         )
-        out = [
-            jnp.full((x.size,), -0.0, x.dtype).at[i].set(u.astype(x.dtype)).reshape(x.shape)
-            for x, i, u in zip(leaves, state.indices, new, strict=True)
-        ]
+        out = _scatter(new, state.indices, leaves)
         return jax.tree_util.tree_unflatten(treedef, out), SparseMaskedState(
             state.indices, inner_state
         )
@@ -301,6 +367,8 @@ class GradualUnfreezeState(NamedTuple):
     - ``count``: updates done (int32); the round scheduled at step ``s`` runs in the update with
       ``count == s``, before that step's gradients are applied.
     - ``round``: rounds done (int32).
+    - ``next_at``: the step of the next round (int32; -1 when every round is done), what
+      :func:`round_due` reads.
     - ``mask``: ``{key: bool array}`` over the eligible leaves, the OR of all rounds so far
       (keys as in :class:`guft_jax.guft.GuftState`: the path with ``/`` -> ``.``).
     - ``inner_state``: the inner optimizer's state.
@@ -308,8 +376,30 @@ class GradualUnfreezeState(NamedTuple):
 
     count: jax.Array
     round: jax.Array
+    next_at: jax.Array
     mask: dict
     inner_state: Any
+
+
+class SparseUnfreezeState(NamedTuple):
+    """State of ``gradual_unfreeze(..., sparse=True)``.
+
+    - ``count``, ``round``, ``next_at``: as in :class:`GradualUnfreezeState`.
+    - ``indices``: int32 indices of the selected entries in the concatenation of the raveled
+      eligible leaves (in :func:`selection` order), ascending, padded with that size up to the
+      store's capacity.
+    - ``inner_state``: the inner optimizer's state over ``{"selected": <one vector, one slot per
+      index>, "full": <the head leaves>}``.
+    """
+
+    count: jax.Array
+    round: jax.Array
+    next_at: jax.Array
+    indices: jax.Array
+    inner_state: Any
+
+
+_UNFREEZE_STATES = (GradualUnfreezeState, SparseUnfreezeState)
 
 
 def schedule_steps(recompute_epochs: Sequence[int], *, steps_per_epoch: int) -> list[int]:
@@ -341,6 +431,46 @@ def _check_options(allocation, normalize, eligible):
         )
 
 
+def saliency_error(zero: bool, nonfinite: bool, where: str) -> str | None:
+    """The one-line error for unusable saliency scores at ``where`` (None when usable)."""
+    if nonfinite:
+        return (
+            f"saliency: non-finite scores (NaN or inf) at {where}; the likely cause is a loss "
+            "that overflowed or NaN weights or data: compute the saliency with a finite float32 "
+            "loss"
+        )
+    if zero:
+        return (
+            f"saliency: every eligible score is zero at {where}; the likely cause is a "
+            "zero-initialised head, which passes no gradient to the backbone: train the head "
+            "first (or initialise it non-zero), then compute the saliency"
+        )
+    return None
+
+
+def _raise_bad(zero, nonfinite, where: str) -> None:
+    msg = saliency_error(bool(zero), bool(nonfinite), where)
+    if msg is not None:
+        raise ValueError(msg)
+
+
+def _check_scores(scores: dict, where: str) -> None:
+    """Raises on all-zero or non-finite ``scores``: at once when they are concrete, from the
+    compiled program (a host callback) when traced."""
+    vals = list(scores.values())
+    if not any(isinstance(x, jax.core.Tracer) for x in vals):
+        host = [np.asarray(x) for x in vals]
+        _raise_bad(
+            not any(np.any(x != 0) for x in host),
+            not all(np.all(np.isfinite(x)) for x in host),
+            where,
+        )
+        return
+    zero = ~jnp.any(jnp.stack([jnp.any(x != 0) for x in vals]))
+    nonfinite = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in vals]))
+    jax.debug.callback(functools.partial(_raise_bad, where=where), zero, nonfinite)
+
+
 def gradual_unfreeze(
     inner: optax.GradientTransformation,
     *,
@@ -349,10 +479,11 @@ def gradual_unfreeze(
     eligible: str = "all",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    head: str | Sequence[str] | None = r"^head/",
+    head: str | Sequence[str] | None = HEAD,
     allocation: str = "global",
     normalize: str | None = None,
     exclude_selected: bool = False,
+    sparse: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """GUFT, Gradual Unfreeze Fine-Tuning (seed paper 000, SPEC.md §1), as an optax transform.
 
@@ -362,13 +493,24 @@ def gradual_unfreeze(
     :func:`guft_jax.guft.guft`; the same :func:`guft_jax.guft.select`) and ORs it into the mask;
     then, at every step, it applies ``inner`` restricted to the mask as :func:`masked` does
     (frozen entries bitwise unchanged, zero moments until unfrozen). ``head`` leaves train in
-    full and are outside the budget; every other non-eligible leaf stays frozen.
+    full and are outside the budget; every other non-eligible leaf stays frozen. ``saliency`` is
+    consumed here, not passed on to ``inner``.
 
     The round is part of the traced update (``lax.cond`` on the step count, ``lax.switch`` over
     the rounds), so a jitted train step is traced once for the whole run. ``saliency`` must
     therefore be passed at *every* update (its value is read only at the scheduled steps; pass
-    the latest scores, or zeros, in between): a pytree whose leaves include every eligible path
-    (the params' shape, as :func:`guft_jax.saliency.compute` returns, or just the eligible leaves).
+    the latest scores, or zeros, in between; :func:`round_due` says when new ones are needed): a
+    pytree whose leaves include every eligible path (the params' shape, as
+    :func:`guft_jax.saliency.compute` returns, or just the eligible leaves). Scores that are all
+    zero or not finite at a round raise a ``ValueError`` naming the round (from the compiled
+    step: it reaches the caller wrapped in JAX's runtime error).
+
+    ``sparse=True`` keeps ``inner``'s state for the selected entries and the head only: one
+    store of ``min(N, Σ k_i)`` slots (every round's budget, sized at ``init``, so the step never
+    retraces and ``jax.eval_shape(tx.init, params)`` is the checkpoint's restore target) plus
+    one int32 index per slot. With an element-wise ``inner`` (AdamW, SGD, Lion, ...) it follows
+    the dense form (the same arithmetic on the same entries); see :func:`masked` for optimizers
+    that use a leaf's shape.
 
     Args:
       inner: the optimizer of the unfrozen entries (e.g. ``optax.adamw(1e-3)``).
@@ -378,17 +520,23 @@ def gradual_unfreeze(
       eligible: a preset of :data:`guft_jax.masks.ELIGIBILITY` (``"all"``: every non-head leaf;
         ``"blocks"``: the guft_jax ViT's encoder-block Dense kernels and biases).
       include, exclude: regexes over ``/``-joined param paths, on top of ``eligible``.
-      head: regexes of the leaves trained in full (the task head); None for none.
+      head: regexes of the leaves trained in full (the task head); None for none. The default
+        (:data:`HEAD`) is ``^head/`` where that matches a leaf and no head leaf otherwise (a
+        model with another head name, or a partition of ``optax.multi_transform``); an
+        explicit regex that matches nothing is an error.
       allocation: ``"global"`` (the paper), ``"per_tensor"`` or ``"per_row"``.
       normalize: None or ``"mean"`` (per-tensor score normalisation before a global ranking).
       exclude_selected: rank only entries not selected yet (the budget grows by exactly ``k_i``).
+      sparse: keep ``inner``'s state for the selected entries only (:class:`SparseUnfreezeState`).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`GradualUnfreezeState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`GradualUnfreezeState`
+      (``sparse=True``: :class:`SparseUnfreezeState`).
 
     Raises:
       ValueError: a malformed schedule or option (naming it), a regex matching nothing,
-        ``update`` without ``saliency``, or a saliency tree missing an eligible leaf.
+        ``update`` without ``saliency``, a saliency tree missing an eligible leaf, or all-zero
+        or non-finite saliency at a round.
 
     >>> tx = gradual_unfreeze(optax.adamw(1e-3), steps=[0, 10, 20], ratios=[0.001] * 3)
     """
@@ -403,6 +551,7 @@ def gradual_unfreeze(
     inner = optax.with_extra_args_support(inner)
     opts = dict(eligible=eligible, include=include, exclude=exclude, head=head)
     rounds = len(steps)
+    steps_arr = np.asarray(steps + [-1], np.int32)
 
     def budgets(sel: Selection) -> list[int]:
         n = sum(math.prod(s) for s in sel.eligible.values())
@@ -413,12 +562,36 @@ def gradual_unfreeze(
             masks_lib.check_traced_bound(max(ks), n)
         return ks
 
+    def split(tree, sel):
+        """(eligible leaves in selection order, head leaves in tree order)."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        by_key = {masks_lib.leaf_key(p): x for p, x in zip(tree_paths(tree), leaves, strict=True)}
+        heads = [x for p, x in zip(tree_paths(tree), leaves, strict=True) if p in sel.full]
+        return [by_key[k] for k in sel.eligible], heads
+
     def init_fn(params):
         sel = selection(params, **opts)
-        budgets(sel)
-        zero = jnp.zeros((), jnp.int32)
-        mask = {k: jnp.zeros(s, bool) for k, s in sel.eligible.items()}
-        return GradualUnfreezeState(zero, zero, mask, inner.init(params))
+        ks = budgets(sel)
+        count, rnd, nxt = (jnp.asarray(v, jnp.int32) for v in (0, 0, steps[0]))
+        if not sparse:
+            mask = {k: jnp.zeros(s, bool) for k, s in sel.eligible.items()}
+            return GradualUnfreezeState(count, rnd, nxt, mask, inner.init(params))
+        n = sum(math.prod(s) for s in sel.eligible.values())
+        indices = jnp.full((max(1, min(n, sum(ks))),), n, jnp.int32)
+        elig, heads = split(params, sel)
+        store = {"selected": _gather(elig, indices), "full": tuple(heads)}
+        return SparseUnfreezeState(count, rnd, nxt, indices, inner.init(store))
+
+    def select_round(i, scores, prev, ks):
+        _check_scores(scores, f"round {i + 1} of {rounds} (step {steps[i]})")
+        return guft_lib.select(
+            scores,
+            prev,
+            ks[i],
+            exclude_selected=exclude_selected,
+            allocation=allocation,
+            normalize=normalize,
+        )
 
     def update_fn(updates, state, params=None, *, saliency=None, **extra):
         if saliency is None:
@@ -429,54 +602,95 @@ def gradual_unfreeze(
         sel = selection(updates, **opts)
         ks = budgets(sel)
         scores = _scores_of(saliency, sel)
-
-        def round_fn(i, mask):
-            return guft_lib.select(
-                scores,
-                mask,
-                ks[i],
-                exclude_selected=exclude_selected,
-                allocation=allocation,
-                normalize=normalize,
-            )
-
         at = jnp.minimum(state.round, rounds - 1)
-        due = (state.round < rounds) & (state.count >= jnp.asarray(steps, jnp.int32)[at])
-        branches = [functools.partial(round_fn, i) for i in range(rounds)]
-        mask = jax.lax.cond(
-            due, lambda m: jax.lax.switch(at, branches, m), lambda m: dict(m), state.mask
+        due = (state.round < rounds) & (state.count >= jnp.asarray(steps_arr)[at])
+        new_round = state.round + due.astype(jnp.int32)
+        head = (
+            state.count + 1,
+            new_round,
+            jnp.asarray(steps_arr)[jnp.minimum(new_round, rounds)],
         )
-        m_full = full_mask(updates, sel, mask)
-        extra = dict(extra, saliency=saliency)
-        new, inner_state = _masked_update(inner, m_full, updates, state.inner_state, params, extra)
-        return new, GradualUnfreezeState(
-            state.count + 1, state.round + due.astype(jnp.int32), mask, inner_state
+        if not sparse:
+            branches = [
+                functools.partial(lambda i, m: select_round(i, scores, m, ks), i)
+                for i in range(rounds)
+            ]
+            mask = jax.lax.cond(
+                due, lambda m: jax.lax.switch(at, branches, m), lambda m: dict(m), state.mask
+            )
+            m_full = full_mask(updates, sel, mask)
+            new, inner_state = optim.masked_update(
+                inner, updates, state.inner_state, params, m_full, **extra
+            )
+            return new, GradualUnfreezeState(*head, mask, inner_state)
+        return _sparse_step(updates, state, params, extra, sel, scores, due, at, head, ks)
+
+    def _sparse_step(updates, state, params, extra, sel, scores, due, at, head, ks):
+        shapes = list(sel.eligible.values())
+        n = sum(math.prod(s) for s in shapes)
+
+        def round_i(i, carry):
+            idx, inner_state = carry
+            prev = dict(zip(sel.eligible, _indices_to_masks(idx, shapes), strict=True))
+            merged = select_round(i, scores, prev, ks)
+            flat = jnp.concatenate([jnp.ravel(merged[k]) for k in sel.eligible])
+            new_idx = jnp.nonzero(flat, size=idx.shape[0], fill_value=n)[0].astype(jnp.int32)
+            return new_idx, _remap(inner_state, idx, new_idx, n=n)
+
+        branches = [functools.partial(round_i, i) for i in range(rounds)]
+        idx, inner_state = jax.lax.cond(
+            due,
+            lambda c: jax.lax.switch(at, branches, c),
+            lambda c: c,
+            (state.indices, state.inner_state),
         )
+        elig_u, head_u = split(updates, sel)
+        g = {"selected": _gather(elig_u, idx), "full": tuple(head_u)}
+        p = None
+        if params is not None:
+            elig_p, head_p = split(params, sel)
+            p = {"selected": _gather(elig_p, idx), "full": tuple(head_p)}
+        new, inner_state = inner.update(g, inner_state, p, **extra)
+        by_key = dict(zip(sel.eligible, _scatter(new["selected"], idx, elig_u), strict=True))
+        heads = iter(new["full"])
+
+        def leaf(path, x):
+            if path in sel.full:
+                return next(heads)
+            key = masks_lib.leaf_key(path)
+            return by_key[key] if key in by_key else jnp.full_like(x, -0.0)
+
+        out = map_paths(leaf, updates)
+        return out, SparseUnfreezeState(*head, idx, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _scores_of(saliency: PyTree, sel: Selection) -> dict:
     flat = {
-        masks_lib.leaf_key(path_str(p)): x
+        masks_lib.leaf_key(path_str(p)): (path_str(p), x)
         for p, x in jax.tree_util.tree_flatten_with_path(saliency)[0]
     }
-    missing = [masks_lib.key_path(k) for k in sel.eligible if k not in flat]
+    missing = [k for k in sel.eligible if k not in flat]
     if missing:
-        raise ValueError(f"saliency: no scores for the eligible leaves {missing[:4]}")
+        raise ValueError(
+            f"saliency: no scores for the eligible leaves {missing[:4]} (keys: paths with "
+            "'/' -> '.')"
+        )
     out = {}
     for k, shape in sel.eligible.items():
-        if tuple(np.shape(flat[k])) != tuple(shape):
+        path, x = flat[k]
+        if tuple(np.shape(x)) != tuple(shape):
             raise ValueError(
-                f"saliency: {masks_lib.key_path(k)} has shape "
-                f"{np.shape(flat[k])}, the parameter {shape}"
+                f"saliency: {path} has shape {np.shape(x)}, the parameter {tuple(shape)}"
             )
-        out[k] = flat[k]
+        out[k] = x
     return out
 
 
-def find_state(opt_state: PyTree, kind: type = GradualUnfreezeState) -> Any:
-    """The first state of type ``kind`` inside a (chained, nested) optimizer state.
+def find_state(opt_state: PyTree, kind: type | tuple = _UNFREEZE_STATES) -> Any:
+    """The first state of type ``kind`` inside a (chained, nested) optimizer state (by default
+    a :class:`GradualUnfreezeState` or :class:`SparseUnfreezeState`).
 
     Raises:
       ValueError: there is none.
@@ -490,20 +704,70 @@ def find_state(opt_state: PyTree, kind: type = GradualUnfreezeState) -> Any:
             stack.extend(node)
         elif isinstance(node, dict):
             stack.extend(node.values())
-    raise ValueError(f"opt_state: holds no {kind.__name__}")
+    names = [k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,))]
+    raise ValueError(f"opt_state: holds no {' or '.join(names)}")
+
+
+def updates_until_round(opt_state: PyTree, *, every_k: int = 1) -> int | None:
+    """How many ``update`` calls of the whole optimizer come before the one that runs the next
+    :func:`gradual_unfreeze` round (0: the next call does; None: every round is done).
+
+    A loop computes saliency only when this is 0 (:func:`round_due`), and a ``lax.scan`` loop
+    scans at most this many steps past a round before computing the next scores. Under
+    ``optax.MultiSteps(every_k_schedule=every_k)`` pass ``every_k``: the round runs in the call
+    that completes an accumulation (its ``mini_step`` is ``every_k - 1``). Reads two scalars
+    from the device.
+
+    Args:
+      opt_state: the whole optimizer's state (chains, ``MultiSteps`` and ``inject_hyperparams``
+        are searched).
+      every_k: the ``MultiSteps`` accumulation length (1 without ``MultiSteps``).
+
+    Raises:
+      ValueError: ``opt_state`` holds no :func:`gradual_unfreeze` state, or ``every_k`` > 1
+        without a ``MultiSteps`` state.
+
+    >>> tx = gradual_unfreeze(optax.sgd(0.1), steps=[2], ratios=[0.5], head=None)
+    >>> updates_until_round(tx.init({"w": jnp.ones(4)}))
+    2
+    """
+    st = find_state(opt_state)
+    nxt, count = (int(x) for x in jax.device_get((st.next_at, st.count)))
+    if nxt < 0:
+        return None
+    left = max(nxt - count, 0)
+    if every_k == 1:
+        return left
+    mini = int(find_state(opt_state, optax.MultiStepsState).mini_step)
+    return left * every_k + (every_k - 1 - mini)
+
+
+def round_due(opt_state: PyTree, *, every_k: int = 1) -> bool:
+    """Whether the next ``update`` runs a :func:`gradual_unfreeze` round, i.e. whether the loop
+    must compute fresh saliency before it (:func:`updates_until_round` is 0).
+
+    >>> tx = gradual_unfreeze(optax.sgd(0.1), steps=[0], ratios=[0.5], head=None)
+    >>> round_due(tx.init({"w": jnp.ones(4)}))
+    True
+    """
+    return updates_until_round(opt_state, every_k=every_k) == 0
 
 
 def unfrozen(
     opt_state: PyTree,
     params: PyTree,
     *,
-    head: str | Sequence[str] | None = r"^head/",
+    head: str | Sequence[str] | None = HEAD,
     **eligibility: Any,
 ) -> PyTree:
     """The full bool mask (True = trains) of the :func:`gradual_unfreeze` inside ``opt_state``,
     shaped like ``params`` (pass the same ``head`` / ``eligible`` / ``include`` / ``exclude``)."""
     st = find_state(opt_state)
-    return full_mask(params, selection(params, head=head, **eligibility), st.mask)
+    sel = selection(params, head=head, **eligibility)
+    if isinstance(st, SparseUnfreezeState):
+        masks = _indices_to_masks(st.indices, list(sel.eligible.values()))
+        return full_mask(params, sel, dict(zip(sel.eligible, masks, strict=True)))
+    return full_mask(params, sel, st.mask)
 
 
 # ----------------------------------------------------------------------------- one-shot masks
@@ -517,7 +781,7 @@ def oneshot_mask(
     eligible: str = "all",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    head: str | Sequence[str] | None = r"^head/",
+    head: str | Sequence[str] | None = HEAD,
     allocation: str = "global",
     normalize: str | None = None,
 ) -> PyTree:
@@ -538,7 +802,8 @@ def oneshot_mask(
       A bool pytree shaped like ``scores`` with exactly ``k`` True entries outside ``head``.
 
     Raises:
-      ValueError: neither or both of ``ratio`` and ``k``, or an invalid option.
+      ValueError: neither or both of ``ratio`` and ``k``, an invalid option, or scores that
+        are all zero or not finite over the eligible entries.
 
     >>> s = {"head": {"w": jnp.ones(2)}, "a": jnp.array([3.0, 1.0, 2.0])}
     >>> m = oneshot_mask(s, k=2)
@@ -555,7 +820,9 @@ def oneshot_mask(
             raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
         k = masks_lib.budget(ratio, n)
     kw = {} if normalize is None else dict(normalize=normalize)
-    chosen = masks_lib.topk_mask(_scores_of(scores, sel), k, allocation=allocation, **kw)
+    picked = _scores_of(scores, sel)
+    _check_scores(picked, "oneshot_mask")
+    chosen = masks_lib.topk_mask(picked, k, allocation=allocation, **kw)
     return full_mask(scores, sel, chosen)
 
 
