@@ -31,9 +31,9 @@ DEFAULT_TARGETS = (
 def ln_tuning(*, targets: tuple[str, ...] = DEFAULT_TARGETS) -> Method:
     """LayerNorm scales and biases matched by ``targets`` train, with the head.
 
-    Defaults: lr 1e-3, the library's PEFT default (the paper tunes LayerNorms with the same
-    optimizer settings as the other PEFT baselines); the head at 1e-2. ``step_cost`` 0.7: the
-    backward pass runs through the whole backbone, as for BitFit, but no weight gradient is kept.
+    Defaults: lr 1e-3 and ``step_cost`` 0.7, as BitFit's here: both train a few vectors of the
+    pretrained model in place, from their pretrained values, and back-propagate through the
+    whole backbone without keeping any weight gradient; the head at the library's 1e-2.
 
     Args:
       targets: regexes over ``/``-joined param paths naming the LayerNorm leaves that train.
