@@ -604,6 +604,9 @@ def gradual_unfreeze(
         scores = _scores_of(saliency, sel)
         at = jnp.minimum(state.round, rounds - 1)
         due = (state.round < rounds) & (state.count >= jnp.asarray(steps_arr)[at])
+        if not isinstance(due, jax.core.Tracer) and bool(due):  # eager: a plain ValueError
+            i = int(at)
+            _check_scores(dict(scores), f"round {i + 1} of {rounds} (step {steps[i]})")
         new_round = state.round + due.astype(jnp.int32)
         head = (
             state.count + 1,

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from guft_jax import peft, saliency, transforms
+from guft_jax import optim, peft, saliency, transforms
 
 
 def _data(shape, n=64, seed=0):
@@ -174,3 +174,199 @@ def test_other_weight_space_methods_on_the_nnx_mlp(method):
     loss = lambda a: jnp.mean(_ce(forward(ad.apply(params, a), x), y))  # noqa: E731
     _, _, losses, _ = _loop(loss, adapter, optax.adam(1e-2), 8)
     assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- issue 23 defects
+
+
+def _small():
+    """A dict model with a head, and a mask selecting entries of one leaf only (``b`` and the
+    head's bias have none selected: the sparse stores must still save)."""
+    rng = np.random.default_rng(0)
+    params = {
+        "a": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+        "head": {"kernel": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32), "bias": jnp.ones(2)},
+    }
+    mask = {
+        "a": jnp.asarray(rng.random((6, 5)) < 0.3),
+        "b": jnp.zeros(4, bool),
+        "head": {"kernel": jnp.ones((5, 2), bool), "bias": jnp.zeros(2, bool)},
+    }
+    return params, mask
+
+
+def _small_loss(p, x):
+    h = jnp.tanh(x @ p["a"] + jnp.sum(p["b"]))
+    return jnp.mean((h @ p["head"]["kernel"] + p["head"]["bias"]) ** 2)
+
+
+def _transforms(mask):
+    adamw = optax.adamw(1e-2, weight_decay=0.1)
+    gu = dict(steps=[0, 2], ratios=[0.1, 0.1])
+    return {
+        "masked": transforms.masked(adamw, mask),
+        "masked_sparse": transforms.masked(adamw, mask, sparse=True),
+        "gradual_unfreeze": transforms.gradual_unfreeze(adamw, **gu),
+        "gradual_unfreeze_sparse": transforms.gradual_unfreeze(adamw, sparse=True, **gu),
+    }
+
+
+def _donating_step(tx, needs_saliency):
+    def step(p, opt, x, scores):
+        g = jax.grad(_small_loss)(p, x)
+        kw = dict(saliency=scores) if needs_saliency else {}
+        u, opt = tx.update(g, opt, p, **kw)
+        return optax.apply_updates(p, u), opt
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _run(step, p, opt, xs, scores):
+    for x in xs:
+        p, opt = step(p, opt, x, scores)
+    return p, opt
+
+
+@pytest.mark.parametrize(
+    "kind", ["masked", "masked_sparse", "gradual_unfreeze", "gradual_unfreeze_sparse"]
+)
+def test_every_transform_state_donates_and_round_trips_through_orbax(kind, tmp_path):
+    """Donation (was "Attempt to donate the same buffer twice": ``count`` and ``round`` were one
+    array) and orbax save/restore (was "Cannot save arrays with zero size": empty per-leaf
+    vectors) with an abstract target from ``jax.eval_shape``; the resumed run equals the
+    uninterrupted one bitwise."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params, mask = _small()
+    tx = _transforms(mask)[kind]
+    needs = kind.startswith("gradual")
+    step = _donating_step(tx, needs)
+    xs = [jnp.asarray(np.random.default_rng(i).normal(size=(3, 6)), jnp.float32) for i in range(4)]
+    scores = jax.tree.map(lambda v: jnp.abs(v) + 0.5, params)
+    copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 (donation consumes the inputs)
+    p, opt = _run(step, copy(params), tx.init(copy(params)), xs[:2], scores)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "state", {"params": p, "opt": opt})
+    ckpt.wait_until_finished()
+    target = {"params": jax.eval_shape(lambda: params), "opt": jax.eval_shape(tx.init, params)}
+    restored = ckpt.restore(tmp_path / "state", target)
+    assert jax.tree.structure(restored["opt"]) == jax.tree.structure(opt)
+    want = _run(step, copy(p), copy(opt), xs[2:], scores)
+    got = _run(step, restored["params"], restored["opt"], xs[2:], scores)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    frozen = ~np.asarray(_transforms_mask(kind, mask, want[1], params)["a"])
+    assert np.array_equal(np.asarray(want[0]["a"])[frozen], np.asarray(params["a"])[frozen])
+
+
+def _transforms_mask(kind, mask, opt, params):
+    return transforms.unfrozen(opt, params) if kind.startswith("gradual") else mask
+
+
+def test_the_default_head_matches_nothing_without_failing_and_works_in_multi_transform():
+    params, _ = _small()
+    body = {k: v for k, v in params.items() if k != "head"}
+    tx = transforms.gradual_unfreeze(optax.sgd(0.1), steps=[0], ratios=[0.2])
+    opt = tx.init(body)  # no "head" here: was "head: regex '^head/' matches no parameter"
+    u, _ = tx.update(body, opt, body, saliency=jax.tree.map(jnp.abs, body))
+    assert int(sum(np.sum(np.asarray(x) != 0) for x in jax.tree.leaves(u))) == round(0.2 * 34)
+    # inside multi_transform the head is in the other partition
+    labels = {"a": "gu", "b": "gu", "head": {"kernel": "full", "bias": "full"}}
+    mt = optax.multi_transform({"gu": tx, "full": optax.sgd(0.1)}, labels)
+    opt = mt.init(params)
+    g = jax.tree.map(jnp.ones_like, params)
+    u, opt = mt.update(g, opt, params, saliency=jax.tree.map(jnp.abs, params))
+    assert np.all(np.asarray(u["head"]["kernel"]) == -0.1)
+    assert int(np.sum(np.asarray(u["a"]) != 0) + np.sum(np.asarray(u["b"]) != 0)) == 7
+    with pytest.raises(ValueError, match="head: regex"):
+        transforms.gradual_unfreeze(optax.sgd(0.1), steps=[0], ratios=[0.2], head="^cls/").init(
+            body
+        )
+
+
+def _strict(lr):
+    """An inner transform whose update takes no extra arguments (as optax.lbfgs's line search
+    hands its extra arguments to the loss)."""
+
+    def init(params):
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda g: -lr * g, updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_saliency_and_mask_are_consumed_not_forwarded_to_the_inner_optimizer():
+    params, mask = _small()
+    scores = jax.tree.map(jnp.abs, params)
+    for sparse in (False, True):
+        tx = transforms.gradual_unfreeze(_strict(0.1), steps=[0], ratios=[0.1], sparse=sparse)
+        u, _ = tx.update(params, tx.init(params), params, saliency=scores)  # was a TypeError
+        assert np.all(
+            np.asarray(u["head"]["kernel"]) == np.asarray(-0.1 * params["head"]["kernel"])
+        )
+    tx = transforms.masked(_strict(0.1))
+    u, _ = tx.update(params, tx.init(params), params, mask=mask)
+    assert np.array_equal(np.asarray(u["a"]) != 0, np.asarray(mask["a"]))
+
+
+def test_non_bool_and_wrongly_shaped_masks_are_rejected_naming_the_leaf():
+    params, mask = _small()
+    g = jax.tree.map(jnp.ones_like, params)
+    scores = dict(mask, a=jnp.asarray(mask["a"], jnp.float32) * 3.0)  # a score tree, not a mask
+    ints = dict(mask, b=jnp.zeros(4, jnp.int32))
+    bad_shape = dict(mask, a=mask["a"][:, :2])
+    for m, msg in (
+        (scores, "mask: leaf 'a' has dtype float32; a mask must be bool"),
+        (ints, "mask: leaf 'b' has dtype int32"),
+        (bad_shape, r"mask: leaf 'a' has shape \(6, 2\), the parameter \(6, 5\)"),
+    ):
+        tx = transforms.masked(optax.sgd(0.1), m)
+        with pytest.raises(ValueError, match=msg):
+            tx.update(g, tx.init(params), params)
+        with pytest.raises(ValueError, match=msg):
+            jax.jit(lambda m: optim.masked_step(optax.sgd(0.1), g, (), params, m))(m)
+    prefix = {"a": True, "b": False, "head": True}  # bool leaves covering subtrees still work
+    tx = transforms.masked(optax.sgd(0.1), prefix)
+    u, _ = tx.update(g, tx.init(params), params)
+    assert np.all(np.asarray(u["head"]["bias"]) == -0.1) and np.all(np.asarray(u["b"]) == 0)
+
+
+def test_keys_with_dots_train_and_colliding_keys_are_an_error():
+    rng = np.random.default_rng(1)
+    params = {"fc.1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}}
+    params["fc"] = {"2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+    tx = transforms.gradual_unfreeze(optax.sgd(0.1), steps=[0], ratios=[0.25], sparse=True)
+    scores = jax.tree.map(jnp.abs, params)
+    u, opt = tx.update(
+        jax.tree.map(jnp.ones_like, params), tx.init(params), params, saliency=scores
+    )
+    mask = transforms.unfrozen(opt, params)
+    assert int(sum(np.sum(m) for m in jax.tree.leaves(mask))) == 5
+    for a, m in zip(jax.tree.leaves(u), jax.tree.leaves(mask), strict=True):
+        np.testing.assert_array_equal(np.asarray(a) != 0, np.asarray(m))
+    clash = {"fc.1": {"kernel": jnp.ones(2)}, "fc": {"1": {"kernel": jnp.ones(2)}}}
+    with pytest.raises(ValueError, match=r"params: leaves 'fc/1/kernel' and 'fc.1/kernel'"):
+        transforms.gradual_unfreeze(optax.sgd(0.1), steps=[0], ratios=[0.5]).init(clash)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_all_zero_or_non_finite_saliency_at_a_round_raises_naming_the_round(sparse):
+    params, _ = _small()
+    params["head"] = jax.tree.map(jnp.zeros_like, params["head"])  # a fresh zero head
+    tx = transforms.gradual_unfreeze(optax.sgd(0.1), steps=[0, 2], ratios=[0.1] * 2, sparse=sparse)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    ok = jax.tree.map(lambda v: jnp.abs(v) + 1, params)
+    nan = dict(ok, b=ok["b"].at[1].set(jnp.nan))
+    g = jax.tree.map(jnp.ones_like, params)
+    head_msg = r"round 1 of 2 \(step 0\); the likely cause is a zero-initialised head"
+    with pytest.raises(ValueError, match="every eligible score is zero at " + head_msg):
+        tx.update(g, tx.init(params), params, saliency=zero)  # eager: a plain ValueError
+    step = jax.jit(lambda opt, s: tx.update(g, opt, params, saliency=s)[1])
+    opt = step(tx.init(params), ok)
+    opt = step(opt, zero)  # no round at step 1: its scores are not read
+    with pytest.raises(Exception, match=r"non-finite scores \(NaN or inf\) at round 2 of 2"):
+        jax.block_until_ready(step(opt, nan))  # jitted: raised from the compiled step
+    with pytest.raises(ValueError, match="zero at oneshot_mask; the likely cause is a zero-init"):
+        transforms.oneshot_mask(zero, ratio=0.1)
