@@ -212,6 +212,7 @@ def test_guft_jax_to_peft_logits(world, base, name):
     ours, theirs = world["ours"][f"{base}/{name}"], world["theirs"][f"{base}/{name}"]
     base_logits = world["theirs"][f"{base}/base"]
     assert rel_err(ours, base_logits) > 1e-2  # the adapter changes the logits
+    print(f"guft_jax->PEFT {base}/{name}: rel err {rel_err(ours, theirs):.1e}")
     assert rel_err(ours, theirs) < RTOL
     # and back: load_peft of the exported adapter gives the same logits in guft_jax
     assert rel_err(world["ours"][f"{base}/{name}/reload"], ours) < RTOL
@@ -228,6 +229,7 @@ def test_peft_to_guft_jax_logits(world, base, ptype):
     )
     theirs = world["theirs"][f"{base}/in/{ptype}"]
     assert rel_err(theirs, world["theirs"][f"{base}/base"]) > 1e-2
+    print(f"PEFT->guft_jax {base}/{ptype}: rel err {rel_err(ours, theirs):.1e}")
     assert rel_err(ours, theirs) < RTOL
     # and out again: save_peft of what was loaded reproduces the same files' logits in guft_jax
     d2 = world["tmp"] / f"{base}_peft_{ptype}_again"
@@ -260,10 +262,13 @@ def test_vit_b16_shaped_timm_checkpoint(world):
         3072,
     )
     ours = model.apply({"params": params}, images)
+    print(f"ViT-B/16-shaped timm weights: rel err {rel_err(ours, theirs):.1e}")
     assert rel_err(ours, theirs) < RTOL
     swapped = dict(state)
     for i in range(12):
         w = state[f"blocks.{i}.attn.qkv.weight"]
         swapped[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([w[768:1536], w[:768], w[1536:]])
     _, bad = load_timm(swapped)
-    assert rel_err(model.apply({"params": bad}, images), theirs) > RTOL
+    err = rel_err(model.apply({"params": bad}, images), theirs)
+    print(f"ViT-B/16-shaped, q and k swapped (negative control): rel err {err:.1e}")
+    assert err > RTOL
