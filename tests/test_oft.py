@@ -272,3 +272,13 @@ def test_bad_hyperparameters_name_the_field(name, kw, field):
 def test_blocks_that_do_not_fit_a_kernel_are_errors(tiny, name, kw, field):
     with pytest.raises(ValueError, match=field):
         get_method(name, **kw).init(jax.random.key(0), tiny[1])
+
+
+def test_coft_in_the_engine_keeps_every_block_in_its_ball(tiny, source):
+    model, params = tiny
+    eps = 0.5
+    m = get_method("oft", oft_block_size=8, coft=True, eps=eps)
+    r = mc.trains_in_one_trace(model, params, m, source, lr=3e-2)
+    for f in r.state.trainable["oft"].values():
+        norms = np.linalg.norm(np_skew(np.asarray(f["oft_R"], np.float64), 8), axis=(-2, -1))
+        assert norms.max() <= eps / 2 * (1 + 1e-5) and norms.max() > eps / 4, norms

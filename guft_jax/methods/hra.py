@@ -40,6 +40,7 @@ def normalised(u: jax.Array) -> jax.Array:
     return u / jnp.linalg.norm(u, axis=0, keepdims=True)
 
 
+@jax.jit
 def householder_chain(u: jax.Array, w: jax.Array) -> jax.Array:
     """``H_r ⋯ H_1 w`` for ``w (in, out)``, ``H_i = I − 2 û_i û_iᵀ`` from the columns of ``u``
     (``H_1`` applied first), one rank-1 update per reflection; float32."""

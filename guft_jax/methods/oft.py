@@ -42,6 +42,7 @@ Default targets as LoRA's: the attention query and value kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -53,6 +54,7 @@ from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import Defaults, Method, MethodHooks, register
 
 
+@functools.partial(jax.jit, static_argnames="block_size")
 def skew(vec: jax.Array, block_size: int) -> jax.Array:
     """``U − Uᵀ`` with the strict upper triangle ``U`` filled row-major from ``vec (..., n)``."""
     rows, cols = np.triu_indices(block_size, 1)
@@ -60,6 +62,7 @@ def skew(vec: jax.Array, block_size: int) -> jax.Array:
     return u - jnp.swapaxes(u, -1, -2)
 
 
+@functools.partial(jax.jit, static_argnames="neumann_terms")
 def cayley(s: jax.Array, *, neumann_terms: int = 0) -> jax.Array:
     """PEFT's Cayley transform of skew-symmetric ``s (..., b, b)``, in float32.
 
@@ -86,6 +89,7 @@ def rotate_blocks(blocks: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("nkc,nco->nko", blocks, y).reshape(w.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "eps"))
 def coft_project(vec: jax.Array, block_size: int, eps: float) -> jax.Array:
     """PEFT's COFT projection: each ``S_i`` with ``‖S_i‖_F > eps/√n`` is rescaled onto that
     sphere (``n`` blocks stored, ``vec (n, b(b−1)/2)``)."""
@@ -239,6 +243,7 @@ def butterfly_perms(n: int, block_num: int, block_size: int, factors: int) -> np
     return np.stack([butterfly_perm(n, index=i, **kw) for i in range(factors)])
 
 
+@jax.jit
 def boft_rotate(w: jax.Array, boft_r: jax.Array) -> jax.Array:
     """``B_m ⋯ B_1 w`` with ``B_i = P_i D_i P_iᵀ``, ``D_i`` the Cayley blocks of ``boft_r[i]``
     (PEFT's ``cayley_batch``: ``S = (A − Aᵀ)/2``), for ``w (in, out)``; float32."""
