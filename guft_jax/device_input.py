@@ -206,7 +206,7 @@ def preprocess(
 ) -> Array:
     """uint8 images -> model input inside jit: grey/RGBA -> RGB, resize, normalise.
 
-    The device twin of :func:`guft_jax.data.preprocess` (SPEC.md §6: resize straight to
+    The device twin of :func:`guft_jax.data.preprocess` (the VTAB-1K protocol: resize straight to
     ``image_size``, no crop or augmentation; "imagenet" or "0.5" normalisation): the separable
     resize matrices of :func:`guft_jax.data.resize_matrix` applied as two float32 matmuls (rows
     first, as the host does), then ``(x / 255 - mean) / std``.

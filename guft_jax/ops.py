@@ -2,8 +2,8 @@
 
 :func:`sparse_delta_matmul` is ``y = x @ (W0 + S)`` with ``S`` a fixed-capacity sparse delta,
 whose custom VJP forms the weight gradient only at the selected entries: a sampled dense-dense
-product (SDDMM), ``dδ_k = Σ_t x[t, r_k] · dy[t, c_k]`` (SPEC.md §1 "Efficiency"; the idea of
-SPT's SparseGradLinear and LoSiA-Pro). Three interchangeable SDDMM implementations:
+product (SDDMM), ``dδ_k = Σ_t x[t, r_k] · dy[t, c_k]`` (the idea of SPT's SparseGradLinear and
+LoSiA-Pro). Three interchangeable SDDMM implementations:
 
 - ``"gather"``: entries in fixed-size chunks (a ``lax.map``); per chunk the token vectors
   ``xᵀ[r_k]`` and ``dyᵀ[c_k]`` are gathered as contiguous rows of the transposed activations
@@ -128,7 +128,7 @@ def sparse_delta_matmul(
 ) -> Array:
     """``x @ (w0 + S)`` where ``S`` holds ``values`` at ``(rows, cols)`` and is zero elsewhere.
 
-    GUFT's sparse path (SPEC.md §1; GUFT, the seed paper 000). The backward pass computes ``dx``
+    GUFT's sparse path. The backward pass computes ``dx``
     in full (``dy @ (w0 + S)ᵀ``, exactly the dense gradient) but the weight gradient only at the
     selected entries, ``d values_k = Σ_tokens x[:, rows_k] · dy[:, cols_k]`` (an SDDMM,
     accumulated in float32), so the dense ``(in, out)`` weight gradient matmul is replaced by
@@ -269,7 +269,7 @@ def sddmm(
     """Sampled dense-dense product ``out_k = Σ_t x[t, rows_k] · dy[t, cols_k]`` in float32.
 
     This is ``(xᵀ @ dy)[rows, cols]`` without forming ``xᵀ @ dy`` (except for ``impl="dense"``):
-    the weight gradient of ``y = x @ W`` at selected entries (SPEC.md §1).
+    the weight gradient of ``y = x @ W`` at selected entries.
 
     Args:
       x: ``(tokens, in)``.

@@ -1,6 +1,6 @@
 """Preprocessing shared by every data source: resize, grey -> RGB, normalisation, batching.
 
-VTAB-1K preprocessing (SPEC.md §6) is a plain resize to ``image_size`` (no crop, no augmentation)
+VTAB-1K preprocessing is a plain resize to ``image_size`` (no crop, no augmentation)
 followed by one of two normalisations. Images stay ``uint8`` at their native size until a batch is
 built, so a 1,000-image split costs its native bytes, not ``1000 * 224 * 224 * 3 * 4``.
 

@@ -1,16 +1,16 @@
 """The 19 VTAB-1K tasks (Zhai et al., arXiv:1910.04867) as tensorflow-datasets pipelines.
 
-The registry follows SPEC.md §6 and was checked recipe by recipe against
+The registry follows the VTAB-1K protocol (docs: VTAB-1K) and was checked recipe by recipe against
 google-research/task_adaptation (``task_adaptation/data/*.py`` and ``scripts/run_all_tasks.sh``):
 builder name and version, the split strings of ``train800`` / ``val200`` / ``train800val200`` /
 ``test``, the label recipes and the number of classes. Where a split is "the first p% of train",
 the boundary is ``p * num_examples // 100`` exactly as task_adaptation computes it (``tfds``'s own
 ``train[p%:]`` rounds, which gives the same numbers for every VTAB dataset, see ``NUM_EXAMPLES``).
 
-Differences from SPEC.md's wording (none changes the protocol):
+Differences from the protocol's usual wording (none changes the protocol):
 
-- KITTI: SPEC lists bins ``[-100, 8, 20, 999]`` "plus no vehicle"; in task_adaptation the image
-  with no Car/Van/Truck gets distance 1000 and so falls in the last bin, ``> 999``: the
+- KITTI: the bins are usually given as ``[-100, 8, 20, 999]`` "plus no vehicle"; in
+  task_adaptation the image with no Car/Van/Truck gets distance 1000 and so falls in the last bin, ``> 999``: the
   thresholds give 4 classes in total, the fourth *is* "no vehicle" (0: <= 8 m, 1: (8, 20], 2:
   (20, 999], 3: none). A vehicle is KITTI type < 3 (Car, Van, Truck).
 - Clevr distance uses ``objects/pixel_coords[:, 2]`` (depth in the image), not ``3d_coords``.

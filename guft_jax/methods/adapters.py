@@ -1,4 +1,4 @@
-"""Bottleneck adapters through the ViT's interceptor (SPEC.md §4): Adapter, AdaptFormer, Compacter.
+"""Bottleneck adapters through the ViT's interceptor: Adapter, AdaptFormer, Compacter.
 
 - ``adapter`` (Houlsby et al., arXiv:1902.00751): a serial bottleneck on the output of the
   attention sub-layer and of the MLP sub-layer of every block, before its residual add:

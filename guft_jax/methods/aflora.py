@@ -26,7 +26,7 @@ step ``t + 1`` (the official code: ``requires_grad = False`` after that step's b
 
 ``freeze_square=True`` is the official code's behaviour (``mode elora`` never trains ``A``/``B``
 of square kernels: they stay at their random init, VeRA-like); the default follows the paper's
-text and SPEC.md (all projection matrices start trainable).
+text (all projection matrices start trainable).
 
 Deviations, on purpose: the init is PyTorch's ``kaiming_uniform_`` with ``a = 0``
 (``U(±sqrt(6/fan_in))``, the official scripts' ``init_type 1``); decisions are taken every

@@ -1,4 +1,4 @@
-"""The one interface every fine-tuning method implements (STYLE.md 3), and the registry.
+"""The one interface every fine-tuning method implements, and the registry.
 
 A method is a :class:`Method` NamedTuple of pure functions built by a factory with keyword-only
 hyperparameters (``lora(rank=8, alpha=16.0)``). The engine, the reports and the artifacts only

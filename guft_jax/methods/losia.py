@@ -1,4 +1,4 @@
-"""LoSiA and LoSiA-Pro: subnet localisation and optimisation (seed paper 004, SPEC.md §5).
+"""LoSiA and LoSiA-Pro: subnet localisation and optimisation (arXiv:2507.04487).
 
 Wang, Qi, Xu, "LoSiA: Efficient High-Rank Fine-Tuning via Subnet Localization and Optimization"
 (EMNLP 2025, arXiv:2507.04487); official code KlozeWang/LoSiA (``losia_torch``,

@@ -1,4 +1,4 @@
-"""Prompt methods through the ViT's interceptor (SPEC.md §4): VPT and prefix tuning.
+"""Prompt methods through the ViT's interceptor: VPT and prefix tuning.
 
 - ``vpt`` (Jia et al., arXiv:2203.12119): ``p`` learnable prompt tokens inserted after [CLS]
   into the input of block 0 (``deep=False``, VPT-shallow), or, with ``deep=True``, fresh prompts

@@ -1,4 +1,4 @@
-"""Full fine-tuning, linear probing and BitFit (SPEC.md §2).
+"""Full fine-tuning, linear probing and BitFit.
 
 - ``full``: every backbone parameter and the head train.
 - ``linear``: only the head trains.

@@ -1,4 +1,4 @@
-"""UniPELT-style gated hybrid (Mao et al., arXiv:2110.07577; SPEC.md §4): LoRA, prefix tuning and
+"""UniPELT-style gated hybrid (Mao et al., arXiv:2110.07577): LoRA, prefix tuning and
 an adapter in every block, each behind its own learned sigmoid gate.
 
 Per block, with ``G(z) = mean_tokens σ(z W_G + b_G)`` (one value per example, the gate of the
