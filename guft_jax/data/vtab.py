@@ -10,9 +10,9 @@ the boundary is ``p * num_examples // 100`` exactly as task_adaptation computes 
 Differences from the protocol's usual wording (none changes the protocol):
 
 - KITTI: the bins are usually given as ``[-100, 8, 20, 999]`` "plus no vehicle"; in
-  task_adaptation the image with no Car/Van/Truck gets distance 1000 and so falls in the last bin, ``> 999``: the
-  thresholds give 4 classes in total, the fourth *is* "no vehicle" (0: <= 8 m, 1: (8, 20], 2:
-  (20, 999], 3: none). A vehicle is KITTI type < 3 (Car, Van, Truck).
+  task_adaptation the image with no Car/Van/Truck gets distance 1000 and so falls in the last
+  bin, ``> 999``: the thresholds give 4 classes in total, the fourth *is* "no vehicle"
+  (0: <= 8 m, 1: (8, 20], 2: (20, 999], 3: none). A vehicle is KITTI type < 3 (Car, Van, Truck).
 - Clevr distance uses ``objects/pixel_coords[:, 2]`` (depth in the image), not ``3d_coords``.
 - Clevr count is ``len(objects) - 3`` (scenes hold 3..10 objects); task_adaptation counts
   ``objects/size``, which has one entry per object.
