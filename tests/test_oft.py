@@ -12,6 +12,7 @@ from guft_jax import paths
 from guft_jax.methods import get_method
 from guft_jax.methods import oft as oft_mod
 from guft_jax.methods import weight_space as ws
+from guft_jax.methods.base import StepInfo
 
 Q = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
 # small settings for the 32-wide tiny ViT: blocks of 8; 2 butterfly factors of 4-blocks
@@ -215,7 +216,7 @@ def test_coft_projects_each_block_onto_the_eps_ball(tiny):
     small = vec * 1e-4
     np.testing.assert_array_equal(oft_mod.coft_project(small, 8, eps), small)
     # the step hook stores the projected weights; merge uses the projection of what it gets
-    info = type("Info", (), dict(trainable=tr, opt_state=(), state=()))
+    info = StepInfo(0, 1, tr, tr, (), (), tr, params)
     stored = m.hooks.step(info)[0]
     np.testing.assert_allclose(stored["oft"][ws.key(Q)]["oft_R"], proj, rtol=1e-6)
     a, b = m.merge(params, tr), m.merge(params, stored)

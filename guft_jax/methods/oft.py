@@ -98,6 +98,33 @@ def coft_project(vec: jax.Array, block_size: int, eps: float) -> jax.Array:
     return jnp.where(norm <= radius, vec, radius * vec / jnp.maximum(norm, radius))
 
 
+def block_size_of(vec: jax.Array) -> int:
+    """The block size ``b`` of skew entries ``vec (..., b(b−1)/2)``."""
+    return int(round((1 + math.sqrt(1 + 8 * vec.shape[-1])) / 2))
+
+
+def oft_rotations(vec: jax.Array, *, coft: bool, eps: float, neumann_terms: int) -> jax.Array:
+    """The ``(n, b, b)`` OFT blocks of one kernel's ``oft_R (n, b(b−1)/2)``; with ``coft`` the
+    value of the projected entries and the gradient of the identity, as PEFT's in-place no-grad
+    projection before each forward."""
+    b = block_size_of(vec)
+    if coft:
+        vec = vec + jax.lax.stop_gradient(coft_project(vec, b, eps) - vec)
+    return cayley(skew(vec, b), neumann_terms=neumann_terms)
+
+
+def coft_step(eps: float):
+    """``MethodHooks.step`` storing every kernel's projected ``oft_R`` after the update."""
+
+    def step(info):
+        tr = info.trainable
+        proj = {k: {"oft_R": coft_project(f["oft_R"], block_size_of(f["oft_R"]), eps)}
+                for k, f in tr["oft"].items()}  # fmt: skip
+        return {**tr, "oft": proj}, info.opt_state, info.state
+
+    return step
+
+
 def exactly_one(n: int, size: int, *, name: tuple[str, str]) -> None:
     """PEFT's rule: exactly one of a block count and a block size is > 0 (the other is 0)."""
     if (n != 0) == (size != 0) or n < 0 or size < 0:
@@ -192,34 +219,20 @@ def oft(
             out[ws.key(p)] = {"oft_R": jnp.zeros((1 if block_share else n, b * (b - 1) // 2))}
         return {"head": params["head"], "oft": out}
 
-    def block_size(vec):  # b from b(b-1)/2
-        return int(round((1 + math.sqrt(1 + 8 * vec.shape[-1])) / 2))
-
-    def rotations(vec):
-        b = block_size(vec)
-        if coft:  # PEFT's no-grad in-place projection: its value, an identity gradient
-            vec = vec + jax.lax.stop_gradient(coft_project(vec, b, eps) - vec)
-        return cayley(skew(vec, b), neumann_terms=terms)
-
     def merge(params, trainable):
         kernels = {}
         for k, f in trainable["oft"].items():
             p = ws.path_of(k)
-            kernels[p] = rotate_blocks(rotations(f["oft_R"]), _f32_matrix(params, p, layout))
+            rot = oft_rotations(f["oft_R"], coft=coft, eps=eps, neumann_terms=terms)
+            kernels[p] = rotate_blocks(rot, _f32_matrix(params, p, layout))
         return ws.replace_kernels(params, kernels, trainable["head"])
-
-    def step(info):
-        tr = info.trainable
-        proj = {k: {"oft_R": coft_project(f["oft_R"], block_size(f["oft_R"]), eps)}
-                for k, f in tr["oft"].items()}  # fmt: skip
-        return {**tr, "oft": proj}, info.opt_state, info.state
 
     hp = dict(
         r=r, oft_block_size=oft_block_size, block_share=block_share, coft=coft, eps=eps,
         use_cayley_neumann=use_cayley_neumann, num_cayley_neumann_terms=num_cayley_neumann_terms,
         module_dropout=module_dropout, targets=list(targets), layout=[list(x) for x in layout],
     )  # fmt: skip
-    hooks = MethodHooks(step=step) if coft else None
+    hooks = MethodHooks(step=coft_step(eps)) if coft else None
     return ws.method("oft", init=init, merge=merge, hparams=hp, hooks=hooks)
 
 
