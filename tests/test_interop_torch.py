@@ -272,3 +272,24 @@ def test_vit_b16_shaped_timm_checkpoint(world):
     err = rel_err(model.apply({"params": bad}, images), theirs)
     print(f"ViT-B/16-shaped, q and k swapped (negative control): rel err {err:.1e}")
     assert err > RTOL
+
+
+def test_negative_control_adapter_qk_swapped(world):
+    """PEFT's fused LoRA with its q and k row blocks swapped no longer matches PEFT's logits."""
+    from safetensors.numpy import load_file, save_file
+
+    model, params = world["bases"]["timm"]
+    d = world["tmp"] / "timm_peft_LORA"
+    bad = world["tmp"] / "timm_peft_LORA_swapped"
+    bad.mkdir()
+    (bad / peft_io.CONFIG).write_text((d / peft_io.CONFIG).read_text())
+    t = load_file(str(d / peft_io.WEIGHTS))
+    for k, v in t.items():
+        if k.endswith("attn.qkv.lora_B.weight"):
+            t[k] = np.concatenate([v[32:64], v[:32], v[64:]])
+    save_file(t, str(bad / peft_io.WEIGHTS))
+    loaded = load_peft(str(bad), params, base="timm")
+    ours = base_lib.forward(model, loaded.method, params, loaded.trainable, (), world["images"])
+    err = rel_err(ours, world["theirs"]["timm/in/LORA"])
+    print(f"PEFT->guft_jax timm/LORA, q and k swapped (negative control): rel err {err:.1e}")
+    assert err > RTOL
