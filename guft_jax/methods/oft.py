@@ -4,7 +4,7 @@ rotations of the input side of frozen kernels, folded into the weights (``apply`
 Both follow Hugging Face PEFT 0.17.1 (``OFTConfig`` / ``BOFTConfig`` and their layers) field by
 field, so an adapter maps onto a PEFT one. Orientation: a PyTorch ``Linear`` weight is
 ``W (out, in)`` and PEFT merges ``W'ᵀ = R W0ᵀ`` with ``R (in, in)`` acting on the input features
-(its forward is ``x ↦ W0 (x R)``); a Flax kernel is ``K = Wᵀ (in, out)``, so here ``K' = R K0``
+(its forward is ``x ↦ (x R) W0ᵀ``); a Flax kernel is ``K = Wᵀ (in, out)``, so here ``K' = R K0``
 with the same ``R``, and the trainable arrays keep PEFT's names and shapes (no transpose on
 export). Kernels of more than 2 dimensions are rotated in their ``(in, out)`` view given by
 ``layout`` (:func:`weight_space.matrix_shape`); the rotation is computed in float32.
