@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: setup data weights test lint demo docs benchmark clean
+.PHONY: setup data weights test lint demo docs benchmark clean torch-env
 
 setup: $(VENV)/.installed
 
