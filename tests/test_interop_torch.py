@@ -28,7 +28,7 @@ from guft_jax.methods import base as base_lib
 from guft_jax.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_PY = ROOT / ".torch-venv" / "bin" / "python"
+TORCH_PY = ROOT / os.environ.get("TORCH_VENV", ".torch-venv") / "bin" / "python"
 RTOL = 1e-4
 SIZES = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
 EPS = {"timm": 1e-6, "hf": 1e-12}
