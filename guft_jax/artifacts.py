@@ -43,7 +43,7 @@ class ArtifactError(InputError, CheckpointMismatchError):
     the method (``missing`` / ``unexpected`` / ``misshaped`` hold the full lists)."""
 
     def __init__(self, message: str, missing=(), unexpected=(), misshaped=()):
-        super().__init__(message)
+        ValueError.__init__(self, one_line(message, limit=800))  # long key paths: room for three
         self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), misshaped
 
 
@@ -203,8 +203,8 @@ def _mismatch(method: Method, params, arrays: dict, where: str, name: str, error
     misshaped = sorted(
         f"{k} {have[k]} vs {want[k]}" for k in set(want) & set(have) if have[k] != want[k]
     )
-    parts = [
-        f"{len(keys)} {title} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+    groups = [
+        (title, keys)
         for title, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
@@ -212,8 +212,13 @@ def _mismatch(method: Method, params, arrays: dict, where: str, name: str, error
         )
         if keys
     ]
+    counts = ", ".join(f"{len(keys)} {title}" for title, keys in groups)
+    first = "; ".join(
+        f"{title.split()[0]}: {keys[0]}{f' (+{len(keys) - 1})' if len(keys) > 1 else ''}"
+        for title, keys in groups
+    )
     return ArtifactError(
-        f"{where}: does not match method {name} on these params: {'; '.join(parts)}",
+        f"{where}: does not match method {name} on these params: {counts} keys ({first})",
         missing,
         unexpected,
         misshaped,
