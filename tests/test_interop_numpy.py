@@ -256,3 +256,27 @@ def test_bad_base_names_allowed_values(vit_tiny, tmp_path):
             params=vit_tiny[1],
             base="torch",
         )
+
+
+@pytest.mark.parametrize("base", ["timm", "hf"])
+@pytest.mark.parametrize("name", ["ia3", "ln_tuning"])
+def test_ia3_ln_tuning_round_trip_same_weights(vit_tiny, tmp_path, name, base):
+    _, params = vit_tiny
+    method = get_method(name)
+    tr = _noisy(method.init(jax.random.key(3), params))
+    config = save_peft(str(tmp_path), method, tr, params=params, base=base)
+    if name == "ia3" and base == "timm":  # key/value output scaling on the fused qkv, q at 1
+        assert config["feedforward_modules"] == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    loaded = load_peft(str(tmp_path), params, base=base)
+    a, b = _merged(method, params, tr), _merged(loaded.method, params, loaded.trainable)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_ia3_feedforward_on_fused_qkv_needs_one_vector(vit_tiny, tmp_path):
+    _, params = vit_tiny
+    qkv = rf"{ATT}/(query|key|value)/kernel$"
+    m = get_method("ia3", targets=(qkv,), feedforward=(qkv,))
+    tr = _noisy(m.init(jax.random.key(0), params))
+    with pytest.raises(ValueError, match=r"fused blocks\.0\.attn\.qkv needs one vector"):
+        save_peft(str(tmp_path), m, tr, params=params, base="timm")

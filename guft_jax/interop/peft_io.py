@@ -712,6 +712,107 @@ def _shira_load_method(config, tensors, params, base):
     return shira_explicit(idx), {"shira": group}
 
 
+# ------------------------------------------------------------------------------------ (IA)3
+
+
+def _ia3_save(ctx: Ctx) -> tuple[dict, dict]:
+    hp = ctx.method.hparams
+    vecs = ctx.trainable["ia3"]
+    ff = {
+        ws.path_of(k) for k in vecs if any(re.search(r, ws.path_of(k)) for r in hp["feedforward"])
+    }
+    groups = _by_module([ws.path_of(k) for k in vecs], ctx.base)
+    tensors, ff_mods = {}, []
+    for mod, blocks in groups.items():
+        get = lambda p: _np(vecs[ws.key(p)]["ia3_l"])  # noqa: E731
+        is_ff = {p in ff for p in blocks.values()}
+        if len(is_ff) > 1:
+            raise ValueError(f"save_peft: ia3 on timm's fused {mod} mixes input and output scaling")
+        if True in is_ff:  # the fused Linear's input: q, k and v must share one vector
+            vs = [get(p) for p in blocks.values()]
+            if None not in blocks and (len(blocks) < 3 or any(np.any(v != vs[0]) for v in vs)):
+                raise ValueError(
+                    f"save_peft: ia3 feed-forward scaling on timm's fused {mod} needs one vector "
+                    "shared by query, key and value"
+                )
+            tensors[f"{mod}.ia3_l"] = vs[0][None, :]
+            ff_mods.append(mod)
+        elif None in blocks:
+            tensors[f"{mod}.ia3_l"] = get(blocks[None])[:, None]
+        else:  # output scaling of the fused qkv: ones where a block is not adapted
+            d = _dims(ctx.params, next(iter(blocks.values())))[1]
+            parts = [get(blocks[j]) if j in blocks else np.ones(d, np.float32) for j in range(3)]
+            tensors[f"{mod}.ia3_l"] = np.concatenate(parts)[:, None]
+    config = dict(
+        peft_type="IA3",
+        target_modules=sorted(groups),
+        feedforward_modules=sorted(ff_mods),
+        init_ia3_weights=True,
+        fan_in_fan_out=False,
+    )
+    return config, tensors
+
+
+def _named(names, module: str) -> bool:
+    """PEFT's module matching: a regex string matches the whole name; a list entry matches the
+    name or its dotted tail."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == n or module.endswith("." + n) for n in names or ())
+
+
+def _ia3_load_method(config, tensors, params, base):
+    mods = _parse(tensors, ("ia3_l",))
+    group, ff = {}, []
+    for mod, t in mods.items():
+        is_ff = _named(config.get("feedforward_modules"), mod)
+        vec = t["ia3_l"].reshape(-1)
+        for path, rows in _split_rows(mod, base, params):
+            v = vec if is_ff else vec[rows]
+            if not is_ff and np.all(v == 1):
+                continue  # a block the fused vector leaves as it is
+            group[ws.key(path)] = {"ia3_l": jnp.asarray(v)}
+            if is_ff:
+                ff.append(path)
+    paths = [ws.path_of(k) for k in group]
+    method = base_lib.get_method("ia3", targets=_targets(paths), feedforward=_targets(ff))
+    return method, {"ia3": group}
+
+
+# ------------------------------------------------------------------------------------ LN tuning
+
+
+def _ln_tuning_save(ctx: Ctx) -> tuple[dict, dict]:
+    trained = {
+        k: v for k, v in base_lib.flat_arrays(ctx.trainable).items() if not k.startswith("head/")
+    }
+    layers = sorted({k.rsplit("/", 1)[0] for k in trained})
+    tensors = {}
+    for layer in layers:
+        mod = timm_lib.torch_norm(layer, ctx.base)
+        for leaf, name in (("scale", "weight"), ("bias", "bias")):
+            v = trained.get(f"{layer}/{leaf}", paths_lib.get(ctx.params, f"{layer}/{leaf}"))
+            tensors[f"{mod}.ln_tuning_layers.{name}"] = _np(v)
+    config = dict(
+        peft_type="LN_TUNING",
+        target_modules=sorted(timm_lib.torch_norm(x, ctx.base) for x in layers),
+    )
+    return config, tensors
+
+
+def _ln_tuning_load_method(config, tensors, params, base):
+    del config
+    mods = _parse(tensors, ("ln_tuning_layers.weight", "ln_tuning_layers.bias"))
+    group: dict = {}
+    leaves = []
+    for mod, t in mods.items():
+        layer = timm_lib.guft_norm(mod, base)
+        for leaf, name in (("scale", "weight"), ("bias", "bias")):
+            paths_lib.set(group, f"{layer}/{leaf}", jnp.asarray(t[f"ln_tuning_layers.{name}"]))
+            leaves.append(f"{layer}/{leaf}")
+    return base_lib.get_method("ln_tuning", targets=_targets(leaves)), group
+
+
 # ------------------------------------------------------------------------------------ the table
 
 
@@ -721,6 +822,8 @@ CONVERTERS: dict[str, Converter] = {
     "lora": _LORA,
     "dora": _LORA,
     "adalora": Converter("ADALORA", _adalora_save, _adalora_load_method),
+    "ia3": Converter("IA3", _ia3_save, _ia3_load_method),
+    "ln_tuning": Converter("LN_TUNING", _ln_tuning_save, _ln_tuning_load_method),
     "vera": Converter("VERA", _vera_save, _vera_load_method),
     "fourierft": Converter("FOURIERFT", _fourierft_save, _fourierft_load_method),
     SHIRA: _SHIRA,

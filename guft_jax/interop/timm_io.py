@@ -100,6 +100,43 @@ def guft_linear(module: str, base: str) -> list[str]:
     return [f"Transformer/encoderblock_{m.group(1)}/{s}" for s in subs]
 
 
+def torch_norm(layer: str, base: str) -> str:
+    """The PyTorch LayerNorm module of the guft_jax LayerNorm at ``layer`` (a path without
+    ``/scale``).
+
+    Raises:
+      ValueError: ``layer`` is not a LayerNorm of the ViT.
+    """
+    check_base(base)
+    if layer == "Transformer/encoder_norm":
+        return "norm" if base == "timm" else "vit.layernorm"
+    m = _BLOCK.match(layer)
+    if m and m.group(2) in _NORMS:
+        t, h = _NORMS[m.group(2)]
+        return (
+            f"blocks.{m.group(1)}.{t}" if base == "timm" else f"vit.encoder.layer.{m.group(1)}.{h}"
+        )
+    raise ValueError(f"targets: {layer} is not a LayerNorm of the ViT (base {base!r})")
+
+
+def guft_norm(module: str, base: str) -> str:
+    """The guft_jax LayerNorm path of a PyTorch LayerNorm module name.
+
+    Raises:
+      ValueError: naming ``module`` when it is not a LayerNorm of the ViT.
+    """
+    check_base(base)
+    if module in ("norm", "vit.layernorm"):
+        return "Transformer/encoder_norm"
+    rx = r"^blocks\.(\d+)\.(.+)$" if base == "timm" else r"^(?:vit\.)?encoder\.layer\.(\d+)\.(.+)$"
+    m = re.match(rx, module)
+    j = 0 if base == "timm" else 1
+    sub = next((g for g, names in _NORMS.items() if m and names[j] == m.group(2)), None)
+    if sub is None:
+        raise ValueError(f"target_modules: {module!r} is not a LayerNorm of a {base} ViT")
+    return f"Transformer/encoderblock_{m.group(1)}/{sub}"
+
+
 def kernel_to_torch(kernel: Any, path: str) -> np.ndarray:
     """The guft_jax kernel at ``path`` as a PyTorch ``(out, in)`` weight (3-D attention kernels
     are taken as their 2-D matrix, :func:`guft_jax.vit.kernel_as_matrix`)."""

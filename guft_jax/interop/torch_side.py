@@ -86,14 +86,16 @@ def load_base(job: dict):
 
 
 def randomize(model, seed: int, scale: float) -> None:
-    """Seeded noise on every trainable weight (adapter factors and the saved head)."""
+    """Seeded noise on every trainable weight (adapter factors and the saved head); scales,
+    magnitudes and LayerNorm copies are perturbed around their values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             noise = torch.randn(p.shape, generator=g) * scale
-            p.copy_(p * (1 + noise) if "magnitude" in name else noise)
+            mult = any(s in name for s in ("magnitude", "ia3_l", "ln_tuning"))
+            p.copy_(p * (1 + noise) if mult else noise)
 
 
 def run(job: dict, images: np.ndarray) -> np.ndarray:
