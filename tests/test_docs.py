@@ -110,7 +110,7 @@ def test_no_docstring_cites_a_file_outside_the_repository():
     hits = []
     for p in [*ROOT.glob("guft_jax/**/*.py"), *ROOT.glob("experiments/**/*.py")]:
         for i, line in enumerate(p.read_text().splitlines(), 1):
-            if re.search(r"\b(SPEC|STYLE)\.md\b|shared/", line):
+            if re.search(r"(SPEC|STYLE)\.md|SPEC §|seed paper \d|\.\./shared", line):
                 hits.append(f"{p.relative_to(ROOT)}:{i}")
     assert not hits, hits
 
