@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 
 DEFAULT_TARGETS = (
     r"MultiHeadDotProductAttention_\d+/(key|value)/kernel$",
@@ -62,6 +62,11 @@ def _feedforward_paths(tps: list[str], feedforward) -> set[str]:
 
 @register(
     "ia3",
+    info=Info(
+        "activation",
+        "learned vectors scaling keys, values and the MLP's inner activations; folds into W",
+        "2205.05638",
+    ),
     defaults=Defaults(lr=3e-3, head_lr=1e-2, lr_grid=(0.3, 1.0, 3.0), step_cost=0.45),
 )
 def ia3(

@@ -15,7 +15,7 @@ Hugging Face's ViT-B/16 (the same 25 norms).
 from __future__ import annotations
 
 from guft_jax import paths
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 from guft_jax.methods.simple import subset_method
 
 DEFAULT_TARGETS = (
@@ -26,6 +26,11 @@ DEFAULT_TARGETS = (
 
 @register(
     "ln_tuning",
+    info=Info(
+        "selective",
+        "LayerNorm scales and biases only",
+        "2312.11420",
+    ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, lr_grid=(0.3, 1.0, 3.0), step_cost=0.7),
 )
 def ln_tuning(*, targets: tuple[str, ...] = DEFAULT_TARGETS) -> Method:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 
 GROUP = "loha"
 
@@ -51,6 +51,11 @@ def loha_delta(f: dict, scale: float) -> jax.Array:
 
 @register(
     "loha",
+    info=Info(
+        "low-rank",
+        "`ΔW = (α/r)·(B₁A₁) ⊙ (B₂A₂)`",
+        "2108.06098",
+    ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.5),
 )
 def loha(

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 
 GROUP = "lokr"
 INITS = ("peft", "lycoris")
@@ -121,6 +121,11 @@ def lokr_delta(f: dict, scale: float) -> jax.Array:
 
 @register(
     "lokr",
+    info=Info(
+        "low-rank",
+        "`ΔW = (α/r)·C ⊗ (B A)`, PEFT's factorisation of the shapes",
+        "2309.14859",
+    ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.5),
 )
 def lokr(
