@@ -544,12 +544,23 @@ def _topk_merge_global(scores: dict, prev: dict, *, k: int, exclude_selected: bo
 
 
 def select(
-    scores: dict, prev: dict, k: int, *, exclude_selected: bool, allocation: str, normalize
+    scores: dict,
+    prev: dict,
+    k: int,
+    *,
+    exclude_selected: bool,
+    allocation: str,
+    normalize,
+    quotas: dict | None = None,
+    row_dims: dict | None = None,
 ) -> dict:
-    """The new top-k mask OR-merged into ``prev``."""
+    """The new top-k mask OR-merged into ``prev`` (``quotas``/``row_dims``: see
+    :func:`guft_jax.masks.topk_mask`)."""
     kw = {} if allocation == "global" and normalize is None else dict(allocation=allocation)
     if normalize is not None:
         kw["normalize"] = normalize
+    if quotas is not None:
+        kw.update(quotas=quotas, row_dims=row_dims)
     new = masks_lib.topk_mask(scores, k, exclude=prev if exclude_selected else None, **kw)
     return masks_lib.merge_masks(prev, new)
 
@@ -587,6 +598,12 @@ class GuftConfig:
     chunk: int
     head_warmup: bool
     name: str
+    # One-shot methods with explicit per-tensor budgets (SHiRA, GPS; :func:`quota_oneshot`):
+    # ("rank", r): r·(d_in + d_out) entries per tensor; ("row", K): K per output unit. None: the
+    # ratios' budget. ``layout``: the (regex, n_in) rules of the tensors' (in, out) views there.
+    quota: tuple[str, int] | None = None
+    layout: tuple[tuple[str, int], ...] = ()
+    seed: int = 0  # score "random": the permutation's seed
 
     def eligible_of(self, params) -> dict:
         return masks_lib.eligible_leaves(params, self.include, self.exclude, preset=self.eligible)
@@ -600,7 +617,8 @@ class GuftConfig:
 
     def hparams(self) -> dict:
         out = dataclasses.asdict(self)
-        del out["name"]
+        for k in ("name", "quota", "layout", "seed"):  # quota methods state their own hparams
+            del out[k]
         for k in ("recompute_epochs", "ratios", "include", "exclude"):
             out[k] = list(out[k]) if out[k] is not None else None
         return out
@@ -648,8 +666,50 @@ def _merged_leaves(cfg: GuftConfig, params, trainable, state) -> dict:
     return {k: _leaf(out, k) for k in trainable["delta"]}
 
 
+def random_scores(seed: int, eligible: dict) -> dict:
+    """Score ``"random"``: per tensor (``i``-th in sorted-key order) a random permutation
+    ``π = jax.random.permutation(fold_in(key(seed), i), size)`` as scores ``size − j`` at
+    ``π[j]``, so a top-``n`` selection is ``π[:n]``, a uniform random subset as PEFT's
+    SHiRA ``random_mask`` (``randperm(numel)[:n]``). float32 ranks: exact up to 2**24 entries."""
+    out = {}
+    for i, key in enumerate(sorted(eligible)):
+        shape = eligible[key]
+        n = math.prod(shape)
+        perm = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), i), n)
+        ranks = jnp.zeros((n,), jnp.float32).at[perm].set(n - jnp.arange(n, dtype=jnp.float32))
+        out[key] = ranks.reshape(shape)
+    return out
+
+
+def _quotas(cfg: GuftConfig, eligible: dict):
+    """``({key: k_t}, {key: (d_in, d_out)})`` of a quota method (``(None, None)`` otherwise).
+
+    Raises:
+      ValueError: a budget larger than a tensor (``r·(d_in + d_out) > d_in·d_out``, as PEFT's
+        SHiRA) or ``K > d_in``.
+    """
+    if cfg.quota is None:
+        return None, None
+    from guft_jax.methods.weight_space import matrix_shape  # (methods import this module)
+
+    rule, n = cfg.quota
+    views = {k: matrix_shape(paths.path_of(k), s, cfg.layout) for k, s in eligible.items()}
+    quotas = {}
+    for k, (d_in, d_out) in views.items():
+        quotas[k] = n * (d_in + d_out) if rule == "rank" else n * d_out
+        if (rule == "rank" and quotas[k] > d_in * d_out) or (rule == "row" and n > d_in):
+            field = "r" if rule == "rank" else "k"
+            raise ValueError(
+                f"{cfg.name}.{field}: {n} selects more than {paths.path_of(k)} "
+                f"(d_in, d_out) = {(d_in, d_out)} holds"
+            )
+    return quotas, views
+
+
 def _saliency_at(cfg: GuftConfig, epoch: int, ctx, eligible: dict):
     """Scores at the current weights (through a fitted head if the head is still all zero)."""
+    if cfg.score == "random":
+        return random_scores(cfg.seed, eligible), {}
     leaves = _merged_leaves(cfg, ctx.params, ctx.trainable, ctx.state)
     dense = paths.replaced(ctx.params, {paths.path_of(k): v for k, v in leaves.items()})
     dense["head"] = ctx.trainable["head"]
@@ -672,10 +732,11 @@ def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
     path, state = cfg.path(ctx.params), ctx.state
     e = path.eligible
     n_elig = sum(math.prod(s) for s in e.values())
-    k = masks_lib.budget(cfg.ratios[i], n_elig)
+    quotas, views = _quotas(cfg, e)
+    k = sum(quotas.values()) if quotas else masks_lib.budget(cfg.ratios[i], n_elig)
     scores, info = _saliency_at(cfg, epoch, ctx, e)
     prev = path.mask(state)
-    if cfg.allocation == "global" and cfg.normalize is None:
+    if quotas is None and cfg.allocation == "global" and cfg.normalize is None:
         merged, nonzero = _topk_merge_global(
             scores, prev, k=k, exclude_selected=cfg.exclude_selected
         )
@@ -689,15 +750,18 @@ def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
             exclude_selected=cfg.exclude_selected,
             allocation=cfg.allocation,
             normalize=cfg.normalize,
+            quotas=quotas,
+            row_dims=views,
         )
     rep = masks_lib.mask_report(merged, top=5)
+    share = f"{k / n_elig:.4g}" if quotas else f"{cfg.ratios[i]:g}"
     ctx.log(
-        f"{cfg.name} recompute at epoch {epoch}: k={k:,} ({cfg.ratios[i]:g} of {n_elig:,}), "
+        f"{cfg.name} recompute at epoch {epoch}: k={k:,} ({share} of {n_elig:,}), "
         f"{cfg.score}/{cfg.mode} saliency over {info.get('num_examples', 0)} examples "
         f"(batch {info.get('batch_size', 0)}); selected {rep['selected']:,} "
         f"= {100 * rep['density']:.4f}%; per module type {rep['per_module_type']}"
     )
-    total = sum(masks_lib.budget(r, n_elig) for r in cfg.ratios)
+    total = k if quotas else sum(masks_lib.budget(r, n_elig) for r in cfg.ratios)
     rule = capacity_rule(e, total, k, slack=cfg.capacity_slack, floor=cfg.capacity_floor)
     first = int(state.round) == 0
     caps = lambda cur, need: rule(cur, need, first=first)
@@ -904,6 +968,76 @@ def oneshot(
 
 for _score in ONESHOT_SCORES:
     register(_score, defaults=_oneshot_defaults(_score), fixed={"score": _score})(oneshot)
+
+
+QUOTA_RULES = ("rank", "row")
+
+
+def quota_oneshot(
+    *,
+    name: str,
+    quota: tuple[str, int],
+    score: str,
+    targets: Sequence[str],
+    layout: Sequence[tuple[str, int]],
+    allocation: str,
+    hparams: dict,
+    seed: int = 0,
+    epoch: int = 1,
+    mode: str = "batch",
+    sparse: bool = True,
+) -> Method:
+    """A one-shot sparse method with explicit per-tensor budgets (SHiRA, GPS): GUFT's machinery
+    (saliency, sparse store, artifacts) with one selection at the start of ``epoch`` over the
+    kernels that ``targets`` match, exactly ``quota``'s entries per tensor (:func:`_quotas`),
+    chosen by ``allocation`` (``"per_tensor"``: the tensor's top ``k_t``; ``"per_row"``: the top
+    ``K`` of every output unit). Trained counts are that closed form from the shapes.
+
+    Raises:
+      ValueError: an unknown ``score``, ``mode``, ``allocation`` or quota rule, a budget below 1,
+        or a bad ``epoch`` (naming the field).
+    """
+    rule, n = quota
+    for field, v, allowed in (
+        ("score", score, (*sal.SCORES, "random")),
+        ("mode", mode, sal.MODES),
+        ("allocation", allocation, ("per_tensor", "per_row")),
+        ("quota", rule, QUOTA_RULES),
+    ):
+        if v not in allowed:
+            raise ValueError(f"{name}.{field}: {v!r} not in {list(allowed)}")
+    if int(n) < 1:
+        raise ValueError(f"{name}.{'r' if rule == 'rank' else 'k'}: must be >= 1, got {n}")
+    validate_schedule((int(epoch),), (1.0,))
+    cfg = GuftConfig(
+        recompute_epochs=(int(epoch),),
+        ratios=(1.0,),  # (unused: the quotas set the budget)
+        mode=mode,
+        score=score,
+        exclude_selected=False,
+        eligible="all",
+        allocation=allocation,
+        normalize=None,
+        include=tuple(targets),
+        exclude=None,
+        sparse=sparse,
+        capacity_slack=1.0,
+        capacity_floor=16,
+        blocks=True,
+        chunk=8,
+        head_warmup=True,
+        name=name,
+        quota=(rule, int(n)),
+        layout=tuple((str(rx), int(d)) for rx, d in layout),
+        seed=int(seed),
+    )
+
+    def trained(params, trainable=None, state=None):
+        quotas, _ = _quotas(cfg, cfg.eligible_of(params))
+        return {paths.path_of(k): q for k, q in quotas.items()}
+
+    m = _method(cfg)
+    return m._replace(hparams=hparams, hooks=m.hooks._replace(trained=trained))
 
 
 @jax.jit

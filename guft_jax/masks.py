@@ -162,6 +162,7 @@ def topk_mask(
     allocation: str = "global",
     normalize: str | None = None,
     row_dims: dict[str, tuple[int, int]] | None = None,
+    quotas: dict[str, int] | None = None,
 ) -> dict[str, jax.Array]:
     """Exactly ``k`` of the highest-scoring entries of ``scores``, by a budget allocation rule.
 
@@ -218,13 +219,17 @@ def topk_mask(
       normalize: ``None`` (default) or ``"mean"``.
       row_dims: ``{key: (d_in, d_out)}`` 2-D views for ``"per_row"`` (missing keys use
         :func:`row_view`).
+      quotas: ``{key: k_t}``, explicit per-tensor budgets for ``"per_tensor"`` / ``"per_row"``
+        instead of the proportional split (SHiRA's ``r·(d_in + d_out)`` per Linear, GPS's
+        ``K·d_out``); they must sum to ``k``. ``None``: the largest-remainder split.
 
     Returns:
       ``{key: bool array}`` shaped like ``scores``, with exactly ``k`` True entries in total.
 
     Raises:
-      ValueError: ``k`` out of range, an unknown ``allocation`` or ``normalize``, or a
-        ``row_dims`` entry whose product is not the tensor's size.
+      ValueError: ``k`` out of range, an unknown ``allocation`` or ``normalize``, a
+        ``row_dims`` entry whose product is not the tensor's size, or ``quotas`` that do not
+        name every tensor, exceed one's selectable entries or do not sum to ``k``.
 
     >>> s = {"a": jnp.array([3.0, 1.0, 2.0]), "b": jnp.array([5.0, 0.0])}
     >>> {k: v.tolist() for k, v in topk_mask(s, 2, allocation="per_tensor").items()}
@@ -246,9 +251,12 @@ def topk_mask(
         sel = [int(got[key]) for key in keys]
         if k > sum(sel):
             raise ValueError(f"k: must be in [0, {sum(sel)}] selectable entries, got {k}")
-    if allocation == "global":
+    if quotas is not None:
+        sel_ = sizes if exclude is None or traced else sel
+        quotas = jnp.asarray(given_quotas(quotas, keys, sel_, k, allocation), jnp.int32)
+    elif allocation == "global":
         return _select_global(scores, exclude, k=k, normalize=normalize)
-    if exclude is not None and traced:
+    elif exclude is not None and traced:
         check_traced_bound(k, sum(sizes))
         counts = _selectable_counts({key: exclude[key] for key in keys})
         quotas = largest_remainder_traced(k, jnp.stack([counts[key] for key in keys]))
@@ -265,6 +273,28 @@ def topk_mask(
             raise ValueError(f"row_dims: {key!r} has {size} entries, (d_in, d_out) = {view}")
         views.append(view)
     return _select_per_row(scores, exclude, quotas, views=tuple(views))
+
+
+def given_quotas(
+    quotas: dict[str, int], keys: list[str], selectable: list[int], k: int, allocation: str
+) -> list[int]:
+    """Explicit per-tensor quotas in ``keys`` order, checked against the selectable counts.
+
+    Raises:
+      ValueError: a global allocation, missing or unknown keys, a quota outside
+        ``[0, selectable]``, or quotas not summing to ``k``.
+    """
+    if allocation == "global":
+        raise ValueError("quotas: need allocation 'per_tensor' or 'per_row', got 'global'")
+    if sorted(quotas) != keys:
+        raise ValueError(f"quotas: must name every tensor {keys[:4]}..., got {sorted(quotas)[:4]}")
+    out = [int(quotas[key]) for key in keys]
+    bad = [(key, q, n) for key, q, n in zip(keys, out, selectable, strict=True) if not 0 <= q <= n]
+    if bad:
+        raise ValueError(f"quotas: each must be in [0, selectable entries], got {bad[:4]}")
+    if sum(out) != k:
+        raise ValueError(f"quotas: must sum to k = {k}, got {sum(out)}")
+    return out
 
 
 def largest_remainder(k: int, weights: list[int]) -> list[int]:
