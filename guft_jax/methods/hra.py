@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 
 
 def normalised(u: jax.Array) -> jax.Array:
@@ -65,6 +65,11 @@ def paired_init(rng: jax.Array, d_in: int, r: int) -> jax.Array:
 
 @register(
     "hra",
+    info=Info(
+        "orthogonal",
+        "a chain of r Householder reflections, with an orthogonality loss",
+        "2405.17484",
+    ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(r=8, lambda_orth=1e-4), step_cost=0.5),
 )
 def hra(

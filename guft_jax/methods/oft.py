@@ -51,7 +51,7 @@ import numpy as np
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 
 
 @functools.partial(jax.jit, static_argnames="block_size")
@@ -157,6 +157,11 @@ def _no_dropout(value: float, field: str) -> None:
 
 @register(
     "oft",
+    info=Info(
+        "orthogonal",
+        "a block-diagonal rotation of each kernel's input side, Cayley blocks",
+        "2306.07280",
+    ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(oft_block_size=32), step_cost=0.5),
 )
 def oft(
@@ -286,6 +291,11 @@ def boft_blocks(d_in: int, block_size: int, block_num: int, factors: int) -> tup
 
 @register(
     "boft",
+    info=Info(
+        "orthogonal",
+        "a butterfly product of permuted block-diagonal Cayley rotations",
+        "2311.06243",
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,
