@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import os
 import signal
 import sys
 import threading
@@ -107,6 +108,18 @@ def quiet_libraries() -> None:
             default(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def leave(line: str, code: int) -> None:
+    """Prints ``line`` on stderr and ends the process at once with ``code``.
+
+    Everything of the run is closed by then (the workdir's lock released, files whole); ending
+    without the interpreter's shutdown keeps the checkpoint library's native threads from
+    reporting callbacks into its closed event loop ("Event loop is closed") after the line.
+    """
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 class StopFlag:
@@ -238,20 +251,13 @@ def main(argv):
             raise InputError("--workdir is required")
         res = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value, stop=stop)
     except Interrupted as e:
-        print(str(e), file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
+        leave(str(e), EXIT_INTERRUPTED)
     except KeyboardInterrupt:
-        print(
-            "interrupted; rerun the same command to resume",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
+        leave("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
     except (*USER_ERRORS, OSError) as e:
         if _DEBUG.value:
             raise
-        print(error_line(e), file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        leave(error_line(e), EXIT_USER_ERROR)
     drop = ("history", "config", "trained_per_tensor", "tensor_sizes", "data")
     if jax.process_index() != 0:
         return

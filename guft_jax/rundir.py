@@ -299,10 +299,14 @@ def read_jsonl(path: str) -> list[dict]:
 
 def append_jsonl(path: str, record: Mapping) -> None:
     """Appends one record as a line and fsyncs it (a kill leaves at most a torn last line)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk fails in write or flush, which name no file
+        e.filename = e.filename or path
+        raise
 
 
 def truncate_metrics(path: str, step: int) -> tuple[list[dict], int]:
@@ -375,6 +379,10 @@ def _write_atomic(path: str, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk fails in write or flush, which name no file
+        if e.filename is None or e.filename == tmp:
+            e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

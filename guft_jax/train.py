@@ -859,7 +859,7 @@ def fit(
         mgr = None
         if workdir:
             mgr = ckpt_lib.manager(os.path.join(workdir, rundir.CHECKPOINTS_NAME))
-            stack.callback(mgr.close)
+            stack.enter_context(_closing(mgr.close))
         data_id = data_identity(source, [train_split, eval_split])
         state, meta = _restore(run, mgr, state, config, workdir, data=data_id, warn=warn)
         trained = 0 if meta is None else int(meta["epoch"])
@@ -881,7 +881,7 @@ def fit(
         start_epoch = trained + 1
         notes = _resume_notes(meta, epochs, int(state.step), log)
         writer = _Writer(workdir, step=0 if meta is None else int(state.step), log=log)
-        stack.callback(writer.close)
+        stack.enter_context(_closing(writer.close))
         if results_path and start_epoch <= epochs and os.path.exists(results_path):
             os.remove(results_path)  # it described the run before this resume
         fingerprint = None if config is None else rundir.fingerprint(config)
@@ -941,6 +941,19 @@ def _read_results(path: str, epochs: int) -> dict | None:
     if not isinstance(res, dict) or res.get("epochs") != epochs:
         return None
     return res
+
+
+@contextlib.contextmanager
+def _closing(close: Callable[[], None]):
+    """Calls ``close`` on the way out; when the block failed, a second failure of ``close``
+    (a full disk fails the flush too) does not replace the first error."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            close()
+        raise
+    close()
 
 
 def _quiet(line: str) -> None:
