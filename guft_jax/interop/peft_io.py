@@ -879,6 +879,10 @@ def save_peft(
         exporter(merged, _ViTShape(params), os.path.join(directory, MERGED))
         return {"format": "merged"}
     config, tensors = conv.save(Ctx(method, params, trainable, state, base))
+    for field in ("target_modules", "feedforward_modules"):
+        if config.get(field):  # one regex of the exact names: PEFT's list form matches name
+            # tails (timm's ``norm`` would also hit every ``attn.norm`` Identity)
+            config[field] = "^(?:" + "|".join(re.escape(m) for m in config[field]) + ")$"
     updates = config.pop("_base_updates", {})
     meta = {"method": method.name, "hparams": _jsonable(method.hparams), "base": base}
     meta.update(config.pop("_meta", {}))
