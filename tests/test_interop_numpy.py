@@ -110,7 +110,7 @@ def _merged(method, params, tr, state=None):
     return _flat(method.merge(params, tr, state))
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "adalora"])
+@pytest.mark.parametrize("name", ["lora", "dora", "adalora", "loha"])
 def test_fused_qkv_round_trip_same_weights(vit_tiny, tmp_path, name):
     """Split q/v adapters -> one fused timm qkv adapter -> split again: the same merged weights."""
     _, params = vit_tiny

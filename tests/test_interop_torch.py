@@ -42,6 +42,9 @@ OUT = {
     "adalora": (dict(init_rank=3, target_rank=2, alpha=5.0), rf"{ATT}/(query|key|value)/kernel$"),
     "vera": (dict(rank=4), {"timm": rf"{ATT}/out/kernel$|Dense_0/kernel$", "hf": None}),
     "fourierft": (dict(n=20, alpha=50.0), {"timm": rf"{ATT}/out/kernel$|Dense_0/kernel$"}),
+    "ia3": (dict(), None),  # default targets: key, value (output) and fc2 (input)
+    "ln_tuning": (dict(), None),
+    "loha": (dict(rank=2, alpha=3.0), rf"{ATT}/(query|value)/kernel$|Dense_1/kernel$"),
 }
 # PEFT -> guft_jax: (config class, kwargs, target_modules per base)
 IN = {
@@ -63,6 +66,9 @@ IN = {
         (["attn.proj", "mlp.fc1"], ["query", "value"]),
     ),
     "SHIRA": ("ShiraConfig", dict(r=1), (["attn.qkv", "mlp.fc2"], ["query", "output.dense"])),
+    "IA3": ("IA3Config", dict(), (["attn.qkv", "fc2"], ["key", "output.dense"])),  # last: ff
+    "LOHA": ("LoHaConfig", dict(r=2, alpha=3), (["attn.qkv", "fc1"], ["query", "value"])),
+    "LN_TUNING": ("LNTuningConfig", dict(), (["norm1", "norm2"], ["layernorm_after"])),
 }
 
 
@@ -160,8 +166,11 @@ def world(tmp_path_factory):
         ours[f"{base}/base"] = model.apply({"params": params}, images)
         for name, (hp, targets) in OUT.items():
             t = targets.get(base) if isinstance(targets, dict) else targets
-            t = t or rf"{ATT}/(query|value)/kernel$|Dense_0/kernel$"
-            method = get_method(name, targets=(t,), **hp)
+            if name in ("ia3", "ln_tuning"):
+                method = get_method(name, **hp)
+            else:
+                t = t or rf"{ATT}/(query|value)/kernel$|Dense_0/kernel$"
+                method = get_method(name, targets=(t,), **hp)
             tr = noisy(method.init(jax.random.key(4), params), 5)
             d = tmp / f"{base}_{name}"
             save_peft(str(d), method, tr, params=params, base=base)
@@ -180,6 +189,8 @@ def world(tmp_path_factory):
             d = tmp / f"{base}_peft_{ptype}"
             head = "head" if base == "timm" else "classifier"
             config = dict(kw, target_modules=mods[base == "hf"], modules_to_save=[head])
+            if ptype == "IA3":
+                config["feedforward_modules"] = mods[base == "hf"][-1:]
             jobs.append(
                 dict(kind="make_adapter", out=f"{base}/in/{ptype}", dir=str(d), config_class=cls)
                 | dict(config=config, seed=len(jobs), **common)

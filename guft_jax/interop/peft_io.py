@@ -174,6 +174,24 @@ def _parse(tensors: dict, suffixes: tuple[str, ...]) -> dict[str, dict[str, np.n
     return out
 
 
+def _fused(blocks: dict, get: Callable, stack: tuple[str, ...], diag: tuple[str, ...], d: int):
+    """timm's fused ``qkv`` form of split low-rank factors: the ``stack`` factors (``(r, in)``
+    or ``(r,)``) concatenated over q, k, v and the ``diag`` factors (``(out, r)``) placed block
+    diagonally, zero rows for a block that is not adapted. Exact: row block ``j`` of the fused
+    product is block ``j``'s own product."""
+    items = sorted(blocks.items())
+    out = {k: np.concatenate([get(p, k) for _, p in items]) for k in stack}
+    for k in diag:
+        parts = [get(p, k) for _, p in items]
+        m = np.zeros((3 * d, sum(x.shape[1] for x in parts)), np.float32)
+        col = 0
+        for (j, _), x in zip(items, parts, strict=True):
+            m[j * d : (j + 1) * d, col : col + x.shape[1]] = x
+            col += x.shape[1]
+        out[k] = m
+    return out
+
+
 # ------------------------------------------------------------------------------------ LoRA/DoRA
 
 
@@ -196,15 +214,9 @@ def _lora_save(ctx: Ctx) -> tuple[dict, dict]:
             a, b = get(p, "A"), get(p, "B")
             m = get(p, "m") if dora else None
         else:  # timm's fused qkv: A stacked, B block diagonal, missing blocks zero
-            some = next(iter(blocks.values()))
-            d_in, d = _dims(ctx.params, some)
-            a = np.concatenate([get(p, "A") for _, p in sorted(blocks.items())])
-            b = np.zeros((3 * d, a.shape[0]), np.float32)
-            col = 0
-            for j, p in sorted(blocks.items()):
-                bj = get(p, "B")
-                b[j * d : (j + 1) * d, col : col + bj.shape[1]] = bj
-                col += bj.shape[1]
+            d = _dims(ctx.params, next(iter(blocks.values())))[1]
+            f = _fused(blocks, get, ("A",), ("B",), d)
+            a, b = f["A"], f["B"]
             if dora:
                 w = ctx.params
                 qkv = timm_lib.guft_linear(mod, ctx.base)
@@ -258,13 +270,14 @@ def _lora_load(config: dict, tensors: dict, params, base: str):
             if dora:
                 f["m"] = t["lora_magnitude_vector"][rows]
             per_path[path] = f
-    return _low_rank(per_path, "B")
+    return _low_rank(per_path, "B", ("A",))
 
 
-def _low_rank(per_path: dict, fold: str, pad_rows=("A",)):
+def _low_rank(per_path: dict, fold: str, pad_rows: tuple[str, ...]):
     """One rank ``R`` (the largest) and one scale for all kernels: factors zero-padded to ``R``
-    and each kernel's scale ratio folded into ``fold`` (exact: the padded part is zero)."""
-    rank = max(f[fold].shape[1] if fold == "B" else f[fold].shape[0] for f in per_path.values())
+    (``pad_rows``: the ``(r, in)`` ones; other 2-D factors are ``(out, r)``) and each kernel's
+    scale ratio folded into ``fold`` (exact: the padded part is zero)."""
+    rank = max(f[pad_rows[0]].shape[0] for f in per_path.values())
     s0 = next(iter(per_path.values()))["s"]
     group = {}
     for p, f in per_path.items():
@@ -310,15 +323,8 @@ def _adalora_save(ctx: Ctx) -> tuple[dict, dict]:
             per_mod[mod] = (get(p, "Q"), get(p, "lambda"), get(p, "P"))
             continue
         d = _dims(ctx.params, next(iter(blocks.values())))[1]
-        q = np.concatenate([get(p, "Q") for _, p in sorted(blocks.items())])
-        lam = np.concatenate([get(p, "lambda") for _, p in sorted(blocks.items())])
-        pm = np.zeros((3 * d, q.shape[0]), np.float32)
-        col = 0
-        for j, p in sorted(blocks.items()):
-            pj = get(p, "P")
-            pm[j * d : (j + 1) * d, col : col + pj.shape[1]] = pj
-            col += pj.shape[1]
-        per_mod[mod] = (q, lam, pm)
+        f = _fused(blocks, get, ("Q", "lambda"), ("P",), d)
+        per_mod[mod] = (f["Q"], f["lambda"], f["P"])
     rank = max(q.shape[0] for q, _, _ in per_mod.values())
     tensors = {}
     for mod, (q, lam, pm) in per_mod.items():
@@ -355,7 +361,7 @@ def _adalora_load_method(config, tensors, params, base):
         for path, rows in _split_rows(mod, base, params):
             f = {"Q": t["lora_A"], "lambda": t["lora_E"][:, 0], "P": t["lora_B"][rows], "s": s}
             per_path[path] = f
-    rank, s0, group = _low_rank(per_path, "lambda", pad_rows=("Q",))
+    rank, s0, group = _low_rank(per_path, "lambda", ("Q",))
     method = base_lib.get_method(
         "adalora",
         init_rank=rank,
@@ -712,6 +718,60 @@ def _shira_load_method(config, tensors, params, base):
     return shira_explicit(idx), {"shira": group}
 
 
+# ------------------------------------------------------------------------------------ LoHa
+
+_HADA_STACK = ("hada_w1_b", "hada_w2_b")  # (r, in)
+_HADA_DIAG = ("hada_w1_a", "hada_w2_a")  # (out, r)
+
+
+def _loha_save(ctx: Ctx) -> tuple[dict, dict]:
+    """LoHa (arXiv:2108.06098): guft_jax uses PEFT's factor names; on timm's fused ``qkv`` both
+    products are fused (``(B1 A1) ⊙ (B2 A2)`` row block ``j`` is block ``j``'s own)."""
+    hp = ctx.method.hparams
+    fac = ctx.trainable["loha"]
+    scale = hp["alpha"] / hp["rank"]
+    groups = _by_module([ws.path_of(k) for k in fac], ctx.base)
+    tensors, ranks, alphas = {}, {}, {}
+    for mod, blocks in groups.items():
+        get = lambda p, f: _np(fac[ws.key(p)][f])  # noqa: E731
+        if None in blocks:
+            f = {k: get(blocks[None], k) for k in _HADA_STACK + _HADA_DIAG}
+        else:
+            d = _dims(ctx.params, next(iter(blocks.values())))[1]
+            f = _fused(blocks, get, _HADA_STACK, _HADA_DIAG, d)
+            r = f["hada_w1_b"].shape[0]
+            ranks[_pattern(mod)], alphas[_pattern(mod)] = r, scale * r
+        tensors.update({f"{mod}.{k}": v for k, v in f.items()})
+    config = dict(
+        peft_type="LOHA",
+        r=hp["rank"],
+        alpha=hp["alpha"],
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
+        target_modules=sorted(groups),
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        use_effective_conv2d=False,
+        init_weights=True,
+    )
+    return config, tensors
+
+
+def _loha_load_method(config, tensors, params, base):
+    mods = _parse(tensors, _HADA_STACK + _HADA_DIAG)
+    per_path = {}
+    for mod, t in mods.items():
+        r = t["hada_w1_b"].shape[0]
+        s = _lookup(config.get("alpha_pattern"), mod, config["alpha"]) / r
+        for path, rows in _split_rows(mod, base, params):
+            f = {k: t[k] for k in _HADA_STACK} | {k: t[k][rows] for k in _HADA_DIAG}
+            if np.any(f["hada_w1_a"]) and np.any(f["hada_w2_a"]):
+                per_path[path] = {**f, "s": s}
+    rank, s0, group = _low_rank(per_path, "hada_w1_a", _HADA_STACK)
+    targets = _targets([ws.path_of(k) for k in group])
+    return base_lib.get_method("loha", rank=rank, alpha=s0 * rank, targets=targets), {"loha": group}
+
+
 # ------------------------------------------------------------------------------------ (IA)3
 
 
@@ -823,6 +883,7 @@ CONVERTERS: dict[str, Converter] = {
     "dora": _LORA,
     "adalora": Converter("ADALORA", _adalora_save, _adalora_load_method),
     "ia3": Converter("IA3", _ia3_save, _ia3_load_method),
+    "loha": Converter("LOHA", _loha_save, _loha_load_method),
     "ln_tuning": Converter("LN_TUNING", _ln_tuning_save, _ln_tuning_load_method),
     "vera": Converter("VERA", _vera_save, _vera_load_method),
     "fourierft": Converter("FOURIERFT", _fourierft_save, _fourierft_load_method),
