@@ -280,3 +280,19 @@ def test_ia3_feedforward_on_fused_qkv_needs_one_vector(vit_tiny, tmp_path):
     tr = _noisy(m.init(jax.random.key(0), params))
     with pytest.raises(ValueError, match=r"fused blocks\.0\.attn\.qkv needs one vector"):
         save_peft(str(tmp_path), m, tr, params=params, base="timm")
+
+
+@pytest.mark.parametrize("base", ["timm", "hf"])
+def test_lokr_round_trip_and_fused_refusal(vit_tiny, tmp_path, base):
+    _, params = vit_tiny
+    m = get_method("lokr", rank=2, alpha=3.0, targets=(r"Dense_[01]/kernel$",))
+    tr = _noisy(m.init(jax.random.key(0), params))
+    save_peft(str(tmp_path), m, tr, params=params, base=base)
+    loaded = load_peft(str(tmp_path), params, base=base)
+    a, b = _merged(m, params, tr), _merged(loaded.method, params, loaded.trainable)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    if base == "timm":
+        m = get_method("lokr", rank=2, alpha=3.0)  # query and value: timm's fused qkv
+        with pytest.raises(ValueError, match=r"lokr on timm's fused blocks\.0\.attn\.qkv"):
+            save_peft(str(tmp_path), m, m.init(jax.random.key(0), params), params=params)

@@ -772,6 +772,61 @@ def _loha_load_method(config, tensors, params, base):
     return base_lib.get_method("loha", rank=rank, alpha=s0 * rank, targets=targets), {"loha": group}
 
 
+# ------------------------------------------------------------------------------------ LoKr
+
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def _lokr_save(ctx: Ctx) -> tuple[dict, dict]:
+    """LoKr (arXiv:2309.14859): guft_jax uses PEFT's names, shapes and scale; a Kronecker update
+    of timm's fused ``qkv`` has no exact split form (refused)."""
+    hp = ctx.method.hparams
+    fac = ctx.trainable["lokr"]
+    groups = _by_module([ws.path_of(k) for k in fac], ctx.base)
+    _refuse_fused("lokr", groups)
+    tensors = {
+        f"{mod}.{k}": _np(v) for mod, b in groups.items() for k, v in fac[ws.key(b[None])].items()
+    }
+    config = dict(
+        peft_type="LOKR",
+        r=hp["rank"],
+        alpha=hp["alpha"],
+        decompose_both=hp["decompose_both"],
+        decompose_factor=hp["decompose_factor"],
+        target_modules=sorted(groups),
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        use_effective_conv2d=False,
+        init_weights=True,
+    )
+    return config, tensors
+
+
+def _lokr_load_method(config, tensors, params, base):
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("load_peft: LoKr with rank_pattern/alpha_pattern is not supported")
+    mods = _parse(tensors, _LOKR)
+    group = {}
+    for mod, t in mods.items():
+        rows = _split_rows(mod, base, params)
+        if len(rows) > 1:
+            raise ValueError(f"load_peft: LoKr on timm's fused {mod} has no exact split form")
+        group[ws.key(rows[0][0])] = {k: jnp.asarray(v) for k, v in t.items()}
+    method = base_lib.get_method(
+        "lokr",
+        rank=int(config["r"]),
+        alpha=float(config["alpha"]),
+        decompose_both=bool(config.get("decompose_both", False)),
+        decompose_factor=int(config.get("decompose_factor", -1)),
+        targets=_targets([ws.path_of(k) for k in group]),
+    )
+    want = jax.eval_shape(lambda p: method.init(jax.random.key(0), p), params)["lokr"]
+    got = jax.tree_util.tree_map(lambda x: x.shape, group)
+    if jax.tree_util.tree_map(lambda x: x.shape, want) != got:
+        raise ValueError("load_peft: LoKr factor shapes differ from those of its config")
+    return method, {"lokr": group}
+
+
 # ------------------------------------------------------------------------------------ (IA)3
 
 
@@ -884,6 +939,7 @@ CONVERTERS: dict[str, Converter] = {
     "adalora": Converter("ADALORA", _adalora_save, _adalora_load_method),
     "ia3": Converter("IA3", _ia3_save, _ia3_load_method),
     "loha": Converter("LOHA", _loha_save, _loha_load_method),
+    "lokr": Converter("LOKR", _lokr_save, _lokr_load_method),
     "ln_tuning": Converter("LN_TUNING", _ln_tuning_save, _ln_tuning_load_method),
     "vera": Converter("VERA", _vera_save, _vera_load_method),
     "fourierft": Converter("FOURIERFT", _fourierft_save, _fourierft_load_method),
