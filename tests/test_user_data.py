@@ -6,6 +6,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest
+from fault_rows import record
 from PIL import Image
 
 from guft_jax.data import SPLITS, get_source, split_sizes, user
@@ -256,6 +257,7 @@ def test_bad_npz_inputs_give_one_line_naming_the_file(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and str(path) in msg, msg
         assert NPZ_PROBLEMS[name] in msg, (name, msg)
+        record("data files", f"npz: {name}", f"error: {msg}")
     assert isinstance(e.value, ValueError)
     with pytest.raises(FileNotFoundError):  # a missing file is also a FileNotFoundError
         get_source(f"npz:{cases['missing.npz']}")
@@ -299,7 +301,81 @@ def test_bad_folders_give_one_line_naming_the_path(tmp_path):
         with pytest.raises(InputError) as e:
             get_source(f"folder:{path}")
         assert str(path) in str(e.value) and problem in str(e.value), str(e.value)
+        record("data files", f"folder: {problem}", f"error: {e.value}")
     (tmp_path / "split" / "train" / "a").mkdir(parents=True)
     (tmp_path / "split" / "val").mkdir()
     with pytest.raises(InputError, match="split/val: a validation folder is not supported"):
         get_source(f"folder:{tmp_path / 'split'}")
+
+
+# ----------------------------------------------------------------------------- issue 25
+
+
+def _npz(tmp_path, name, images, labels):
+    path = tmp_path / name
+    np.savez(path, images=images, labels=np.asarray(labels))
+    return f"npz:{path}"
+
+
+def test_huge_label_values_are_remapped_by_rank_and_1e20_is_refused(tmp_path):
+    rng = np.random.default_rng(8)
+    big = [0, 2**40, 5] * 4
+    src = get_source(_npz(tmp_path, "big.npz", _images(12, rng), big))  # no 8 TiB table
+    assert src.num_classes == 3 and src.info["label_map"] == {"0": 0, "5": 1, str(2**40): 2}
+    assert src.class_names == ("0", "5", str(2**40))
+    y = np.concatenate([src.raw(s)[1] for s in ("train800", "val200", "test")])
+    assert sorted(y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    with pytest.raises(InputError) as e:
+        get_source(_npz(tmp_path, "huge.npz", _images(4, rng), [0, 1e20, 1, 0]))
+    assert str(e.value).endswith("labels must be integers up to 2**53; entry 1 is 1e+20 "
+                                 "(dtype float64)")  # fmt: skip
+    record("labels and splits", "label 1e20", f"error: {e.value}")
+
+
+def test_small_datasets_follow_the_documented_rule_and_name_no_unset_field(tmp_path):
+    rng = np.random.default_rng(9)
+    with pytest.raises(InputError) as e:  # one image in each of 60 classes
+        get_source(_npz(tmp_path, "one.npz", _images(60, rng), np.arange(60)))
+    msg = str(e.value)
+    assert "60 images in 60 classes, one per class" in msg and "train_size" not in msg
+    record("labels and splits", "one image per class (60 classes)", f"error: {msg}")
+    src = get_source(_npz(tmp_path, "two.npz", _images(8, rng), np.arange(8) % 4))
+    assert src.split_sizes == {"train800": 4, "val200": 0, "test": 4}  # 2 per class: train+test
+    for split in ("train800", "test"):
+        assert sorted(src.raw(split)[1].tolist()) == [0, 1, 2, 3]
+    assert "moved" in src.info["split_rule"]
+    with pytest.raises(InputError) as e:  # sizes the user gave: those fields are named
+        get_source(_npz(tmp_path, "two.npz", _images(8, rng), np.arange(8) % 4), test_size=5)
+    assert "would get 2 images for 4 classes" in str(e.value) and "test_size" in str(e.value)
+
+
+def test_16_bit_pixels_are_scaled_and_noted_alike_in_npz_and_folders(tmp_path):
+    x16 = (np.arange(4 * 2 * 2, dtype=np.uint16).reshape(4, 2, 2) * 4000).astype(np.uint16)
+    src = get_source(_npz(tmp_path, "u16.npz", x16, [0, 1, 0, 1]))
+    note = "16-bit pixels scaled to 8 bits (x 255/65535)"
+    assert any(note in n for n in src.notes)
+    got = np.sort(np.concatenate([src.raw(s)[0].ravel() for s in ("train800", "val200", "test")]))
+    np.testing.assert_array_equal(
+        got, np.sort(np.round(x16.ravel().astype(np.float64) * 255 / 65535))
+    )
+    root = tmp_path / "f16"
+    for i in range(4):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x16[i]).save(root / f"c{i % 2}" / f"{i}.png")
+    fsrc = get_source(f"folder:{root}")
+    assert any(note in n for n in fsrc.notes)
+    got = np.sort(np.concatenate([fsrc.raw(s)[0].ravel() for s in ("train800", "val200", "test")]))
+    np.testing.assert_array_equal(
+        got, np.sort(np.round(x16.ravel().astype(np.float64) * 255 / 65535))
+    )
+
+
+def test_train_and_test_folders_are_read_as_the_split_layout_and_said_so(tmp_path):
+    rng = np.random.default_rng(10)
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(tmp_path / "d" / split / c / f"{i}.png", rng)
+    src = get_source(f"folder:{tmp_path / 'd'}")
+    assert src.class_names == ("a", "b") and src.split_sizes["test"] == 4
+    assert any("read as the train/test split layout" in n for n in src.notes)
