@@ -45,6 +45,7 @@ OUT = {
     "ia3": (dict(), None),  # default targets: key, value (output) and fc2 (input)
     "ln_tuning": (dict(), None),
     "loha": (dict(rank=2, alpha=3.0), rf"{ATT}/(query|value)/kernel$|Dense_1/kernel$"),
+    "lokr": (dict(rank=2, alpha=3.0), r"Dense_[01]/kernel$"),  # no fused qkv form
 }
 # PEFT -> guft_jax: (config class, kwargs, target_modules per base)
 IN = {
@@ -68,6 +69,7 @@ IN = {
     "SHIRA": ("ShiraConfig", dict(r=1), (["attn.qkv", "mlp.fc2"], ["query", "output.dense"])),
     "IA3": ("IA3Config", dict(), (["attn.qkv", "fc2"], ["key", "output.dense"])),  # last: ff
     "LOHA": ("LoHaConfig", dict(r=2, alpha=3), (["attn.qkv", "fc1"], ["query", "value"])),
+    "LOKR": ("LoKrConfig", dict(r=2, alpha=3), (["fc1", "fc2"], ["query", "value"])),
     "LN_TUNING": ("LNTuningConfig", dict(), (["norm1", "norm2"], ["layernorm_after"])),
 }
 
