@@ -11,11 +11,11 @@ ENV = "GUFT_FAULT_TABLE"
 _TMP = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s:]+")
 
 
-def record(group: str, case: str, line: str, exit_code: int = 2) -> None:
+def record(group: str, case: str, line: str, exit_code: int | None = 2) -> None:
     """Appends ``{group, case, exit, line}`` to ``$GUFT_FAULT_TABLE`` (nothing when unset).
 
-    ``line`` is what the user sees: the CLI's one stderr line, or the notice of a run that goes
-    on; temporary paths become ``<tmp>``.
+    ``line`` is what the user sees: the CLI's one stderr line, the notice of a run that goes
+    on, or a library error's message (``exit_code=None``); temporary paths become ``<tmp>``.
     """
     path = os.environ.get(ENV)
     if not path:

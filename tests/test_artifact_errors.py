@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 import pytest
+from fault_rows import record
 from safetensors.numpy import load_file, save_file
 
 from guft_jax import artifacts, vit
@@ -45,6 +46,7 @@ def test_the_backbone_identity_is_stored_and_checked(tiny, saved):
     msg = str(e.value)
     assert msg.startswith(f"{d}/adapter.json: trained on backbone 'tiny-a' with weights sha256 ")
     assert meta["base_sha256"][:12] in msg and "check_base=False" in msg and "\n" not in msg
+    record("artifacts", "adapter loaded onto another backbone of the same shapes", msg, None)
     with pytest.raises(artifacts.ArtifactError, match="trained on backbone 'tiny-a', not 'vit-b'"):
         artifacts.load_artifact(d, params, base_id="vit-b")
     moved, _ = artifacts.load_artifact(d, other, check_base=False)  # a transfer on purpose
@@ -63,6 +65,7 @@ def test_truncated_weights_and_garbled_metadata_name_the_file(tiny, saved, tmp_p
     with pytest.raises(artifacts.ArtifactError) as e:
         artifacts.load_artifact(str(d), params)
     assert str(e.value).startswith(f"{weights}: unreadable safetensors file, truncated or corrupt")
+    record("artifacts", "truncated adapter.safetensors", str(e.value), None)
     weights.write_bytes(raw)
     text = meta.read_text()
     meta.write_text(text[: len(text) // 2])
@@ -96,4 +99,5 @@ def test_a_mismatch_counts_missing_unexpected_and_misshaped_keys(tiny, saved, tm
     assert shown in msg
     assert err.missing == keys[:2] and err.unexpected == ["extra/kernel"]
     assert len(err.misshaped) == 1 and "\n" not in msg
+    record("artifacts", "2 missing, 1 unexpected, 1 mis-shaped arrays", msg, None)
     assert isinstance(err, ValueError)

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from fault_rows import record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every subprocess shares one compilation cache, so only the first run of a shape compiles.
@@ -125,6 +126,7 @@ def test_cli_writes_metrics_checkpoints_results_and_resumes(tmp_path):
 def test_bad_config_values_give_one_clear_error(tmp_path, override, field):
     line = _error_line(_run(tmp_path / "bad", override))
     assert field in line and ("allowed" in line.lower() or "matches no" in line)
+    record("config", f"`{override}`", line)
 
 
 # ----------------------------------------------------------------------------- users' data
@@ -207,6 +209,7 @@ def test_bad_inputs_give_one_line_naming_the_path(tmp_path):
         p = _run(tmp_path / "w", f"--config.dataset={dataset}", arg="digits,linear")
         line = _error_line(p)
         assert path in line and problem in line, (name, line)
+        record("data files", f"CLI: {name}", line)
         report.append(f"| {name} | `{line.replace(str(tmp_path) + '/', '')}` |")
     print("\n".join(report))
     p = _run(tmp_path / "w", f"--config.dataset={dataset}", "--debug", arg="digits,linear")
@@ -263,6 +266,7 @@ def test_a_second_process_on_a_locked_workdir_fails_at_once(tmp_path, data30):
     finally:
         rundir.release_lock(lock)
     assert f"workdir {wd} is in use by process {os.getpid()}" in line
+    record("run directory", "workdir in use by another process", line)
     # it fails before any data or model work: no data summary, no trainable report, no files
     out = p.stdout + p.stderr
     assert "trainable:" not in out and "split" not in out.replace(line, "")
@@ -274,7 +278,9 @@ def test_resume_with_another_config_is_refused_unless_fresh(tmp_path, baseline, 
     before = (wd / "metrics.jsonl").read_text(), (wd / "results.json").read_text()
     line = _error_line(_run(wd, data30, *RUN, "--config.lr=0.5", "--config.seed=3"))
     assert "lr: 0.01 -> 0.5" in line and "seed: 0 -> 3" in line and "--fresh" in line
+    record("run directory", "resume with another lr and seed", line)
     line = _error_line(_run(wd, data30, *RUN, arg="digits,bitfit"))
+    record("run directory", "resume with another method", line)
     assert line == f"error: checkpoint {wd}/checkpoints/3 holds a lora run, not bitfit; use " \
         "another workdir or start over (--fresh)"  # fmt: skip
     assert ((wd / "metrics.jsonl").read_text(), (wd / "results.json").read_text()) == before
@@ -297,6 +303,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, basel
     rel = os.path.relpath(chunk, wd / "checkpoints" / "3")
     assert f"checkpoint {wd}/checkpoints/3 is damaged (file {rel} fails its SHA-256 check)" in out
     assert "resuming from the intact checkpoint" in out and "Traceback" not in out
+    notice = next(s for s in p.stderr.splitlines() if "is damaged" in s)
+    record("checkpoints", "flipped chunk in the newest step (the run goes on, exit 0)", notice, 0)
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "3", "3.damaged"]
     _same_run(wd, baseline)
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import make_source
+from fault_rows import record
 
 from guft_jax import rundir, train
 from guft_jax.data import ArraySource, data_identity
@@ -79,6 +80,7 @@ def test_rerun_of_a_finished_run_is_a_no_op_and_fewer_epochs_are_refused(tiny, t
             _fit(tiny, tmp_path, epochs=epochs)
         assert str(e.value).startswith(f"epochs={epochs} is fewer than the 3 epochs the model in")
         assert "\n" not in str(e.value)
+    record("run directory", "fewer epochs than trained (3 -> 1)", f"error: {e.value}")
     assert _records(tmp_path) == before
 
 
@@ -117,6 +119,8 @@ def test_a_refusal_for_damaged_checkpoints_holds_until_fresh(tiny, tmp_path, cap
         messages.append(str(e.value))
         assert (tmp_path / "metrics.jsonl").read_text() == metrics  # records kept
     assert "step 2:" in messages[0] and "--fresh" in messages[0]
+    record("checkpoints", "every step damaged", f"error: {messages[0]}")
+    record("checkpoints", "every step damaged, the same command again", f"error: {messages[1]}")
     for m in messages[1:]:
         assert "every step was found damaged earlier" in m and "2.damaged" in m
         assert "1.damaged" in m and "--fresh" in m and "\n" not in m
@@ -147,6 +151,7 @@ def test_replaced_data_is_refused_naming_the_split(tiny, tmp_path):
     msg = str(e.value)
     assert "the data changed" in msg and "split train800val200: 64 images" in msg
     assert "split test: 32 images" in msg and "--fresh" in msg
+    record("run directory", "resume on replaced data (same classes)", f"error: {msg}")
     bigger = make_source(n_train=96)  # more images of the same classes
     with pytest.raises(DataChangedError, match=r"split train800val200: 64 images \(sha256 \w+\) "
                        r"-> 112 images"):  # fmt: skip
@@ -162,6 +167,7 @@ def test_nan_loss_in_the_first_epoch_says_no_checkpoint_was_saved(tiny, tmp_path
     with pytest.raises(FloatingPointError) as e:
         _fit(tiny, tmp_path, method=get_method("full"), lr=1e30, epochs=2)
     assert "no checkpoint was saved" in str(e.value) and "epoch 0" not in str(e.value)
+    record("run directory", "NaN loss in the first epoch", f"error: {e.value}")
 
 
 def test_a_stop_request_ends_after_the_step_and_the_rerun_resumes_bitwise(tiny, tmp_path):
