@@ -296,3 +296,11 @@ def test_lokr_round_trip_and_fused_refusal(vit_tiny, tmp_path, base):
         m = get_method("lokr", rank=2, alpha=3.0)  # query and value: timm's fused qkv
         with pytest.raises(ValueError, match=r"lokr on timm's fused blocks\.0\.attn\.qkv"):
             save_peft(str(tmp_path), m, m.init(jax.random.key(0), params), params=params)
+
+
+def test_load_timm_new_head_is_zero(vit_tiny):
+    state = export_timm(vit_tiny[1], vit_tiny[0])
+    model, params = load_timm(state, num_heads=2, num_classes=7)
+    assert model.num_classes == 7 and params["head"]["kernel"].shape == (32, 7)
+    assert not np.any(np.asarray(params["head"]["kernel"]))
+    np.testing.assert_array_equal(params["cls"], vit_tiny[1]["cls"])
