@@ -24,6 +24,19 @@ The rules the training engine applies with these primitives:
   events hold exactly the epochs in ``metrics.jsonl`` (earlier events' wall times are lost).
 - **Files are whole or absent.** :func:`write_json_atomic` writes a temporary file in the same
   folder, fsyncs it and renames it over the target.
+- **The same data.** :func:`check_resume_data` refuses a resume whose splits' image counts or
+  content hashes (:func:`guft_jax.data.data_identity`, stored with every checkpoint) differ,
+  naming each changed split.
+- **The records describe the model.** ``results.json`` holds the whole ``metrics.jsonl``
+  history and the epochs trained; rerunning a finished run leaves every file as it is, and
+  fewer epochs than were trained is refused (:func:`guft_jax.train.fit`).
+- **A refusal holds.** Damaged steps moved to ``<step>.damaged`` stay there: while no intact
+  step is left, every rerun is refused until ``--fresh``
+  (:func:`guft_jax.checkpoint.quarantined`).
+- **Operating-system errors are one line.** The workdir is checked before any work (empty, a
+  file, a path too long for the file system's limit with :data:`PATH_RESERVE` characters to
+  spare) and an ``OSError`` on the lock or an atomic write names its path
+  (:func:`guft_jax.errors.os_error_line`).
 """
 
 from __future__ import annotations

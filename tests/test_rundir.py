@@ -21,6 +21,7 @@ from guft_jax import rundir
 from guft_jax.errors import (
     CheckpointDamagedError,
     ConfigChangedError,
+    DataChangedError,
     InputError,
     WorkdirLockedError,
 )
@@ -293,3 +294,59 @@ def test_interrupted_save_leaves_the_previous_step_and_no_tmp_dirs(tmp_path):
     assert ckpt.restore_intact(mgr, _state(0), log=lambda s: None)[2] == 2
     ckpt.save(mgr, 3, _state(3), {"epoch": 3})
     assert sorted(os.listdir(mgr.directory)) == ["2", "3"]
+
+
+# ----------------------------------------------------------------------------- issue 25
+
+
+def test_workdir_faults_are_one_line_naming_the_path(tmp_path):
+    (tmp_path / "w" / ".lock").mkdir(parents=True)
+    with pytest.raises(InputError) as e:
+        rundir.acquire_lock(str(tmp_path / "w"))
+    assert str(e.value) == (
+        f"workdir lock cannot be opened: {tmp_path}/w/.lock: is a directory (EISDIR); a folder "
+        "stands where a file is expected; remove or rename it"
+    )
+    with pytest.raises(InputError, match="^--workdir is empty"):
+        rundir.acquire_lock("")
+    deep = str(tmp_path / "/".join(["d" * 200] * 20))
+    with pytest.raises(InputError) as e:
+        rundir.acquire_lock(deep)
+    msg = str(e.value)
+    assert f"is {len(deep)} characters long" in msg and msg.endswith("use a shorter --workdir")
+    assert len(msg) < 400 and "…" in msg and not os.path.exists(deep)
+
+
+def test_os_errors_become_one_line_and_orbax_reports_find_their_errno():
+    import errno
+
+    from guft_jax.errors import os_error_line, short_path
+
+    long = "/r/" + "x" * 500 + "/results.json"
+    line = os_error_line(OSError(errno.ENOSPC, "No space left on device", long))
+    assert line.endswith(": no space left on device (ENOSPC); free space or use another --workdir")
+    assert line.startswith("/r/xxx") and "…" in line and "results.json" in line
+    assert short_path("/a/b") == "/a/b" and len(short_path(long, 50)) == 50
+    wrapped = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/3/x": No space left '
+                         "on device [os_error_code='28']")  # fmt: skip
+    err = ckpt.os_error_of(wrapped)
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC and err.filename is None
+    chained = RuntimeError("outer")
+    chained.__cause__ = PermissionError(errno.EACCES, "Permission denied", "/w/f")
+    assert ckpt.os_error_of(chained).filename == "/w/f"
+    assert ckpt.os_error_of(ValueError("not an OS problem")) is None
+
+
+def test_check_resume_data_names_each_changed_split():
+    saved = {"train800val200": {"count": 210, "sha256": "a" * 64},
+             "test": {"count": 60, "sha256": "b" * 64}}  # fmt: skip
+    rundir.check_resume_data(saved, saved, workdir="W")
+    rundir.check_resume_data(None, saved, workdir="W")  # an older checkpoint: accepted
+    now = {**saved, "train800val200": {"count": 630, "sha256": "c" * 64}}
+    with pytest.raises(DataChangedError) as e:
+        rundir.check_resume_data(saved, now, workdir="/runs/a")
+    assert str(e.value) == (
+        "workdir /runs/a was trained on other data: the data changed (split train800val200: "
+        "210 images (sha256 aaaaaaaaaaaa) -> 630 images (sha256 cccccccccccc)); resume on the "
+        "original data, use another --workdir, or pass --fresh to start over"
+    )
