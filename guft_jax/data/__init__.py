@@ -84,9 +84,9 @@ def data_identity(source, splits) -> dict[str, dict]:
     """What a resume checks the data against: per split, the image count and a content hash.
 
     The hash is SHA-256 over every image's dtype, shape and bytes, then the labels (int64), of
-    the split as the source hands it over (``source.raw``); sources without ``raw`` (VTAB's
-    tfds) give the count only. Hashing reads the images once at memory speed (about 1 s per
-    GB); :func:`guft_jax.train.fit` calls it once per run.
+    the split as an :class:`ArraySource` holds it (``source.raw``); other sources (VTAB's tfds,
+    whose data the config's ``version`` fixes) give the count only. Hashing reads the images
+    once at memory speed (about 1 s per GB); :func:`guft_jax.train.fit` calls it once per run.
 
     Args:
       source: a :class:`DataSource`.
@@ -103,7 +103,7 @@ def data_identity(source, splits) -> dict[str, dict]:
     out = {}
     for split in dict.fromkeys(s for s in splits if s):
         digest = None
-        if hasattr(source, "raw"):
+        if isinstance(source, ArraySource):  # in-memory arrays; tfds' raw() is a tf.data pipeline
             images, labels = source.raw(split)
             digest = _hash_split(images, labels)
         out[split] = {"count": int(source.size(split)), "sha256": digest}
