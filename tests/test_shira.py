@@ -180,6 +180,25 @@ def test_identity_at_init_and_gradients_only_at_selected(tiny):
         assert not np.any(np.asarray(v)[128:]), k
 
 
+def test_dense_reference_path_selects_the_same_entries(tiny):
+    model, params = tiny
+    got = []
+    for sparse in (True, False):
+        m = get_method("shira", r=2, mask_type="weight_magnitude", sparse=sparse)
+        tr, st = select_once(model, params, m, batches(16))
+        got.append(guft.selected_indices(st))
+        tr = mc.perturb(tr)  # dense path: δ outside the mask is never applied
+        merged = m.merge(params, tr, st)
+        np.testing.assert_allclose(
+            forward(model, m, params, tr, st, mc.images()),
+            model.apply({"params": merged}, mc.images()),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    assert sorted(got[0]) == sorted(got[1])
+    assert all(np.array_equal(got[0][p], got[1][p]) for p in got[0])
+
+
 def test_counts_on_vit_b16():
     # PEFT: ShiraConfig(r=8, target_modules=["query", "value"]) on ViT-B/16 trains
     # r·(768 + 768) = 12,288 entries in each of 24 Linears (update_layer's num_shira_weight).

@@ -56,6 +56,7 @@ def gps(
     layout: Sequence[tuple[str, int]] = ws.VIT_LAYOUT,
     epoch: int = 1,
     mode: str = "batch",
+    sparse: bool = True,
 ) -> Method:
     """GPS: the top-``k`` input connections of every output neuron (module docstring).
 
@@ -65,6 +66,8 @@ def gps(
       layout: ``(regex, n_in)`` rules giving >2-D kernels their ``(d_in, d_out)`` view.
       epoch: the 1-indexed epoch at whose start the connections are chosen.
       mode: saliency mode (``"batch"`` as the paper, or ``"example"``).
+      sparse: GUFT's sparse store (default) or the dense reference path (as
+        :func:`guft_jax.methods.shira.shira`).
 
     Raises:
       ValueError: ``k < 1`` or an unknown ``mode``; at init, a target regex matching no kernel;
@@ -73,6 +76,7 @@ def gps(
     >>> m = gps(k=3)
     """
     hp = dict(k=k, targets=list(targets), layout=[list(x) for x in layout], epoch=epoch, mode=mode)
+    hp["sparse"] = sparse
     m = guft_lib.quota_oneshot(
         name="gps",
         quota=("row", k),
@@ -83,5 +87,6 @@ def gps(
         hparams=hp,
         epoch=epoch,
         mode=mode,
+        sparse=sparse,
     )
     return m._replace(init=checked_init(m.init, targets, "gps.targets"))

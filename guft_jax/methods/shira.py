@@ -6,8 +6,9 @@ A fixed sparse set ``S_t`` of entries of each targeted kernel ``t`` trains:
 
 Budget (HF PEFT 0.17.1 ``ShiraConfig``): ``|S_t| = r·(d_in + d_out)`` entries per targeted
 Linear, the numbers a rank-``r`` LoRA adapter trains there; a budget above ``d_in·d_out`` is an
-error (as PEFT). The 2-D ``(d_in, d_out)`` view of a kernel comes from the ``layout`` rules
-(:func:`guft_jax.methods.weight_space.matrix_shape`; ViT attention by default).
+error (as PEFT). Targets of one shape so keep the same fraction ``r·(d_in + d_out)/(d_in·d_out)``
+(ViT-B/16 query/value, r=8: 2.08%). The 2-D ``(d_in, d_out)`` view of a kernel comes from the
+``layout`` rules (:func:`guft_jax.methods.weight_space.matrix_shape`; ViT attention by default).
 
 Masks (``mask_type``), each chosen once, at the start of ``epoch`` (the paper's data-driven masks
 need the training set), as the tensor's top ``|S_t|`` entries of a score (ties: the lower flat
@@ -72,6 +73,7 @@ def shira(
     layout: Sequence[tuple[str, int]] = ws.VIT_LAYOUT,
     epoch: int = 1,
     mode: str = "batch",
+    sparse: bool = True,
 ) -> Method:
     """SHiRA on the kernels matched by ``targets`` (module docstring).
 
@@ -83,6 +85,9 @@ def shira(
       layout: ``(regex, n_in)`` rules giving >2-D kernels their ``(d_in, d_out)`` view.
       epoch: the 1-indexed epoch at whose start the mask is chosen.
       mode: gradient saliency mode (``"batch"`` or ``"example"``, :mod:`guft_jax.saliency`).
+      sparse: GUFT's sparse store (default; its kernels are multiplied through
+        ``guft_jax.vit.Linear``'s interceptor, so the ViT of this library) or the dense
+        reference path (a dense ``δ`` and an element mask: any Flax param tree).
 
     Raises:
       ValueError: an unknown ``mask_type`` or ``mode``, ``r < 1``; at init, a target regex
@@ -100,6 +105,7 @@ def shira(
         layout=[list(x) for x in layout],
         epoch=epoch,
         mode=mode,
+        sparse=sparse,
     )
     m = guft_lib.quota_oneshot(
         name="shira",
@@ -112,6 +118,7 @@ def shira(
         seed=random_seed,
         epoch=epoch,
         mode=mode,
+        sparse=sparse,
     )
     return m._replace(init=checked_init(m.init, targets, "shira.targets"))
 
