@@ -304,3 +304,26 @@ def test_load_timm_new_head_is_zero(vit_tiny):
     assert model.num_classes == 7 and params["head"]["kernel"].shape == (32, 7)
     assert not np.any(np.asarray(params["head"]["kernel"]))
     np.testing.assert_array_equal(params["cls"], vit_tiny[1]["cls"])
+
+
+@pytest.mark.parametrize("base", ["timm", "hf"])
+@pytest.mark.parametrize(
+    "name, hp",
+    [("oft", dict(oft_block_size=8)), ("boft", dict(boft_block_size=4)), ("hra", dict(r=2))],
+)
+def test_input_side_methods_round_trip(vit_tiny, tmp_path, name, hp, base):
+    """OFT/BOFT/HRA: 1:1 on separate Linears; on timm's fused qkv only q, k, v sharing one
+    input transform (refused otherwise, in one line)."""
+    _, params = vit_tiny
+    m = get_method(name, targets=(rf"{ATT}/out/kernel$|Dense_0/kernel$",), **hp)
+    tr = _noisy(m.init(jax.random.key(0), params))
+    save_peft(str(tmp_path), m, tr, params=params, base=base)
+    loaded = load_peft(str(tmp_path), params, base=base)
+    a, b = _merged(m, params, tr), _merged(loaded.method, params, loaded.trainable)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    if base == "timm":
+        m = get_method(name, **hp)  # query and value only: the fused input transform hits k too
+        with pytest.raises(ValueError, match=rf"{name} on timm's fused blocks\.0\.attn\.qkv") as e:
+            save_peft(str(tmp_path), m, _noisy(m.init(jax.random.key(0), params)), params=params)
+        assert "\n" not in str(e.value)

@@ -827,6 +827,59 @@ def _lokr_load_method(config, tensors, params, base):
     return method, {"lokr": group}
 
 
+# ------------------------------------------------------------------------- OFT, BOFT, HRA
+
+
+def _input_side(
+    peft_type: str, group: str, shared: dict, rows: dict, fields: tuple[str, ...]
+) -> Converter:
+    """An entry for a method that transforms the input side of a kernel (OFT, BOFT, HRA: guft_jax
+    keeps PEFT's arrays, names and shapes). ``shared``/``rows``: ``{PEFT suffix: guft leaf}`` of
+    the arrays acting on the input (one for a fused ``qkv``, which rotates the input q, k and v
+    share: exact only when all three carry the same one) and of per-output-row arrays (split
+    and stacked by rows). ``fields``: hyperparameters named alike in both libraries."""
+
+    def save(ctx: Ctx) -> tuple[dict, dict]:
+        fac = ctx.trainable[group]
+        groups = _by_module([ws.path_of(k) for k in fac], ctx.base)
+        tensors = {}
+        for mod, blocks in groups.items():
+            get = lambda p, k: _np(fac[ws.key(p)][k])  # noqa: E731
+            ps = [blocks[None]] if None in blocks else [blocks.get(j) for j in range(3)]
+            same = None not in ps and all(
+                np.array_equal(get(p, k), get(ps[0], k)) for p in ps for k in shared.values()
+            )
+            if not same:
+                raise ValueError(
+                    f"save_peft: {group} on timm's fused {mod} transforms the input q, k and v "
+                    "share: it needs all three adapted with equal factors"
+                )
+            tensors.update({f"{mod}.{s}": get(ps[0], g) for s, g in shared.items()})
+            tensors.update(
+                {f"{mod}.{s}": np.concatenate([get(p, g) for p in ps]) for s, g in rows.items()}
+            )
+        hp = ctx.method.hparams
+        config = dict(peft_type=peft_type, target_modules=sorted(groups), init_weights=True)
+        return {**config, **{f: hp[f] for f in fields}}, tensors
+
+    def load(config, tensors, params, base):
+        mods = _parse(tensors, tuple(shared) + tuple(rows))
+        out = {}
+        for mod, t in mods.items():
+            for path, rws in _split_rows(mod, base, params):
+                f = {g: jnp.asarray(t[s]) for s, g in shared.items()}
+                out[ws.key(path)] = f | {g: jnp.asarray(t[s][rws]) for s, g in rows.items()}
+        kw = {f: config[f] for f in fields if f in config}
+        targets = _targets([ws.path_of(k) for k in out])
+        return base_lib.get_method(group, targets=targets, **kw), {group: out}
+
+    return Converter(peft_type, save, load)
+
+
+_OFT_FIELDS = ("r", "oft_block_size", "block_share", "coft", "eps", "use_cayley_neumann")
+_BOFT_FIELDS = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")
+
+
 # ------------------------------------------------------------------------------------ (IA)3
 
 
@@ -940,6 +993,15 @@ CONVERTERS: dict[str, Converter] = {
     "ia3": Converter("IA3", _ia3_save, _ia3_load_method),
     "loha": Converter("LOHA", _loha_save, _loha_load_method),
     "lokr": Converter("LOKR", _lokr_save, _lokr_load_method),
+    "oft": _input_side(
+        "OFT",
+        "oft",
+        {"oft_R.weight": "oft_R"},
+        {},
+        (*_OFT_FIELDS, "num_cayley_neumann_terms", "module_dropout"),
+    ),
+    "boft": _input_side("BOFT", "boft", {"boft_R": "boft_R"}, {"boft_s": "boft_s"}, _BOFT_FIELDS),
+    "hra": _input_side("HRA", "hra", {"hra_u": "hra_u"}, {}, ("r", "apply_GS")),
     "ln_tuning": Converter("LN_TUNING", _ln_tuning_save, _ln_tuning_load_method),
     "vera": Converter("VERA", _vera_save, _vera_load_method),
     "fourierft": Converter("FOURIERFT", _fourierft_save, _fourierft_load_method),
