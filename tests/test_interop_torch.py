@@ -46,6 +46,9 @@ OUT = {
     "ln_tuning": (dict(), None),
     "loha": (dict(rank=2, alpha=3.0), rf"{ATT}/(query|value)/kernel$|Dense_1/kernel$"),
     "lokr": (dict(rank=2, alpha=3.0), r"Dense_[01]/kernel$"),  # no fused qkv form
+    "oft": (dict(oft_block_size=8), rf"{ATT}/out/kernel$|Dense_0/kernel$"),
+    "boft": (dict(boft_block_size=4), rf"{ATT}/out/kernel$|Dense_0/kernel$"),
+    "hra": (dict(r=2), rf"{ATT}/out/kernel$|Dense_0/kernel$"),
 }
 # PEFT -> guft_jax: (config class, kwargs, target_modules per base)
 IN = {
@@ -70,6 +73,9 @@ IN = {
     "IA3": ("IA3Config", dict(), (["attn.qkv", "fc2"], ["key", "output.dense"])),  # last: ff
     "LOHA": ("LoHaConfig", dict(r=2, alpha=3), (["attn.qkv", "fc1"], ["query", "value"])),
     "LOKR": ("LoKrConfig", dict(r=2, alpha=3), (["fc1", "fc2"], ["query", "value"])),
+    "OFT": ("OFTConfig", dict(r=0, oft_block_size=8), (["attn.qkv", "fc1"], ["query", "value"])),
+    "BOFT": ("BOFTConfig", dict(boft_block_size=4), (["attn.qkv", "fc1"], ["query", "value"])),
+    "HRA": ("HRAConfig", dict(r=2), (["attn.qkv", "fc1"], ["query", "value"])),
     "LN_TUNING": ("LNTuningConfig", dict(), (["norm1", "norm2"], ["layernorm_after"])),
 }
 
@@ -168,10 +174,9 @@ def world(tmp_path_factory):
         ours[f"{base}/base"] = model.apply({"params": params}, images)
         for name, (hp, targets) in OUT.items():
             t = targets.get(base) if isinstance(targets, dict) else targets
-            if name in ("ia3", "ln_tuning"):
+            if t is None:  # the method's default targets
                 method = get_method(name, **hp)
             else:
-                t = t or rf"{ATT}/(query|value)/kernel$|Dense_0/kernel$"
                 method = get_method(name, targets=(t,), **hp)
             tr = noisy(method.init(jax.random.key(4), params), 5)
             d = tmp / f"{base}_{name}"

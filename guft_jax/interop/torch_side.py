@@ -94,7 +94,7 @@ def randomize(model, seed: int, scale: float) -> None:
             if not p.requires_grad:
                 continue
             noise = torch.randn(p.shape, generator=g) * scale
-            mult = any(s in name for s in ("magnitude", "ia3_l", "ln_tuning"))
+            mult = any(s in name for s in ("magnitude", "ia3_l", "ln_tuning", "boft_s"))
             p.copy_(p * (1 + noise) if mult else noise)
 
 
