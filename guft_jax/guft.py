@@ -58,7 +58,7 @@ import numpy as np
 from guft_jax import masks as masks_lib
 from guft_jax import ops, paths, vit
 from guft_jax import saliency as sal
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 
 ELIGIBLE = ("all", "blocks")
 ALLOCATIONS = ("global", "per_tensor", "per_row")
@@ -818,6 +818,11 @@ def _method(cfg: GuftConfig) -> Method:
 
 @register(
     "guft",
+    info=Info(
+        "sparse",
+        "`W0 + δ` on a mask grown in rounds: top-k of `Σ|∇W L|` over the training set",
+        "Jeong, Cha and Kim, Kookmin University",
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,
@@ -966,8 +971,19 @@ def oneshot(
     return m._replace(hparams=hp)
 
 
+ONESHOT_INFO = {
+    "magnitude": Info("sparse", "`W0 + δ` on the top-k of `|W0|`, chosen once", "1506.02626"),
+    "snip": Info("sparse", "`W0 + δ` on the top-k of `|∇W L ⊙ W0|`, chosen once", "1810.02340"),
+    "salun": Info("sparse", "`W0 + δ` on the top-k of `|Σ_b ∇W L_b|`, chosen once", "2310.12508"),
+    "fisher": Info("sparse", "`W0 + δ` on the top-k of `Σ_b (∇W L_b)²`, chosen once", "2111.09839"),
+}
 for _score in ONESHOT_SCORES:
-    register(_score, defaults=_oneshot_defaults(_score), fixed={"score": _score})(oneshot)
+    register(
+        _score,
+        defaults=_oneshot_defaults(_score),
+        fixed={"score": _score},
+        info=ONESHOT_INFO[_score],
+    )(oneshot)
 
 
 QUOTA_RULES = ("rank", "row")

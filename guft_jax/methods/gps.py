@@ -33,13 +33,18 @@ from collections.abc import Sequence
 
 from guft_jax import guft as guft_lib
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 from guft_jax.methods.qlora import BLOCK_KERNELS
 from guft_jax.methods.shira import checked_init
 
 
 @register(
     "gps",
+    info=Info(
+        "sparse",
+        "`W0 + δ` on each output neuron's top-K inputs by `Σ|∇W L|`, chosen once",
+        "2312.10136",
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
 
 RANDOM_INITS = ("kaiming", "gaussian")
 PRINCIPAL_INITS = ("pissa", "olora")
@@ -139,6 +139,12 @@ def _base_fn(targets, rank, scale, init, name):
 
 @register(
     "lora",
+    info=Info(
+        "low-rank",
+        "`ΔW = (α/r)·B A`, B zero at init; `init`: Kaiming, Gaussian, or the PiSSA "
+        "(arXiv:2404.02948) / OLoRA (arXiv:2406.01775) principal part moved out of the base",
+        "2106.09685",
+    ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.45),
 )
 def lora(
@@ -180,7 +186,13 @@ def lora(
 
 
 @register(
-    "dora", defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.5)
+    "dora",
+    info=Info(
+        "low-rank",
+        "`W = m ⊙ V/‖V‖` per output unit, `V = W0 + (α/r)·B A`, `m` trained",
+        "2402.09353",
+    ),
+    defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.5),
 )
 def dora(
     *,

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 from guft_jax import guft as guft_lib
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, register
 
 # mask_type -> the saliency score it ranks by (guft_jax.saliency, plus GUFT's "random").
 MASK_SCORES = {
@@ -55,6 +55,12 @@ MASK_SCORES = {
 
 @register(
     "shira",
+    info=Info(
+        "sparse",
+        "`W0 + δ` on `r·(d_in + d_out)` fixed entries per kernel (random, `|W0|`, gradient or "
+        "SNIP mask)",
+        "2406.13175",
+    ),
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,
