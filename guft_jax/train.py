@@ -425,11 +425,11 @@ def _restore(
         )
         return state._replace(trainable=tr, opt_state=opt, method_state=ms)
 
-    def check(meta):
-        if data is not None:
-            rundir.check_resume_data(meta.get("data"), data, workdir=workdir)
+    def check(meta):  # the config first: a changed seed also redraws a user dataset's splits
         if config is not None:
             rundir.check_resume_config(meta.get("fingerprint"), config, workdir=workdir)
+        if data is not None:
+            rundir.check_resume_data(meta.get("data"), data, workdir=workdir)
 
     out = ckpt_lib.restore_intact(mgr, target, method=method.name, check_meta=check, log=warn)
     if out is None:

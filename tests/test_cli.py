@@ -1,5 +1,5 @@
 """The CLI end to end: real data (scikit-learn's digits) and users' own data, tiny ViT; files,
-resume, one-line errors, the workdir lock, the config fingerprint, kill -9 at named points."""
+resume, one-line errors, the workdir lock, the config fingerprint (faults: tests/test_faults.py)."""
 
 import glob
 import json
@@ -309,99 +309,5 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, basel
     _same_run(wd, baseline)
 
 
-CHILD = r"""
-import json, os, signal, sys
-
-point, at = os.environ["GUFT_TEST_KILL"].split(":")
-at = int(at)
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-if point == "mid_epoch":  # after the first batch of epoch `at`
-    from guft_jax.data import pipeline
-
-    real_batches = pipeline.ArraySource.batches
-
-    def batches(self, split, **kw):
-        it = real_batches(self, split, **kw)
-        if not (kw.get("shuffle") and kw.get("epoch") == at):
-            return it
-
-        def dying():
-            for i, b in enumerate(it):
-                if i == 1:
-                    die()
-                yield b
-
-        return dying()
-
-    pipeline.ArraySource.batches = batches
-elif point == "metrics_line":  # half of epoch `at`'s metrics line written
-    from guft_jax import rundir
-
-    real_append = rundir.append_jsonl
-
-    def append(path, record):
-        if record.get("epoch") == at:
-            with open(path, "a") as f:
-                f.write(json.dumps(record)[:25])
-            die()
-        real_append(path, record)
-
-    rundir.append_jsonl = append
-elif point in ("before_checkpoint", "checkpoint_write"):
-    from guft_jax import checkpoint
-
-    real_save = checkpoint.save
-
-    class Dying:  # orbax has started writing the step's temporary directory
-        def __init__(self, mgr):
-            self.mgr = mgr
-
-        def __getattr__(self, name):
-            return getattr(self.mgr, name)
-
-        def wait_until_finished(self):
-            die()
-
-    def save(mgr, step, state, meta):
-        if step == at and point == "before_checkpoint":
-            die()
-        real_save(Dying(mgr) if step == at else mgr, step, state, meta)
-
-    checkpoint.save = save
-elif point == "results":  # results.json's temporary file written, not yet renamed
-    real_replace = os.replace
-
-    def replace(src, dst, *a, **k):
-        if str(dst).endswith("results.json"):
-            die()
-        return real_replace(src, dst, *a, **k)
-
-    os.replace = replace
-
-from absl import app
-
-from experiments import run
-
-app.run(run.main)
-"""
-
-
-def test_kill_9_at_five_points_then_resume_equals_an_uninterrupted_run(tmp_path, baseline, data30):
-    wd = tmp_path / "run"
-    points = ["mid_epoch:1", "metrics_line:1", "before_checkpoint:2", "checkpoint_write:2",
-              "results:0"]  # fmt: skip
-    for point in points:
-        p = _run(wd, data30, *RUN, env=_env(GUFT_TEST_KILL=point), prefix=("-c", CHILD))
-        assert p.returncode == -9, (point, p.returncode, p.stderr[-2000:])
-        if point.startswith("checkpoint_write"):
-            assert any("orbax-checkpoint-tmp" in d for d in os.listdir(wd / "checkpoints"))
-    assert not (wd / "results.json").exists()
-    p = _run(wd, data30, *RUN)
-    assert p.returncode == 0, p.stderr[-2000:]
-    _same_run(wd, baseline)
-    assert not [d for d in os.listdir(wd / "checkpoints") if "tmp" in d]
+# kill -9 at each state of a run, SIGTERM, Ctrl-C and the OS faults: tests/test_faults.py (the
+# five kill points that were here run there too, in one workdir, with more).
