@@ -25,6 +25,9 @@ Gradients go through a head fitted on the frozen backbone while the task head is
 (GUFT's ``head_warmup``). The paper scores with a supervised-contrastive loss on the pretrained
 features; here the task's cross-entropy through that fitted head (SPEC: GPS-style batch saliency).
 Training, merge and the artifact are GUFT's sparse store (:func:`guft_jax.guft.quota_oneshot`).
+
+Registry defaults: ``k=3`` (above), lr 1e-3 (GUFT's, the same ``W0 + δ`` parametrisation) with a
+0.3-10× val grid (as SHiRA), ``k=1`` in the CI dry runs.
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ at ``S_t``; optimizer state ∝ ``|S|``; frozen entries stay bitwise equal to ``
 format).
 
 Defaults: PEFT's ``r=32`` and query/value targets (PEFT's ViT mapping); the registry runs
-``r=8``, LoRA r=8's budget (294,912 numbers on ViT-B/16), the paper's like-for-like comparison.
+``r=8``, LoRA r=8's budget (294,912 numbers on ViT-B/16), the paper's like-for-like comparison,
+with lr 1e-3 (GUFT's, the same ``W0 + δ`` parametrisation and AdamW) and a val grid of
+0.3-10× (a fixed sparse set trains fewer numbers per unit than a dense update, so the grid leans
+up, as the one-shot masks' does); the CI dry runs take ``r=2``.
 """
 
 from __future__ import annotations
