@@ -3,8 +3,8 @@
 - :mod:`guft_jax.interop.timm_io`: :func:`load_timm` (timm ViT/DeiT/DINOv2-style checkpoints),
   :func:`export_timm` / :func:`export_hf` (merged guft_jax params as PyTorch state dicts).
 - :mod:`guft_jax.interop.peft_io`: :func:`save_peft` / :func:`load_peft` (PEFT 0.17 adapters for
-  LoRA, DoRA, VeRA, FourierFT, AdaLoRA, and GUFT / one-shot masks as SHiRA), one table entry
-  per method (:data:`CONVERTERS`).
+  LoRA, DoRA, VeRA, FourierFT, AdaLoRA, (IA)³, LN tuning, LoHa, LoKr, OFT, BOFT, HRA, and GUFT /
+  one-shot masks as SHiRA), one table entry per method (:data:`CONVERTERS`).
 
 Nothing here imports torch: arrays cross to PyTorch as safetensors files.
 """

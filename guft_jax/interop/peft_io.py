@@ -39,6 +39,12 @@ line naming the layer):
   base's names, listed in the config (``guft_jax.base_updates``); load them with
   ``model.load_state_dict(..., strict=False)`` before ``PeftModel.from_pretrained``.
 
+Also 1:1 in PEFT's own names (guft_jax's implementations follow PEFT 0.17.1): (IA)³
+(arXiv:2205.05638; on a fused ``qkv`` output scaling with q at 1), LN tuning
+(arXiv:2312.11420), LoHa (arXiv:2108.06098; fused like LoRA), LoKr (arXiv:2309.14859; fused
+``qkv`` refused), and OFT / BOFT / HRA (arXiv:2306.07280, 2311.06243, 2405.17484), whose input
+transform a fused ``qkv`` shares: exact only when q, k and v carry one and the same.
+
 Methods without an entry are exported as merged weights (``model.safetensors`` in the base's
 names, :func:`guft_jax.interop.timm_io.export_timm` / ``export_hf``).
 """
