@@ -765,6 +765,8 @@ def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
     rule = capacity_rule(e, total, k, slack=cfg.capacity_slack, floor=cfg.capacity_floor)
     first = int(state.round) == 0
     caps = lambda cur, need: rule(cur, need, first=first)
+    if quotas:  # one round whose per-tensor counts are known: capacity = count (no spare slots)
+        caps = lambda cur, need: {key: max(need[key], 1) for key in cur}
     tr, opt, st = path.adopt(ctx.trainable, ctx.opt_state, state, merged, caps, ctx.log)
     hist = _record(st, i, epoch, k, rep["selected"], info.get("batch_size", 0))
     return tr, opt, st._replace(round=state.round + 1, history=hist)

@@ -73,6 +73,9 @@ def test_identity_at_init_after_selection(tiny):
     m = get_method("gps", k=2)
     tr, st = select_once(model, params, m, batches())
     assert sum(int(c) for c in st.count.values()) == 2 * 2 * (4 * 32 + 64 + 32)
+    # capacity = K·d_out per kernel: values (and optimizer state) only for the selected entries
+    want = {k: (2 * (64 if "Dense_0" in k else 32),) for k in tr["delta"]}
+    assert {k: v.shape for k, v in tr["delta"].items()} == want
     x = mc.images()
     np.testing.assert_array_equal(
         forward(model, m, params, tr, st, x, features=True),
