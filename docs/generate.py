@@ -33,7 +33,7 @@ def _exporters() -> set[str]:
         interop = importlib.import_module("guft_jax.interop")
     except ImportError:
         return set()
-    return set(getattr(interop, "PEFT_EXPORTS", ()))
+    return set(getattr(interop, "CONVERTERS", ()))
 
 
 def method_rows() -> list[dict]:
