@@ -108,6 +108,24 @@ def quiet_libraries() -> None:
             default(kind, value, tb)
 
     sys.excepthook = hook
+    # ...and some print straight to sys.stderr from their own threads: only the main thread's
+    # lines (the notices, the progress bar, the error line) reach the terminal.
+    sys.stderr = MainThreadOnly(sys.stderr)
+
+
+class MainThreadOnly:
+    """A text stream that passes on the main thread's writes and drops the other threads'."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def leave(line: str, code: int) -> None:
