@@ -388,6 +388,8 @@ class SparseUnfreezeState(NamedTuple):
     - ``indices``: int32 indices of the selected entries in the concatenation of the raveled
       eligible leaves (in :func:`selection` order), ascending, padded with that size up to the
       store's capacity.
+    - ``need``: the slots the next round needs (int32; ``capacity="grow"``: :func:`grow` pads
+      the store to it before that round).
     - ``inner_state``: the inner optimizer's state over ``{"selected": <one vector, one slot per
       index>, "full": <the head leaves>}``.
     """
@@ -396,6 +398,7 @@ class SparseUnfreezeState(NamedTuple):
     round: jax.Array
     next_at: jax.Array
     indices: jax.Array
+    need: jax.Array
     inner_state: Any
 
 
@@ -484,6 +487,7 @@ def gradual_unfreeze(
     normalize: str | None = None,
     exclude_selected: bool = False,
     sparse: bool = False,
+    capacity: str = "all",
 ) -> optax.GradientTransformationExtraArgs:
     """GUFT, Gradual Unfreeze Fine-Tuning (seed paper 000, SPEC.md §1), as an optax transform.
 
@@ -506,9 +510,13 @@ def gradual_unfreeze(
     step: it reaches the caller wrapped in JAX's runtime error).
 
     ``sparse=True`` keeps ``inner``'s state for the selected entries and the head only: one
-    store of ``min(N, Σ k_i)`` slots (every round's budget, sized at ``init``, so the step never
-    retraces and ``jax.eval_shape(tx.init, params)`` is the checkpoint's restore target) plus
-    one int32 index per slot. With an element-wise ``inner`` (AdamW, SGD, Lion, ...) it follows
+    store of slots (an int32 index each) that holds the OR of the rounds. ``capacity="all"``
+    sizes it at ``init`` for every round's budget, ``min(N, Σ k_i)``: the step never retraces
+    and ``jax.eval_shape(tx.init, params)`` is the checkpoint's restore target.
+    ``capacity="grow"`` starts at the first round's ``k_0`` and grows to ``min(N, k_0 + ... +
+    k_i)`` before round ``i``: the loop calls ``opt = grow(opt)`` when :func:`round_due` says a
+    round is next (one retrace per growth, logged); a round meeting a store too small raises.
+    With an element-wise ``inner`` (AdamW, SGD, Lion, ...) it follows
     the dense form (the same arithmetic on the same entries); see :func:`masked` for optimizers
     that use a leaf's shape.
 
@@ -528,6 +536,8 @@ def gradual_unfreeze(
       normalize: None or ``"mean"`` (per-tensor score normalisation before a global ranking).
       exclude_selected: rank only entries not selected yet (the budget grows by exactly ``k_i``).
       sparse: keep ``inner``'s state for the selected entries only (:class:`SparseUnfreezeState`).
+      capacity: the sparse store's size, ``"all"`` (every round's budget from the start) or
+        ``"grow"`` (grown by :func:`grow` before each round).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`GradualUnfreezeState`
@@ -548,6 +558,8 @@ def gradual_unfreeze(
         raise ValueError(f"ratios: needs one ratio per step ({len(steps)}), got {len(ratios)}")
     guft_lib._validate_ratios(ratios)
     _check_options(allocation, normalize, eligible)
+    if capacity not in CAPACITIES:
+        raise ValueError(f"capacity: must be one of {list(CAPACITIES)}, got {capacity!r}")
     inner = optax.with_extra_args_support(inner)
     opts = dict(eligible=eligible, include=include, exclude=exclude, head=head)
     rounds = len(steps)
@@ -576,11 +588,18 @@ def gradual_unfreeze(
         if not sparse:
             mask = {k: jnp.zeros(s, bool) for k, s in sel.eligible.items()}
             return GradualUnfreezeState(count, rnd, nxt, mask, inner.init(params))
+        caps = needs(sel, ks)
         n = sum(math.prod(s) for s in sel.eligible.values())
-        indices = jnp.full((max(1, min(n, sum(ks))),), n, jnp.int32)
+        indices = jnp.full((caps[0] if capacity == "grow" else caps[-1],), n, jnp.int32)
         elig, heads = split(params, sel)
         store = {"selected": _gather(elig, indices), "full": tuple(heads)}
-        return SparseUnfreezeState(count, rnd, nxt, indices, inner.init(store))
+        need = jnp.asarray(caps[0], jnp.int32)
+        return SparseUnfreezeState(count, rnd, nxt, indices, need, inner.init(store))
+
+    def needs(sel, ks) -> list[int]:
+        """Slots the store needs once round ``i`` is done: ``min(N, k_0 + ... + k_i)``, >= 1."""
+        n = sum(math.prod(s) for s in sel.eligible.values())
+        return [max(1, min(n, sum(ks[: i + 1]))) for i in range(rounds)]
 
     def select_round(i, scores, prev, ks):
         _check_scores(scores, f"round {i + 1} of {rounds} (step {steps[i]})")
@@ -632,8 +651,14 @@ def gradual_unfreeze(
         shapes = list(sel.eligible.values())
         n = sum(math.prod(s) for s in shapes)
 
+        caps = needs(sel, ks)
+
         def round_i(i, carry):
             idx, inner_state = carry
+            if idx.shape[0] < caps[i]:  # static: this round cannot fit; raise if it runs
+                jax.debug.callback(
+                    functools.partial(_raise_small, have=idx.shape[0], need=caps[i], i=i + 1)
+                )
             prev = dict(zip(sel.eligible, _indices_to_masks(idx, shapes), strict=True))
             merged = select_round(i, scores, prev, ks)
             flat = jnp.concatenate([jnp.ravel(merged[k]) for k in sel.eligible])
@@ -664,9 +689,84 @@ def gradual_unfreeze(
             return by_key[key] if key in by_key else jnp.full_like(x, -0.0)
 
         out = map_paths(leaf, updates)
-        return out, SparseUnfreezeState(*head, idx, inner_state)
+        need = jnp.asarray(caps + [caps[-1]], jnp.int32)[head[1]]
+        return out, SparseUnfreezeState(*head, idx, need, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+CAPACITIES = ("all", "grow")
+
+
+def _raise_small(*, have: int, need: int, i: int) -> None:
+    raise ValueError(
+        f"capacity: the sparse store has {have} slots and round {i} needs {need}; call "
+        "opt_state = guft_jax.transforms.grow(opt_state) before the update that runs it "
+        "(when round_due(opt_state) is True)"
+    )
+
+
+def _pad_slots(x: Any, size: int, fill: int) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((size,), x.dtype, sharding=x.sharding)
+    return jnp.concatenate([x, jnp.full((size - x.shape[0],), fill, x.dtype)])
+
+
+def grow(
+    opt_state: PyTree, *, capacity: int | None = None, log: Callable[[str], None] = print
+) -> PyTree:
+    """``opt_state`` with the sparse :func:`gradual_unfreeze` store padded to the slots its next
+    round needs (``capacity="grow"``), or to ``capacity``; unchanged when large enough.
+
+    New slots hold no entry and zero optimizer state, so the run is the same as with a store
+    sized for every round from the start; a jitted step retraces once for the new size. With
+    ``capacity`` it also pads an abstract state (``jax.eval_shape(tx.init, params)``) to a
+    checkpoint's size, the restore target of a grown run.
+
+    Args:
+      opt_state: the whole optimizer state (searched as :func:`find_state` does).
+      capacity: the slots wanted (default: the next round's need, read from the state).
+      log: receives one line per growth.
+
+    Returns:
+      The optimizer state, the same structure with longer store vectors.
+
+    Raises:
+      ValueError: ``opt_state`` holds no :class:`SparseUnfreezeState`.
+    """
+    st = find_state(opt_state, SparseUnfreezeState)
+    have = st.indices.shape[0]
+    want = int(st.need) if capacity is None else int(capacity)
+    if want <= have:
+        return opt_state
+    log(f"gradual_unfreeze: sparse store {have} -> {want} slots (the step retraces once)")
+    big = np.iinfo(np.int32).max  # an index >= every real one: an empty slot
+    grown = st._replace(
+        indices=_pad_slots(st.indices, want, big),
+        inner_state=jax.tree_util.tree_map_with_path(
+            lambda p, x: (
+                _pad_slots(x, want, 0)
+                if "selected" in [getattr(k, "key", None) for k in p] and np.shape(x) == (have,)
+                else x
+            ),
+            st.inner_state,
+        ),
+    )
+    return _replace_node(opt_state, st, grown)
+
+
+def _replace_node(tree: Any, old: Any, new: Any) -> Any:
+    """``tree`` with the node ``old`` (by identity) replaced by ``new`` (tuples, NamedTuples,
+    lists and dicts are rebuilt along the way)."""
+    if tree is old:
+        return new
+    if isinstance(tree, dict):
+        return type(tree)((k, _replace_node(v, old, new)) for k, v in tree.items())
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_replace_node(v, old, new) for v in tree))
+    if isinstance(tree, tuple | list):
+        return type(tree)(_replace_node(v, old, new) for v in tree)
+    return tree
 
 
 def _scores_of(saliency: PyTree, sel: Selection) -> dict:
@@ -712,14 +812,17 @@ def find_state(opt_state: PyTree, kind: type | tuple = _UNFREEZE_STATES) -> Any:
 
 
 def updates_until_round(opt_state: PyTree, *, every_k: int = 1) -> int | None:
-    """How many ``update`` calls of the whole optimizer come before the one that runs the next
-    :func:`gradual_unfreeze` round (0: the next call does; None: every round is done).
+    """How many more ``update`` calls of the whole optimizer the loop may run with the saliency
+    it holds: 0 means compute fresh scores now, the next call needs them for a
+    :func:`gradual_unfreeze` round; None means every round is done.
 
     A loop computes saliency only when this is 0 (:func:`round_due`), and a ``lax.scan`` loop
-    scans at most this many steps past a round before computing the next scores. Under
-    ``optax.MultiSteps(every_k_schedule=every_k)`` pass ``every_k``: the round runs in the call
-    that completes an accumulation (its ``mini_step`` is ``every_k - 1``). Reads two scalars
-    from the device.
+    scans this many steps with its current scores before asking again. Under
+    ``optax.MultiSteps(every_k_schedule=every_k)`` pass ``every_k``: MultiSteps runs the inner
+    update at every micro-step (keeping its state only when an accumulation completes), so the
+    scores are due at the first micro-step of the accumulation that ends in the round and serve
+    all of its micro-steps (the params do not change inside it). Reads the state's scalars from
+    the device.
 
     Args:
       opt_state: the whole optimizer's state (chains, ``MultiSteps`` and ``inject_hyperparams``
@@ -742,12 +845,15 @@ def updates_until_round(opt_state: PyTree, *, every_k: int = 1) -> int | None:
     if every_k == 1:
         return left
     mini = int(find_state(opt_state, optax.MultiStepsState).mini_step)
-    return left * every_k + (every_k - 1 - mini)
+    if left == 0 and mini > 0:  # inside the round's accumulation: its scores are in hand
+        return every_k - mini
+    return left * every_k - mini
 
 
 def round_due(opt_state: PyTree, *, every_k: int = 1) -> bool:
-    """Whether the next ``update`` runs a :func:`gradual_unfreeze` round, i.e. whether the loop
-    must compute fresh saliency before it (:func:`updates_until_round` is 0).
+    """Whether the loop must compute fresh saliency before the next ``update``
+    (:func:`updates_until_round` is 0): that update runs a :func:`gradual_unfreeze` round, or
+    under ``MultiSteps`` starts the accumulation that ends in one.
 
     >>> tx = gradual_unfreeze(optax.sgd(0.1), steps=[0], ratios=[0.5], head=None)
     >>> round_due(tx.init({"w": jnp.ones(4)}))

@@ -1,5 +1,8 @@
 """guft_jax.transforms: masked / gradual_unfreeze / one-shot masks as optax transforms."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,3 +303,148 @@ def test_bad_input_names_the_argument():
         tx.update(p, opt, p)
     with pytest.raises(ValueError, match="mask"):
         transforms.masked(optax.sgd(1.0), sparse=True)
+
+
+def _state_bytes(state):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(32)(x))
+        x = nn.gelu(nn.Dense(32)(x))
+        return nn.Dense(3, name="head")(x)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(capacity="all"),
+        dict(capacity="grow"),
+        dict(capacity="grow", allocation="per_tensor", exclude_selected=True),
+    ],
+)
+def test_sparse_gradual_unfreeze_equals_the_dense_form_within_1e6(kw):
+    """AdamW (decoupled decay) after a global-norm clip, three rounds: the sparse store (state
+    for the selected entries only) follows the dense transform; growth retraces once each."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    y = jnp.arange(16) % 3
+    model = _MLP()
+    params = model.init(jax.random.key(0), x)["params"]
+    seq = [
+        jax.tree.map(lambda v: jnp.asarray(rng.random(v.shape), jnp.float32), params)
+        for _ in range(3)
+    ]
+
+    def make(sparse):
+        inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+        return transforms.gradual_unfreeze(
+            inner, steps=[0, 2, 4], ratios=[0.05, 0.03, 0.05], sparse=sparse, **kw
+        )
+
+    def run(tx):
+        opt, p, traces, logs = tx.init(params), params, [], []
+
+        @jax.jit
+        def step(p, opt, s):
+            traces.append(1)
+            g = jax.grad(lambda p: jnp.mean(_ce(model.apply({"params": p}, x), y)))(p)
+            u, opt = tx.update(g, opt, p, saliency=s)
+            return optax.apply_updates(p, u), opt
+
+        for i in range(8):
+            if transforms.round_due(opt):
+                assert i in (0, 2, 4)
+                if isinstance(transforms.find_state(opt), transforms.SparseUnfreezeState):
+                    opt = transforms.grow(opt, log=logs.append)
+            p, opt = step(p, opt, seq[min(i // 2, 2)])
+        return p, opt, len(traces), logs
+
+    pd, od, td, _ = run(make(False))
+    ps, os_, ts, logs = run(make(True))
+    assert td == 1 and ts == 1 + len(logs)
+    assert len(logs) == (2 if kw["capacity"] == "grow" else 0)
+    worst = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(pd), jax.tree.leaves(ps), strict=True)
+    )
+    print(f"max |sparse - dense| over all params: {worst:.3g}")
+    assert worst <= 1e-6, worst
+    md, ms = transforms.unfrozen(od, params), transforms.unfrozen(os_, params)
+    for a, b in zip(jax.tree.leaves(md), jax.tree.leaves(ms), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b, m in zip(
+        jax.tree.leaves(ps), jax.tree.leaves(params), jax.tree.leaves(ms), strict=True
+    ):
+        m = np.asarray(m)
+        assert np.array_equal(_bits(a)[~m], _bits(b)[~m])
+    n_sel = sum(int(np.sum(v)) for v in transforms.find_state(od).mask.values())
+    st = transforms.find_state(os_)
+    n = sum(int(np.prod(v)) for v in transforms.selection(params).eligible.values())
+    assert int(np.sum(np.asarray(st.indices) < n)) == n_sel  # every selected entry has a slot
+    assert st.indices.shape[0] <= round(0.05 * n) + round(0.03 * n) + round(0.05 * n)
+    assert _state_bytes(os_) < 0.5 * _state_bytes(od)
+
+
+def test_round_due_under_multisteps_and_scan():
+    """Saliency computed only when ``round_due`` says so (MultiSteps: at the first micro-step of
+    the accumulation that ends in a round), and a ``lax.scan`` loop chunked by
+    ``updates_until_round``; both equal the loop that passes fresh scores at every step."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), "head": jnp.ones(6)}
+    grad = lambda p, i: jax.tree.map(lambda v: jnp.cos(v * (i + 1)), p)  # noqa: E731
+    scores_of = lambda p: jax.tree.map(lambda v: jnp.abs(jnp.sin(3 * v)) + 0.1, p)  # noqa: E731
+    gu = transforms.gradual_unfreeze(
+        optax.adamw(0.05, weight_decay=0.1), steps=[0, 2], ratios=[0.1, 0.1], sparse=True
+    )
+    tx = optax.MultiSteps(gu, every_k_schedule=2)
+
+    @jax.jit
+    def step(p, opt, i, s):
+        u, opt = tx.update(grad(p, i), opt, p, saliency=s)
+        return optax.apply_updates(p, u), opt
+
+    def loop(fresh):
+        zeros = jax.tree.map(jnp.zeros_like, params)  # read only at rounds: a placeholder
+        p, opt, calls, s = params, tx.init(params), [], zeros
+        for i in range(8):
+            if fresh or transforms.round_due(opt, every_k=2):
+                s = scores_of(p)
+                calls.append(i)
+            p, opt = step(p, opt, i, s)
+        return p, calls
+
+    p_due, calls = loop(False)
+    p_all, _ = loop(True)
+    assert calls == [0, 4]  # inner updates 0 and 2 accumulate over micro-steps 0-1 and 4-5
+    for a, b in zip(jax.tree.leaves(p_due), jax.tree.leaves(p_all), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    # lax.scan: chunks that end where a round is due
+    @functools.partial(jax.jit, static_argnums=3)
+    def scan(p, opt, s, n, start):
+        def body(c, i):
+            p, opt = c
+            u, opt = gu.update(grad(p, i), opt, p, saliency=s)
+            return (optax.apply_updates(p, u), opt), None
+
+        return jax.lax.scan(body, (p, opt), start + jnp.arange(n))[0]
+
+    p, opt, t, calls, s = params, gu.init(params), 0, 0, jax.tree.map(jnp.zeros_like, params)
+    while t < 6:
+        left = transforms.updates_until_round(opt)
+        if left == 0:
+            s, calls = scores_of(p), calls + 1
+            left = 1
+        n = min(left if left is not None else 6, 6 - t)
+        p, opt = scan(p, opt, s, n, t)
+        t += n
+    ref, opt_r = params, gu.init(params)
+    for i in range(6):
+        u, opt_r = gu.update(grad(ref, i), opt_r, ref, saliency=scores_of(ref))
+        ref = optax.apply_updates(ref, u)
+    assert calls == 2 and transforms.updates_until_round(opt) is None
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
