@@ -62,7 +62,7 @@ class _DefaultHead(str):
     __slots__ = ()
 
 
-HEAD = _DefaultHead(paths_lib.HEAD_PATTERN)
+DEFAULT_HEAD = _DefaultHead(paths_lib.HEAD_PATTERN)
 
 # ----------------------------------------------------------------------------- paths
 
@@ -100,7 +100,7 @@ def match_paths(tree: PyTree, patterns: str | Sequence[str] | None, *, field: st
 
     Raises:
       ValueError: a pattern matches no path (naming ``field`` and the pattern); not for the
-        default head (:data:`HEAD`), which then matches nothing.
+        default head (:data:`DEFAULT_HEAD`), which then matches nothing.
     """
     all_paths = tree_paths(tree)
     out = []
@@ -134,16 +134,17 @@ def _check_keys(all_paths: list[str]) -> None:
         seen[key] = p
 
 
-def selection(
+def eligibility(
     tree: PyTree,
     *,
     eligible: str = "all",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    head: str | Sequence[str] | None = HEAD,
+    head: str | Sequence[str] | None = DEFAULT_HEAD,
 ) -> Selection:
     """The eligible leaves of any param pytree (:func:`guft_jax.masks.eligible_leaves` rules on
-    its NNX-normalised paths), minus the ``head`` leaves, which train in full.
+    its NNX-normalised paths), minus the ``head`` leaves, which train in full (GUFT's
+    selected entries are :func:`guft_jax.guft.selection`).
 
     Raises:
       ValueError: a regex matching nothing (``head`` when given explicitly, ``guft.include``,
@@ -386,7 +387,7 @@ class SparseUnfreezeState(NamedTuple):
 
     - ``count``, ``round``, ``next_at``: as in :class:`GradualUnfreezeState`.
     - ``indices``: int32 indices of the selected entries in the concatenation of the raveled
-      eligible leaves (in :func:`selection` order), ascending, padded with that size up to the
+      eligible leaves (in :func:`eligibility` order), ascending, padded with that size up to the
       store's capacity.
     - ``need``: the slots the next round needs (int32; ``capacity="grow"``: :func:`grow` pads
       the store to it before that round).
@@ -482,7 +483,7 @@ def gradual_unfreeze(
     eligible: str = "all",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    head: str | Sequence[str] | None = HEAD,
+    head: str | Sequence[str] | None = DEFAULT_HEAD,
     allocation: str = "global",
     normalize: str | None = None,
     exclude_selected: bool = False,
@@ -529,7 +530,7 @@ def gradual_unfreeze(
         ``"blocks"``: the guft_jax ViT's encoder-block Dense kernels and biases).
       include, exclude: regexes over ``/``-joined param paths, on top of ``eligible``.
       head: regexes of the leaves trained in full (the task head); None for none. The default
-        (:data:`HEAD`) is ``^head/`` where that matches a leaf and no head leaf otherwise (a
+        (:data:`DEFAULT_HEAD`) is ``^head/`` where that matches a leaf and no head leaf otherwise (a
         model with another head name, or a partition of ``optax.multi_transform``); an
         explicit regex that matches nothing is an error.
       allocation: ``"global"`` (the paper), ``"per_tensor"`` or ``"per_row"``.
@@ -582,7 +583,7 @@ def gradual_unfreeze(
         return [by_key[k] for k in sel.eligible], heads
 
     def init_fn(params):
-        sel = selection(params, **opts)
+        sel = eligibility(params, **opts)
         ks = budgets(sel)
         count, rnd, nxt = (jnp.asarray(v, jnp.int32) for v in (0, 0, steps[0]))
         if not sparse:
@@ -618,7 +619,7 @@ def gradual_unfreeze(
                 "saliency: gradual_unfreeze needs saliency=<score pytree> at every update (read "
                 "at the scheduled steps only), so that the jitted step is traced once"
             )
-        sel = selection(updates, **opts)
+        sel = eligibility(updates, **opts)
         ks = budgets(sel)
         scores = _scores_of(saliency, sel)
         at = jnp.minimum(state.round, rounds - 1)
@@ -866,13 +867,13 @@ def unfrozen(
     opt_state: PyTree,
     params: PyTree,
     *,
-    head: str | Sequence[str] | None = HEAD,
-    **eligibility: Any,
+    head: str | Sequence[str] | None = DEFAULT_HEAD,
+    **options: Any,
 ) -> PyTree:
     """The full bool mask (True = trains) of the :func:`gradual_unfreeze` inside ``opt_state``,
     shaped like ``params`` (pass the same ``head`` / ``eligible`` / ``include`` / ``exclude``)."""
     st = find_state(opt_state)
-    sel = selection(params, head=head, **eligibility)
+    sel = eligibility(params, head=head, **options)
     if isinstance(st, SparseUnfreezeState):
         masks = _indices_to_masks(st.indices, list(sel.eligible.values()))
         return full_mask(params, sel, dict(zip(sel.eligible, masks, strict=True)))
@@ -890,7 +891,7 @@ def oneshot_mask(
     eligible: str = "all",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    head: str | Sequence[str] | None = HEAD,
+    head: str | Sequence[str] | None = DEFAULT_HEAD,
     allocation: str = "global",
     normalize: str | None = None,
 ) -> PyTree:
@@ -922,7 +923,7 @@ def oneshot_mask(
     if (ratio is None) == (k is None):
         raise ValueError("ratio, k: give exactly one of them")
     _check_options(allocation, normalize, eligible)
-    sel = selection(scores, eligible=eligible, include=include, exclude=exclude, head=head)
+    sel = eligibility(scores, eligible=eligible, include=include, exclude=exclude, head=head)
     n = sum(math.prod(s) for s in sel.eligible.values())
     if ratio is not None:
         if not 0 < ratio <= 1:

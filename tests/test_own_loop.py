@@ -209,6 +209,9 @@ def _transforms(mask):
         "masked_sparse": transforms.masked(adamw, mask, sparse=True),
         "gradual_unfreeze": transforms.gradual_unfreeze(adamw, **gu),
         "gradual_unfreeze_sparse": transforms.gradual_unfreeze(adamw, sparse=True, **gu),
+        "gradual_unfreeze_grow": transforms.gradual_unfreeze(
+            adamw, sparse=True, capacity="grow", **gu
+        ),
     }
 
 
@@ -224,35 +227,48 @@ def _donating_step(tx, needs_saliency):
 
 def _run(step, p, opt, xs, scores):
     for x in xs:
+        if isinstance(opt, transforms.SparseUnfreezeState) and transforms.round_due(opt):
+            opt = transforms.grow(opt, log=lambda s: None)
         p, opt = step(p, opt, x, scores)
     return p, opt
 
 
 @pytest.mark.parametrize(
-    "kind", ["masked", "masked_sparse", "gradual_unfreeze", "gradual_unfreeze_sparse"]
+    "kind",
+    [
+        "masked",
+        "masked_sparse",
+        "gradual_unfreeze",
+        "gradual_unfreeze_sparse",
+        "gradual_unfreeze_grow",
+    ],
 )
 def test_every_transform_state_donates_and_round_trips_through_orbax(kind, tmp_path):
     """Donation (was "Attempt to donate the same buffer twice": ``count`` and ``round`` were one
     array) and orbax save/restore (was "Cannot save arrays with zero size": empty per-leaf
     vectors) with an abstract target from ``jax.eval_shape``; the resumed run equals the
-    uninterrupted one bitwise."""
+    uninterrupted one bitwise (a grown sparse store: the abstract target grown to its size)."""
     ocp = pytest.importorskip("orbax.checkpoint")
     params, mask = _small()
     tx = _transforms(mask)[kind]
     needs = kind.startswith("gradual")
     step = _donating_step(tx, needs)
-    xs = [jnp.asarray(np.random.default_rng(i).normal(size=(3, 6)), jnp.float32) for i in range(4)]
+    xs = [jnp.asarray(np.random.default_rng(i).normal(size=(3, 6)), jnp.float32) for i in range(5)]
     scores = jax.tree.map(lambda v: jnp.abs(v) + 0.5, params)
     copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 (donation consumes the inputs)
-    p, opt = _run(step, copy(params), tx.init(copy(params)), xs[:2], scores)
+    p, opt = _run(step, copy(params), tx.init(copy(params)), xs[:3], scores)  # rounds at 0, 2
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "state", {"params": p, "opt": opt})
     ckpt.wait_until_finished()
-    target = {"params": jax.eval_shape(lambda: params), "opt": jax.eval_shape(tx.init, params)}
+    abstract = jax.eval_shape(tx.init, params)
+    if kind == "gradual_unfreeze_grow":  # the store grew at step 2: the target grows likewise
+        abstract = transforms.grow(abstract, capacity=opt.indices.shape[0], log=lambda s: None)
+        assert opt.indices.shape[0] > jax.eval_shape(tx.init, params).indices.shape[0]
+    target = {"params": jax.eval_shape(lambda: params), "opt": abstract}
     restored = ckpt.restore(tmp_path / "state", target)
     assert jax.tree.structure(restored["opt"]) == jax.tree.structure(opt)
-    want = _run(step, copy(p), copy(opt), xs[2:], scores)
-    got = _run(step, restored["params"], restored["opt"], xs[2:], scores)
+    want = _run(step, copy(p), copy(opt), xs[3:], scores)
+    got = _run(step, restored["params"], restored["opt"], xs[3:], scores)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     frozen = ~np.asarray(_transforms_mask(kind, mask, want[1], params)["a"])

@@ -382,7 +382,7 @@ def test_sparse_gradual_unfreeze_equals_the_dense_form_within_1e6(kw):
         assert np.array_equal(_bits(a)[~m], _bits(b)[~m])
     n_sel = sum(int(np.sum(v)) for v in transforms.find_state(od).mask.values())
     st = transforms.find_state(os_)
-    n = sum(int(np.prod(v)) for v in transforms.selection(params).eligible.values())
+    n = sum(int(np.prod(v)) for v in transforms.eligibility(params).eligible.values())
     assert int(np.sum(np.asarray(st.indices) < n)) == n_sel  # every selected entry has a slot
     assert st.indices.shape[0] <= round(0.05 * n) + round(0.03 * n) + round(0.05 * n)
     assert _state_bytes(os_) < 0.5 * _state_bytes(od)
