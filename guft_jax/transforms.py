@@ -346,6 +346,8 @@ def _masked_sparse(inner, mask) -> optax.GradientTransformationExtraArgs:
         return SparseMaskedState(indices, inner.init(_gather(jax.tree.leaves(params), indices)))
 
     def update_fn(updates, state, params=None, **extra):
+        if "mask" in extra:
+            raise ValueError("mask: sparse=True fixes the mask at construction; build a new one")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         p_sel = None if params is None else _gather(jax.tree.leaves(params), state.indices)
         new, inner_state = inner.update(
