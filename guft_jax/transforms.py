@@ -438,7 +438,16 @@ def _check_options(allocation, normalize, eligible):
 
 
 def saliency_error(zero: bool, nonfinite: bool, where: str) -> str | None:
-    """The one-line error for unusable saliency scores at ``where`` (None when usable)."""
+    """The one-line error for unusable saliency scores (None when they are usable).
+
+    Args:
+      zero: every eligible score is zero.
+      nonfinite: some score is NaN or infinite.
+      where: the round, e.g. ``"round 2 of 3 (step 80)"``.
+
+    >>> saliency_error(False, False, "round 1 of 1 (step 0)") is None
+    True
+    """
     if nonfinite:
         return (
             f"saliency: non-finite scores (NaN or inf) at {where}; the likely cause is a loss "
