@@ -12,7 +12,7 @@ import numpy as np
 
 from guft_jax import artifacts, train, vit
 from guft_jax.methods import Method, get_method
-from guft_jax.methods.base import init_state, prepare_base
+from guft_jax.methods.base import forward, init_state, prepare_base
 from guft_jax.methods.report import count_trainable
 
 
@@ -44,7 +44,7 @@ def identity_at_init(model, params, m: Method, atol: float = 1e-5) -> None:
     logits, so the features are compared)."""
     base, tr, st = _setup(m, params)
     x = images()
-    out = model.apply(m.apply(base, tr, st), x, features=True)
+    out = forward(model, m, base, tr, st, x, features=True)
     np.testing.assert_allclose(out, model.apply({"params": params}, x, features=True), atol=atol)
 
 
@@ -54,7 +54,7 @@ def merge_equals_apply(model, params, m: Method, atol: float = 1e-6) -> None:
     base, tr, st = _setup(m, params)
     tr = perturb(tr)
     x = images()
-    a = model.apply(m.apply(base, tr, st), x)
+    a = forward(model, m, base, tr, st, x)  # the method's interceptor included
     merged = m.merge(base, tr, st)
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
     b = model.apply({"params": merged}, x)
@@ -67,7 +67,7 @@ def gradients_reach_every_trained_leaf(model, params, m: Method) -> dict:
     base, tr, st = _setup(m, params)
     tr = perturb(tr)
     x = images()
-    g = jax.grad(lambda t: jnp.sum(model.apply(m.apply(base, t, st), x) ** 2))(tr)
+    g = jax.grad(lambda t: jnp.sum(forward(model, m, base, t, st, x) ** 2))(tr)
     for path, v in jax.tree_util.tree_flatten_with_path(g)[0]:
         assert float(jnp.abs(v).max()) > 0, jax.tree_util.keystr(path)
     return g
