@@ -10,10 +10,15 @@ saliency passes, head warm-up, recompiles and host work are inside its wall time
 interleaved (``lora, guft, lora, guft, ...``) so machine noise hits both alike, and the ratio is
 taken per pair (the median is reported).
 
+JAX's persistent compilation cache is on (:func:`guft_jax.compile_cache.enable`; ``--cache_dir``,
+default ``$GUFT_JAX_CACHE_DIR`` or ``~/.cache/guft_jax/xla``, ``--cache_dir ""`` turns it off), as
+for a user's repeated runs: the first run of a configuration compiles, later ones (the second
+pair, a rerun) read programs back. Cache hits are counted per run beside the compiles.
+
 Per run: wall seconds of ``fit``, XLA compiles and their seconds (``jax.monitoring``'s backend
-compile events), the step's traces, seconds inside GUFT's ``epoch_start`` hook (saliency, head
-warm-up, top-k, capacity adoption) and the train epochs' seconds. Writes
-``benchmarks/results/run_bench.json``.
+compile events), persistent-cache hits, the step's traces, seconds inside GUFT's
+``epoch_start`` hook (saliency, head warm-up, top-k, capacity adoption) and the train epochs'
+seconds. Writes ``benchmarks/results/run_bench.json``.
 
 The default size fits a few minutes on 2 busy CPU cores: a 2,000-image pool of Fashion-MNIST
 (from :mod:`guft_jax.data`), 300 train images (6 steps of 50 an epoch), 10 epochs, test 500.
@@ -29,18 +34,23 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from guft_jax import train
+from guft_jax import compile_cache, train
 from guft_jax.data import get_source
 from guft_jax.methods import get_method, spec
 from guft_jax.pretrained import load_pretrained
 
-_COMPILES = {"n": 0, "s": 0.0}
+_COMPILES = {"n": 0, "s": 0.0, "hits": 0}
 
 
 def _on_duration(event: str, duration: float, **kw) -> None:
     if event == "/jax/core/compile/backend_compile_duration":
         _COMPILES["n"] += 1
         _COMPILES["s"] += float(duration)
+
+
+def _on_event(event: str, **kw) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _COMPILES["hits"] += 1
 
 
 def make_npz(path: str, pool: int) -> str:
@@ -111,6 +121,7 @@ def one_run(name: str, *, source, model_name: str, image_size: int, batch: int, 
         wall_s=wall,
         compiles=_COMPILES["n"] - c0["n"],
         compile_s=_COMPILES["s"] - c0["s"],
+        cache_hits=_COMPILES["hits"] - c0["hits"],
         epoch_start_s=box["hook_s"],
         rounds=box["rounds"],
         train_epochs_s=float(sum(h.get("epoch_seconds", 0.0) for h in hist)),
@@ -135,8 +146,12 @@ def main(argv=None):
     ap.add_argument("--methods", default="lora,guft")
     ap.add_argument("--npz", default="/tmp/guft_run_bench_{pool}.npz")
     ap.add_argument("--out", default="benchmarks/results/run_bench.json")
+    ap.add_argument("--cache_dir", default=None, help='persistent compile cache ("": off)')
     a = ap.parse_args(argv)
+    a.cache_dir = compile_cache.enable(a.cache_dir)
+    print(f"persistent compilation cache: {a.cache_dir or 'off'}", flush=True)
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    jax.monitoring.register_event_listener(_on_event)
     path = make_npz(a.npz.format(pool=a.pool), a.pool)
     kw = {}
     if a.train:
@@ -164,7 +179,8 @@ def main(argv=None):
                 f"pair {p} {name}: wall {r['wall_s']:.1f}s, train epochs "
                 f"{r['train_epochs_s']:.1f}s, epoch_start {r['epoch_start_s']:.1f}s, "
                 f"rest {r['rest_s']:.1f}s, compiles "
-                f"{r['compiles']} ({r['compile_s']:.1f}s), traces {r['step_traces']}",
+                f"{r['compiles']} ({r['compile_s']:.1f}s), cache hits {r['cache_hits']}, "
+                f"traces {r['step_traces']}",
                 flush=True,
             )
     ratios = []

@@ -33,14 +33,21 @@ weight decay pulls toward the pretrained weights, and the two paths follow one t
   (:func:`guft_jax.ops.sparse_delta_matmul`) computes the weight gradient only at the selected
   entries; other leaves use ``W0.ravel().at[idx].add(δ)``. Optimizer state ∝ the capacity.
 
-Capacity (sparse path). The final budget ``K = Σ k_i`` is known up front but not its split over
-tensors. Capacities are fixed at the first recompute: each tensor gets
-``min(size, max(floor, ceil(slack · c₁ · K / k₁), ceil(slack · K · size / N)))``, ``c₁`` its count
-in the first round. A later round that fits never changes a shape (no retrace); one that overflows
-a tensor grows that tensor's capacity (values and Adam moments zero-padded), which retraces once
-and is logged. Resuming restores these capacities (``MethodHooks.resize``). Padding and unused
-slots hold ``δ = 0`` with zero gradient and moments, so a newly selected entry starts with zero
-Adam moments (Adam's bias correction uses the global step).
+Capacity (sparse path): one trace per run. The budget ``K = Σ k_i`` is known up front but not
+its split over tensors. Capacities are fixed at the first recompute for the whole schedule: a
+round ``i`` adds at most ``k_i`` entries (its top-``k_i``, merged), so a tensor holding ``c₁``
+entries after the first round never holds more than ``min(size, c₁ + K − k₁)``, which is its
+capacity (at least ``floor``); no later round changes a shape. The slots cost memory and
+optimizer state only: the weight gradient is taken on the block or densely where slots are
+many (:mod:`guft_jax.ops`), never per empty slot. Per kernel, the row × column block is sized
+at the first round for the growth the schedule allows (:func:`block_capacity`) and then fixed; a
+later round whose rows or columns outgrow it switches that kernel's weight gradient to the
+block-free SDDMM at run time (``lax.cond`` on :func:`guft_jax.ops.block_covers`, logged), again
+without a retrace. Capacities from a checkpoint smaller than these (older runs) still grow where a
+round overflows them (``capacity_slack``; one retrace, logged). Resuming restores the capacities
+(``MethodHooks.resize``). Padding and unused slots hold ``δ = 0`` with zero gradient and moments,
+so a newly selected entry starts with zero Adam moments (Adam's bias correction uses the global
+step).
 """
 
 from __future__ import annotations
@@ -236,10 +243,54 @@ def _spec(shape):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
 
 
-# Block capacities (sparse path): a round whose unique rows/columns overflow them grows them to
-# this slack times what it needs (one retrace, logged); they start at the entries' floor. (A
-# first-round slack of 2 was tried: the same two later rounds still overflowed some kernels.)
+# Block capacities (sparse path), fixed at the first round: BLOCK_SLACK x its rows (columns) x
+# sqrt(K / k₁), the growth the rest of the schedule allows (unique rows grow slower than entries),
+# kept within ops.BLOCK_MAX_FRACTION of the matrix so the block SDDMM still pays. (A first-round
+# slack of 2 without the schedule's growth was tried: two later rounds overflowed 41 and 26 of 72
+# DINOv2-S/14 kernels.)
 BLOCK_SLACK = 1.5
+
+
+def block_capacity(
+    need: tuple[int, int], dims: tuple[int, int], growth: float, floor: int = 16
+) -> tuple[int, int]:
+    """A kernel's block capacities ``(R, C)`` for the whole schedule, fixed at the first round.
+
+    Args:
+      need: the first round's unique rows and columns.
+      dims: the matrix's ``(in, out)``.
+      growth: ``K / k₁``, the budget over the first round's (1 for a single round).
+      floor: the least capacity per axis (a kernel the first round leaves empty).
+
+    Returns:
+      ``min(dim, max(floor, ceil(BLOCK_SLACK · need · sqrt(growth))))`` per axis, scaled down toward
+      ``need`` where ``R·C`` would exceed ``ops.BLOCK_MAX_FRACTION`` of the matrix.
+    """
+    caps = [
+        min(d, max(n, floor, 1, math.ceil(BLOCK_SLACK * n * math.sqrt(growth))))
+        for n, d in zip(need, dims, strict=True)
+    ]
+    limit = ops.BLOCK_MAX_FRACTION * dims[0] * dims[1]
+    if caps[0] * caps[1] > limit:
+        f = math.sqrt(limit / (caps[0] * caps[1]))
+        caps = [max(n, math.floor(c * f)) for n, c in zip(need, caps, strict=True)]
+    return caps[0], caps[1]
+
+
+def _delta_matmul(x, w, idx, values, blk):
+    """``x @ (w + δ)`` of one intercepted layer (:func:`guft_jax.ops.sparse_delta_matmul`). With a
+    block that pays, the block SDDMM runs while the block holds every entry and the block-free one
+    once a later round has outgrown it: a run-time switch, so the step keeps its one trace."""
+    rows, cols = idx // w.shape[1], idx % w.shape[1]
+    if blk is None or not ops.block_pays((blk["rows"], blk["cols"]), w):
+        return ops.sparse_delta_matmul(x, w, rows, cols, values)
+    block = (blk["rows"], blk["cols"])
+    return jax.lax.cond(
+        ops.block_covers(w.shape, rows, cols, *block),
+        lambda a: ops.sparse_delta_matmul(*a, block=block),
+        lambda a: ops.sparse_delta_matmul(*a),
+        (x, w, rows, cols, values),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +321,7 @@ class DensePath:
     def update_mask(self, state):
         return {"head": True, "delta": state.selected}
 
-    def adopt(self, trainable, opt_state, state, merged, capacities=None, log=print):
+    def adopt(self, trainable, opt_state, state, merged, capacities=None, log=print, growth=None):
         count = {k: jnp.sum(m, dtype=jnp.int32) for k, m in merged.items()}
         return trainable, opt_state, state._replace(selected=merged, count=count)
 
@@ -327,9 +378,7 @@ class SparsePath:
                 return next_fun(*args, **kwargs)
             x, w = args
             idx, values, blk = table[tuple(context.module.path)]
-            rows, cols = idx // w.shape[1], idx % w.shape[1]
-            block = None if blk is None else (blk["rows"], blk["cols"])
-            return ops.sparse_delta_matmul(x, w, rows, cols, values.astype(w.dtype), block=block)
+            return _delta_matmul(x, w, idx, values.astype(w.dtype), blk)
 
         return icpt
 
@@ -347,9 +396,10 @@ class SparsePath:
     def update_mask(self, state):
         return None
 
-    def adopt(self, trainable, opt_state, state, merged, capacities, log=print):
+    def adopt(self, trainable, opt_state, state, merged, capacities, log=print, growth=None):
         """Writes the merged mask's entries into the index vectors (old entries keep their slots
-        and values), growing capacities where they overflow. Host work in numpy: per-leaf eager
+        and values), growing capacities where they overflow; ``growth`` (``K / k₁``, the first
+        round only) sizes the blocks for the schedule. Host work in numpy: per-leaf eager
         ops would compile a small program for every distinct shape (hundreds a round)."""
         merged, sel, count = jax.device_get((merged, state.selected, state.count))
         caps = {k: int(v.shape[0]) for k, v in trainable["delta"].items()}
@@ -364,7 +414,7 @@ class SparsePath:
             log(f"guft: capacity grown for {len(grown)} tensors (one retrace): {grown[:4]}")
         trainable, opt_state, state = self.resize(trainable, opt_state, state, new_caps)
         idx, count = dict(state.selected), dict(state.count)
-        blocks, grown_blocks = dict(state.blocks), []
+        blocks, outgrown = dict(state.blocks), []
         for k, (old, fresh, size) in plans.items():
             arr = np.full((new_caps[k],), size, np.int32)
             arr[: len(old)] = old
@@ -372,30 +422,31 @@ class SparsePath:
             idx[k] = jax.device_put(arr)
             count[k] = jax.device_put(np.int32(len(old) + len(fresh)))
             if k in blocks:
-                old_shape = (blocks[k]["rows"].shape, blocks[k]["cols"].shape)
-                blocks[k] = self._block(k, arr, blocks[k])
-                if (blocks[k]["rows"].shape, blocks[k]["cols"].shape) != old_shape:
-                    grown_blocks.append(k)
-        if grown_blocks and int(state.round) > 0:
+                blocks[k], fits = self._block(k, arr, blocks[k], growth)
+                outgrown += [] if fits else [k]
+        if outgrown:
             log(
-                f"guft: block capacity grown for {len(grown_blocks)} kernels (one retrace): "
-                f"{grown_blocks[:4]}"
+                f"guft: {len(outgrown)} kernels outgrew their blocks; their weight gradient "
+                f"skips the block from now on (no retrace): {outgrown[:4]}"
             )
         return trainable, opt_state, state._replace(selected=idx, count=count, blocks=blocks)
 
-    def _block(self, key, idx, cur):
-        """The kernel's block (unique rows and columns of ``idx``), its capacities grown by
-        :data:`BLOCK_SLACK` where they overflow (a retrace, logged)."""
+    def _block(self, key, idx, cur, growth=None):
+        """The kernel's block (sorted unique rows and columns of ``idx``) and whether it holds
+        them all. ``growth``: sized by :func:`block_capacity`; else the capacity stays (rows or
+        columns past it are left out, and the step then skips the block)."""
         n_in, n_out = matrix_shape(key, self.eligible[key])
-        rows, cols = idx // n_out, idx % n_out
         ok = idx < n_in * n_out
-        need = (len(np.unique(rows[ok])), len(np.unique(cols[ok])))
-        caps = [int(cur["rows"].shape[0]), int(cur["cols"].shape[0])]
-        for i, dim in enumerate((n_in, n_out)):
-            if need[i] > caps[i]:
-                caps[i] = min(dim, max(need[i], math.ceil(BLOCK_SLACK * need[i])))
-        br, bc = ops.block_of(rows, cols, (n_in, n_out), tuple(caps))
-        return {"rows": jax.device_put(br), "cols": jax.device_put(bc)}
+        ur, uc = np.unique(idx[ok] // n_out), np.unique(idx[ok] % n_out)
+        caps = (int(cur["rows"].shape[0]), int(cur["cols"].shape[0]))
+        if growth is not None:
+            caps = block_capacity((len(ur), len(uc)), (n_in, n_out), growth, self.floor)
+        out = {}
+        for f, u, cap, pad in (("rows", ur, caps[0], n_in), ("cols", uc, caps[1], n_out)):
+            arr = np.full((cap,), pad, np.int32)
+            arr[: min(cap, len(u))] = u[:cap]
+            out[f] = jax.device_put(arr)
+        return out, len(ur) <= caps[0] and len(uc) <= caps[1]
 
     def init_blocks(self) -> dict:
         """Empty blocks per kernel (every slot padding), of capacity ``min(dim, floor)`` like the
@@ -445,19 +496,17 @@ class SparsePath:
 
 
 def capacity_rule(eligible: dict, total_budget: int, k1: int, *, slack: float, floor: int):
-    """``capacities(current, needed) -> new`` for the sparse path (module docstring)."""
-    n_elig = sum(math.prod(s) for s in eligible.values())
+    """``capacities(current, needed, first) -> new`` for the sparse path (module docstring): at the
+    first round ``min(size, max(floor, c₁ + K − k₁))``, which no later round can overflow; later,
+    a capacity (restored from an older checkpoint) that a round overflows grows by ``slack``."""
+    rest = max(total_budget - k1, 0)
 
     def capacities(current: dict, needed: dict, first: bool = False) -> dict:
         out = {}
         for k, s in eligible.items():
             size, need = math.prod(s), needed[k]
             if first:
-                want = max(
-                    math.ceil(slack * need * total_budget / max(k1, 1)),
-                    math.ceil(slack * total_budget * size / n_elig),
-                )
-                out[k] = min(size, max(floor, want, need))
+                out[k] = min(size, max(floor, need + rest))
             elif need > current[k]:
                 out[k] = min(size, max(need, math.ceil(slack * need)))
             else:
@@ -767,7 +816,8 @@ def _recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
     caps = lambda cur, need: rule(cur, need, first=first)
     if quotas:  # one round whose per-tensor counts are known: capacity = count (no spare slots)
         caps = lambda cur, need: {key: max(need[key], 1) for key in cur}
-    tr, opt, st = path.adopt(ctx.trainable, ctx.opt_state, state, merged, caps, ctx.log)
+    growth = total / max(k, 1) if first else None
+    tr, opt, st = path.adopt(ctx.trainable, ctx.opt_state, state, merged, caps, ctx.log, growth)
     hist = _record(st, i, epoch, k, rep["selected"], info.get("batch_size", 0))
     return tr, opt, st._replace(round=state.round + 1, history=hist)
 
@@ -869,11 +919,13 @@ def guft(
       normalize: None or ``"mean"``: per-tensor score normalisation before a global ranking.
       include, exclude: regexes over ``/``-joined param paths, applied on top of ``eligible``.
       sparse: the efficient sparse path (default) or the dense reference path.
-      capacity_slack, capacity_floor: sparse capacities (module docstring).
+      capacity_slack, capacity_floor: sparse capacities (module docstring; sized for the whole
+        schedule at the first round, so ``capacity_slack`` only grows a smaller capacity
+        restored from an older checkpoint).
       blocks: sparse path: keep each kernel's row × column block of the selection and take its
         weight gradient there where the block is small (faster on clustered, saliency-chosen
-        entries; each later round that outgrows a block retraces the step once). ``False``: the
-        backend's SDDMM everywhere and no block retraces (short runs).
+        entries; sized at the first round, a kernel whose later rounds outgrow it skips it
+        without a retrace). ``False``: the backend's SDDMM everywhere.
       chunk: examples per ``vmap`` chunk in ``example`` mode.
       head_warmup: take saliency through a fitted head when the head is still all zero.
 

@@ -193,6 +193,42 @@ def _block_pays(block, w0) -> bool:
     return brows.shape[0] * bcols.shape[0] <= BLOCK_MAX_FRACTION * w0.size
 
 
+def block_pays(block: tuple[Array, Array], w0: Array) -> bool:
+    """Whether "auto" takes the block SDDMM for ``w0`` (static: the block's capacities).
+
+    Args:
+      block: ``(brows, bcols)`` as in :func:`sparse_delta_matmul`.
+      w0: the ``(in, out)`` weight.
+
+    Returns:
+      True where ``R·C <= BLOCK_MAX_FRACTION · in·out``.
+    """
+    return _block_pays(block, w0)
+
+
+def block_covers(shape: tuple[int, int], rows: Array, cols: Array, brows: Array, bcols: Array):
+    """Whether every valid entry ``(rows, cols)`` lies inside the block ``brows × bcols``.
+
+    A traced boolean: a caller whose block may be outgrown (fixed capacities, no retrace) takes
+    the block SDDMM where it holds and another SDDMM where it does not (``lax.cond``).
+
+    Args:
+      shape: ``(in, out)``; entries with ``rows >= in`` (padding) are ignored.
+      rows, cols: ``(capacity,)`` int32 entry coordinates.
+      brows, bcols: the block's sorted rows and columns, padded with ``in`` / ``out``.
+
+    Returns:
+      A scalar bool array.
+
+    >>> b = (jnp.array([0, 2, 3]), jnp.array([1, 4]))
+    >>> bool(block_covers((3, 4), jnp.array([0, 3]), jnp.array([1, 0]), *b))
+    True
+    """
+    _, _, valid = _block_positions(shape, rows, cols, brows, bcols)
+    padding = (rows >= shape[0]) | (cols >= shape[1])
+    return jnp.all(valid | padding)
+
+
 def _densify(w0: Array, rows: Array, cols: Array, values: Array) -> Array:
     return w0.at[rows, cols].add(values.astype(w0.dtype), mode="drop")
 

@@ -104,7 +104,7 @@ def test_eligibility_regex_matching_nothing_is_an_error(tiny):
     assert not any("LayerNorm" in k or "cls" == k for k in e) and "head.kernel" not in e
 
 
-def _fit(tiny, method, epochs=4, wd=1e-2, **kw):
+def _fit(tiny, method, epochs=4, wd=1e-2, log=None, **kw):
     model, params = tiny
     return train.fit(
         model=model,
@@ -117,7 +117,7 @@ def _fit(tiny, method, epochs=4, wd=1e-2, **kw):
         lr=1e-2,
         weight_decay=wd,
         progress=False,
-        log=lambda s: None,
+        log=log or (lambda s: None),
         **kw,
     )
 
@@ -235,6 +235,76 @@ def test_train_step_is_traced_once_across_mask_growth(tiny):
     r = _fit(tiny, sparse)
     assert r["traces"] == 1
     assert int(r["state"].method_state.round) == 3
+
+
+def test_shipped_guft_run_compiles_its_train_step_once(tiny):
+    """The registry's GUFT (its shipped kwargs, the auto schedule: 3 rounds) traces the step once:
+    entry and block capacities are sized for the whole schedule at the first round, each
+    tensor's at min(size, c1 + K - k1), a bound no later round can pass."""
+    from guft_jax.methods import get_method, spec
+
+    m = get_method("guft", **spec("guft").defaults.kwargs)
+    lines = []
+    r = _fit(tiny, m, epochs=6, log=lines.append)
+    st = r["state"].method_state
+    assert r["traces"] == 1 and int(st.round) == 3
+    _, params = tiny
+    e = masks.eligible_leaves(params, preset="blocks")
+    n = sum(int(np.prod(guft._leaf(params, k).shape)) for k in st.selected)
+    ks = [masks.budget(x, n) for x in spec("guft").defaults.kwargs["ratios"]]
+    assert sum(int(c) for c in st.count.values()) > ks[0]  # later rounds added entries
+    assert len(st.selected) == len(e)
+    assert not any("retrace" in s for s in lines)
+
+
+def test_capacities_hold_the_whole_schedule_from_the_first_round(tiny):
+    """After round 1 each tensor's capacity is min(size, max(floor, c1 + K - k1)) and never
+    changes again; the final counts fit."""
+    _, params = tiny
+    m = guft.guft(recompute_epochs=[1], ratios=[0.01], capacity_floor=1)
+    one = _fit(tiny, m, epochs=1)["state"]
+    m3 = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, capacity_floor=1)
+    three = _fit(tiny, m3)
+    n = sum(int(np.prod(guft._leaf(params, k).shape)) for k in one.method_state.selected)
+    k = masks.budget(0.01, n)
+    for key, c1 in one.method_state.count.items():
+        size = int(np.prod(guft._leaf(params, key).shape))
+        cap = three["state"].trainable["delta"][key].shape[0]
+        assert cap == min(size, max(1, int(c1) + 2 * k)), key
+        assert int(three["state"].method_state.count[key]) <= cap
+    assert three["traces"] == 1
+
+
+def test_an_outgrown_block_switches_to_the_block_free_sddmm_without_a_retrace(tiny, monkeypatch):
+    """Blocks sized to the first round exactly: later rounds outgrow them, the step takes the
+    block-free weight gradient there (lax.cond), stays on the dense reference's trajectory and
+    traces once."""
+    monkeypatch.setattr(
+        guft, "block_capacity", lambda need, dims, growth, floor=16: tuple(max(n, 1) for n in need)
+    )
+    covers, real = [], guft.ops.block_covers
+    monkeypatch.setattr(guft.ops, "block_covers", lambda *a: covers.append(1) or real(*a))
+    kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.02] * 3)
+    lines = []
+    rs = _fit(tiny, guft.guft(**kw), log=lines.append)
+    assert covers  # the run-time switch was traced for at least one layer
+    rd = _fit(tiny, guft.guft(sparse=False, **kw))
+    assert any("outgrew their blocks" in s for s in lines) and rs["traces"] == 1
+    np.testing.assert_allclose(
+        [h["train_loss"] for h in rs["history"]],
+        [h["train_loss"] for h in rd["history"]],
+        rtol=1e-5,
+    )
+
+
+def test_block_capacity_is_sized_for_the_schedule_and_stays_where_the_block_pays():
+    assert guft.block_capacity((10, 4), (384, 384), 1.0, floor=1) == (15, 6)
+    assert guft.block_capacity((10, 4), (384, 384), 4.0, floor=1) == (30, 12)
+    assert guft.block_capacity((0, 0), (384, 384), 3.0) == (16, 16)
+    # (384, 260) would pass half the matrix: both scaled by one factor, not below the need
+    r, c = guft.block_capacity((150, 100), (384, 384), 3.0)
+    assert r * c <= guft.ops.BLOCK_MAX_FRACTION * 384 * 384 and r >= 150 and c >= 100
+    assert abs(r / c - 384 / 260) < 0.02
 
 
 def test_sparse_optimizer_state_scales_with_the_budget():
