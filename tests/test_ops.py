@@ -243,6 +243,28 @@ def test_block_of_is_the_sorted_unique_rows_and_cols_padded():
         ops.block_of(rows, cols, (9, 4), (2, 4))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_covers_is_true_exactly_when_every_entry_lies_in_the_block(seed):
+    """Against a set-membership reference (padding ignored): the block of the entries covers
+    them; one entry moved to a row, or a column, outside the block does not."""
+    x, w0, rows, cols, values, block = _clustered(seed)
+    shape = w0.shape
+    br, bc = (jnp.asarray(b) for b in block)
+    rset, cset = set(block[0].tolist()), set(block[1].tolist())
+
+    def reference(r, c):
+        return all(i in rset and j in cset for i, j in zip(r, c, strict=True) if i < shape[0])
+
+    covers = jax.jit(ops.block_covers, static_argnums=0)
+    assert reference(rows, cols) and bool(covers(shape, rows, cols, br, bc))
+    rng = np.random.default_rng(seed)
+    for axis, used in ((0, rset), (1, cset)):
+        moved = [rows.copy(), cols.copy()]
+        moved[axis][0] = rng.choice([i for i in range(shape[axis]) if i not in used])
+        got = bool(covers(shape, *(jnp.asarray(m) for m in moved), br, bc))
+        assert got == reference(*moved) and not got
+
+
 @pytest.mark.parametrize("forward", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_block_path_equals_the_dense_matmul_and_gradient_at_the_entries(seed, forward, monkeypatch):
