@@ -68,15 +68,17 @@ class DataSource(Protocol):
         ...
 
 
-def _hash_split(images, labels) -> str:
+def _hash_split(parts) -> str:
+    """SHA-256 over ``[(images, labels), ...]``: each image's dtype, shape and bytes, then the
+    labels as int64."""
     h = hashlib.sha256()
-    for part in [images] if isinstance(images, np.ndarray) else images:
-        a = np.ascontiguousarray(part)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    y = np.ascontiguousarray(np.asarray(labels, np.int64))
-    h.update(b"labels")
-    h.update(y.tobytes())
+    for images, labels in parts:
+        for image in [images] if isinstance(images, np.ndarray) else images:
+            a = np.ascontiguousarray(image)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        h.update(b"labels")
+        h.update(np.ascontiguousarray(np.asarray(labels, np.int64)).tobytes())
     return h.hexdigest()
 
 
@@ -84,7 +86,8 @@ def data_identity(source, splits) -> dict[str, dict]:
     """What a resume checks the data against: per split, the image count and a content hash.
 
     The hash is SHA-256 over every image's dtype, shape and bytes, then the labels (int64), of
-    the split as an :class:`ArraySource` holds it (``source.raw``); other sources (VTAB's tfds,
+    the split as an :class:`ArraySource` holds it (``source.splits``, not ``raw``, which a
+    multi-process run reads per process); other sources (VTAB's tfds,
     whose data the config's ``version`` fixes) give the count only. Hashing reads the images
     once at memory speed (about 1 s per GB); :func:`guft_jax.train.fit` calls it once per run.
 
@@ -104,8 +107,8 @@ def data_identity(source, splits) -> dict[str, dict]:
     for split in dict.fromkeys(s for s in splits if s):
         digest = None
         if isinstance(source, ArraySource):  # in-memory arrays; tfds' raw() is a tf.data pipeline
-            images, labels = source.raw(split)
-            digest = _hash_split(images, labels)
+            names = ("train800", "val200") if split == "train800val200" else (split,)
+            digest = _hash_split(source.splits[n] for n in names)
         out[split] = {"count": int(source.size(split)), "sha256": digest}
     return out
 
