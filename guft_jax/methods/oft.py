@@ -81,6 +81,28 @@ def cayley(s: jax.Array, *, neumann_terms: int = 0) -> jax.Array:
     return out
 
 
+def cayley_all(skews: list[jax.Array], *, neumann_terms: int = 0) -> list[jax.Array]:
+    """:func:`cayley` of several stacks ``(..., b_i, b_i)`` in one batched ``solve``.
+
+    Every block is zero-padded to the largest ``b`` (the Cayley transform of a padded skew matrix
+    is the block's transform beside an identity) and all are solved in one call: on XLA:CPU,
+    many concurrent batched solves in one program (one per adapted kernel) can deadlock the
+    runtime's thread pool (seen with 24 kernels of 12 blocks of 32 × 32), one call cannot.
+    """
+    if neumann_terms or not skews:
+        return [cayley(x, neumann_terms=neumann_terms) for x in skews]
+    big = max(x.shape[-1] for x in skews)
+    flat = [x.reshape(-1, x.shape[-1], x.shape[-1]) for x in skews]
+    pad = [jnp.pad(x, ((0, 0), (0, big - x.shape[-1]), (0, big - x.shape[-1]))) for x in flat]
+    rot = cayley(jnp.concatenate(pad))
+    out, start = [], 0
+    for x, f in zip(skews, flat, strict=True):
+        b = x.shape[-1]
+        out.append(rot[start : start + f.shape[0], :b, :b].reshape(x.shape))
+        start += f.shape[0]
+    return out
+
+
 def rotate_blocks(blocks: jax.Array, w: jax.Array) -> jax.Array:
     """``diag(blocks) @ w`` for ``blocks (n, b, b)`` and ``w (n·b, out)`` without the dense
     ``(n·b, n·b)`` matrix; ``n == 1`` with more rows shares the one block (``block_share``)."""
@@ -103,14 +125,19 @@ def block_size_of(vec: jax.Array) -> int:
     return int(round((1 + math.sqrt(1 + 8 * vec.shape[-1])) / 2))
 
 
-def oft_rotations(vec: jax.Array, *, coft: bool, eps: float, neumann_terms: int) -> jax.Array:
-    """The ``(n, b, b)`` OFT blocks of one kernel's ``oft_R (n, b(b−1)/2)``; with ``coft`` the
+def oft_skew(vec: jax.Array, *, coft: bool, eps: float) -> jax.Array:
+    """The ``(n, b, b)`` skew matrices of one kernel's ``oft_R (n, b(b−1)/2)``; with ``coft`` the
     value of the projected entries and the gradient of the identity, as PEFT's in-place no-grad
     projection before each forward."""
     b = block_size_of(vec)
     if coft:
         vec = vec + jax.lax.stop_gradient(coft_project(vec, b, eps) - vec)
-    return cayley(skew(vec, b), neumann_terms=neumann_terms)
+    return skew(vec, b)
+
+
+def oft_rotations(vec: jax.Array, *, coft: bool, eps: float, neumann_terms: int) -> jax.Array:
+    """The ``(n, b, b)`` OFT blocks of one kernel's ``oft_R`` (:func:`oft_skew`, Cayley)."""
+    return cayley(oft_skew(vec, coft=coft, eps=eps), neumann_terms=neumann_terms)
 
 
 def coft_step(eps: float):
@@ -225,10 +252,11 @@ def oft(
         return {"head": params["head"], "oft": out}
 
     def merge(params, trainable):
+        keys = list(trainable["oft"])
+        skews = [oft_skew(trainable["oft"][k]["oft_R"], coft=coft, eps=eps) for k in keys]
         kernels = {}
-        for k, f in trainable["oft"].items():
+        for k, rot in zip(keys, cayley_all(skews, neumann_terms=terms), strict=True):
             p = ws.path_of(k)
-            rot = oft_rotations(f["oft_R"], coft=coft, eps=eps, neumann_terms=terms)
             kernels[p] = rotate_blocks(rot, _f32_matrix(params, p, layout))
         return ws.replace_kernels(params, kernels, trainable["head"])
 
@@ -261,13 +289,17 @@ def butterfly_perms(n: int, block_num: int, block_size: int, factors: int) -> np
     return np.stack([butterfly_perm(n, index=i, **kw) for i in range(factors)])
 
 
-@jax.jit
-def boft_rotate(w: jax.Array, boft_r: jax.Array) -> jax.Array:
-    """``B_m ⋯ B_1 w`` with ``B_i = P_i D_i P_iᵀ``, ``D_i`` the Cayley blocks of ``boft_r[i]``
-    (PEFT's ``cayley_batch``: ``S = (A − Aᵀ)/2``), for ``w (in, out)``; float32."""
-    m, d, b, _ = boft_r.shape
+def boft_skew(boft_r: jax.Array) -> jax.Array:
+    """PEFT's ``cayley_batch`` skew part ``S = (A − Aᵀ)/2`` of ``boft_r (m, D, b, b)``, float32."""
     a = boft_r.astype(jnp.float32)
-    q = cayley(0.5 * (a - jnp.swapaxes(a, -1, -2)))
+    return 0.5 * (a - jnp.swapaxes(a, -1, -2))
+
+
+def boft_rotate(w: jax.Array, boft_r: jax.Array, q: jax.Array | None = None) -> jax.Array:
+    """``B_m ⋯ B_1 w`` with ``B_i = P_i D_i P_iᵀ``, ``D_i`` the Cayley blocks of ``boft_r[i]``
+    (``q``: those blocks when already computed), for ``w (in, out)``; float32."""
+    m, d, b, _ = boft_r.shape
+    q = cayley(boft_skew(boft_r)) if q is None else q
     for i, p in enumerate(butterfly_perms(w.shape[0], d, b, m)):
         if np.array_equal(p, np.arange(p.size)):
             w = rotate_blocks(q[i], w)
@@ -359,11 +391,13 @@ def boft(
         return {"head": params["head"], "boft": out}
 
     def merge(params, trainable):
+        keys = list(trainable["boft"])
+        rs = [trainable["boft"][k]["boft_R"] for k in keys]
         kernels = {}
-        for k, f in trainable["boft"].items():
+        for k, r, q in zip(keys, rs, cayley_all([boft_skew(r) for r in rs]), strict=True):
             p = ws.path_of(k)
-            w = boft_rotate(_f32_matrix(params, p, layout), f["boft_R"])
-            kernels[p] = w * f["boft_s"][:, 0].astype(jnp.float32)
+            w = boft_rotate(_f32_matrix(params, p, layout), r, q)
+            kernels[p] = w * trainable["boft"][k]["boft_s"][:, 0].astype(jnp.float32)
         return ws.replace_kernels(params, kernels, trainable["head"])
 
     hp = dict(
