@@ -1,6 +1,6 @@
 """Optimisers: AdamW with linear warm-up + cosine decay, separate head / method learning rates.
 
-The VTAB-1K protocol (SPEC.md §6): AdamW, lr 1e-3, weight decay 1e-4, batch 64, 100 epochs,
+The VTAB-1K protocol (docs: VTAB-1K): AdamW, lr 1e-3, weight decay 1e-4, batch 64, 100 epochs,
 cosine with 10 warm-up epochs.
 """
 

@@ -1,7 +1,7 @@
 """Saliency scores over a training set (GUFT, SNIP, SalUN, Fisher, magnitude).
 
 ``G = Σ |∇_w L|`` accumulated by one jitted step called once per batch (one compile: every batch
-is padded to the same size and padded examples get weight 0). Modes (SPEC.md §1):
+is padded to the same size and padded examples get weight 0). Modes (docs: GUFT guide):
 
 - ``batch`` (default; SalUN/GPS): ``Σ_batches |∇ mean-loss(batch)|``. Depends on the batch size,
   which GUFT records with the mask.

@@ -14,7 +14,7 @@ a small NamedTuple state), so they chain with anything optax offers:
   function of the params, or the ``mask=`` extra argument of ``update`` (a traced value: a
   changing mask never retraces). ``sparse=True`` keeps ``inner``'s state only for the selected
   entries.
-- :func:`gradual_unfreeze`: GUFT (seed paper 000, SPEC.md §1) as a transform. Its state holds
+- :func:`gradual_unfreeze`: GUFT (docs: GUFT guide) as a transform. Its state holds
   the OR-merged mask (``sparse=True``: the selected entries' indices and ``inner``'s state for
   them only) and the round counter; at the scheduled steps it reads the ``saliency=`` extra
   argument (a score pytree, e.g. from :func:`guft_jax.saliency.compute`) and adds its exact
@@ -22,7 +22,7 @@ a small NamedTuple state), so they chain with anything optax offers:
   The round runs inside the jitted step (``lax.cond`` / ``lax.switch``): one trace for a whole
   run. :func:`round_due` / :func:`updates_until_round` tell the loop when to compute saliency.
 - :func:`oneshot_mask` / :func:`magnitude_mask`: the one-shot masks (SNIP, SalUN, Fisher,
-  magnitude; SPEC.md §2) as ``scores -> mask`` functions whose mask feeds :func:`masked`.
+  magnitude; docs: sparse methods) as ``scores -> mask`` functions whose mask feeds :func:`masked`.
 
 Parameters are named by ``/``-joined key paths (``Conv_0/kernel``); a Flax NNX ``State``'s
 trailing ``value`` attribute is dropped, so NNX and linen params are selected by the same regexes.
@@ -501,7 +501,7 @@ def gradual_unfreeze(
     sparse: bool = False,
     capacity: str = "all",
 ) -> optax.GradientTransformationExtraArgs:
-    """GUFT, Gradual Unfreeze Fine-Tuning (seed paper 000, SPEC.md §1), as an optax transform.
+    """GUFT, Gradual Unfreeze Fine-Tuning (docs: GUFT guide), as an optax transform.
 
     At the update whose step count is ``steps[i]`` the transform takes the ``saliency=`` extra
     argument, selects the exact top ``k_i = round(ratios[i] · N)`` of it over the ``N`` eligible
@@ -906,7 +906,7 @@ def oneshot_mask(
     allocation: str = "global",
     normalize: str | None = None,
 ) -> PyTree:
-    """A one-shot saliency mask (SPEC.md §2): the exact top-``k`` of ``scores`` over the
+    """A one-shot saliency mask (docs: sparse methods): the exact top-``k`` of ``scores`` over the
     eligible entries, ``head`` leaves True, every other leaf False; feed it to :func:`masked`.
 
     The scores say which method it is: :func:`guft_jax.saliency.compute` with
