@@ -33,21 +33,23 @@ weight decay pulls toward the pretrained weights, and the two paths follow one t
   (:func:`guft_jax.ops.sparse_delta_matmul`) computes the weight gradient only at the selected
   entries; other leaves use ``W0.ravel().at[idx].add(δ)``. Optimizer state ∝ the capacity.
 
-Capacity (sparse path): one trace per run. The budget ``K = Σ k_i`` is known up front but not
-its split over tensors. Capacities are fixed at the first recompute for the whole schedule: a
-round ``i`` adds at most ``k_i`` entries (its top-``k_i``, merged), so a tensor holding ``c₁``
-entries after the first round never holds more than ``min(size, c₁ + K − k₁)``, which is its
-capacity (at least ``floor``); no later round changes a shape. The slots cost memory and
-optimizer state only: the weight gradient is taken on the block or densely where slots are
-many (:mod:`guft_jax.ops`), never per empty slot. Per kernel, the row × column block is sized
-at the first round for the growth the schedule allows (:func:`block_capacity`) and then fixed; a
-later round whose rows or columns outgrow it switches that kernel's weight gradient to the
-block-free SDDMM at run time (``lax.cond`` on :func:`guft_jax.ops.block_covers`, logged), again
-without a retrace. Capacities from a checkpoint smaller than these (older runs) still grow where a
-round overflows them (``capacity_slack``; one retrace, logged). Resuming restores the capacities
-(``MethodHooks.resize``). Padding and unused slots hold ``δ = 0`` with zero gradient and moments,
-so a newly selected entry starts with zero Adam moments (Adam's bias correction uses the global
-step).
+Capacity (sparse path): sized at the first recompute for the whole schedule, so a run traces
+its step once. The budget ``K = Σ k_i`` is known up front but not its split over tensors. A round
+``i`` adds at most ``k_i`` entries (its top-``k_i``, merged), so a tensor holding ``c₁`` entries
+after the first round never holds more than ``c₁ + K − k₁``: a proven bound, but ``K − k₁``
+slots for every tensor, which the step's scatters and gathers all visit (DINOv2-S/14, 56 px,
+10 epochs, 2 busy CPU cores, ``benchmarks/run_bench.py``: one trace, but train epochs of 126 s
+and compiles of 65 s against 92 s and 52 s with the estimate below, also one trace). So
+each tensor gets ``min(size, c₁ + K − k₁, max(floor, ⌈slack·c₁·K/k₁⌉, ⌈slack·K·size/N⌉))``:
+the bound where it is the smaller (small tensors, biases), else ``slack`` times the first
+round's split scaled to the budget; a later round overflowing that grows it (values and Adam
+moments zero-padded; one retrace, logged). Per kernel, the row × column block is sized at the
+first round for the growth the schedule allows (:func:`block_capacity`) and then fixed; a later
+round whose rows or columns outgrow it switches that kernel's weight gradient to the block-free
+SDDMM at run time (``lax.cond`` on :func:`guft_jax.ops.block_covers`, logged), without a
+retrace. Resuming restores the capacities (``MethodHooks.resize``). Padding and unused slots
+hold ``δ = 0`` with zero gradient and moments, so a newly selected entry starts with zero Adam
+moments (Adam's bias correction uses the global step).
 """
 
 from __future__ import annotations
@@ -497,8 +499,9 @@ class SparsePath:
 
 def capacity_rule(eligible: dict, total_budget: int, k1: int, *, slack: float, floor: int):
     """``capacities(current, needed, first) -> new`` for the sparse path (module docstring): at the
-    first round ``min(size, max(floor, c₁ + K − k₁))``, which no later round can overflow; later,
-    a capacity (restored from an older checkpoint) that a round overflows grows by ``slack``."""
+    first round ``min(size, c₁ + K − k₁, max(floor, ⌈slack·c₁·K/k₁⌉, ⌈slack·K·size/N⌉))``; later,
+    a capacity that a round overflows grows to ``slack`` times its need (one retrace, logged)."""
+    n_elig = sum(math.prod(s) for s in eligible.values())
     rest = max(total_budget - k1, 0)
 
     def capacities(current: dict, needed: dict, first: bool = False) -> dict:
@@ -506,7 +509,12 @@ def capacity_rule(eligible: dict, total_budget: int, k1: int, *, slack: float, f
         for k, s in eligible.items():
             size, need = math.prod(s), needed[k]
             if first:
-                out[k] = min(size, max(floor, need + rest))
+                want = max(
+                    floor,
+                    math.ceil(slack * need * total_budget / max(k1, 1)),
+                    math.ceil(slack * total_budget * size / n_elig),
+                )
+                out[k] = max(need, min(size, need + rest, want))
             elif need > current[k]:
                 out[k] = min(size, max(need, math.ceil(slack * need)))
             else:
@@ -919,9 +927,8 @@ def guft(
       normalize: None or ``"mean"``: per-tensor score normalisation before a global ranking.
       include, exclude: regexes over ``/``-joined param paths, applied on top of ``eligible``.
       sparse: the efficient sparse path (default) or the dense reference path.
-      capacity_slack, capacity_floor: sparse capacities (module docstring; sized for the whole
-        schedule at the first round, so ``capacity_slack`` only grows a smaller capacity
-        restored from an older checkpoint).
+      capacity_slack, capacity_floor: sparse capacities, sized for the whole schedule at the
+        first round (module docstring).
       blocks: sparse path: keep each kernel's row × column block of the selection and take its
         weight gradient there where the block is small (faster on clustered, saliency-chosen
         entries; sized at the first round, a kernel whose later rounds outgrow it skips it
