@@ -155,6 +155,23 @@ def guft_method_and_state(params):
     return method, tr, st
 
 
+def shira_method_and_state(params, r=2):
+    """guft_jax's SHiRA (dense path) with a random selection of exactly PEFT's r·(d_in + d_out)
+    entries per target (the selection a run's first epoch would make)."""
+    method = get_method("shira", sparse=False, r=r)
+    tr = method.init(jax.random.key(0), params)
+    st = base_lib.init_state(method, params, tr)
+    rng = np.random.default_rng(1)
+    sel = {}
+    for k, m in st.selected.items():
+        flat = np.zeros(m.size, bool)
+        d_in, d_out = m.shape[0], m.size // m.shape[0]
+        flat[rng.choice(m.size, r * (d_in + d_out), replace=False)] = True
+        sel[k] = jnp.asarray(flat.reshape(m.shape))
+    st = st._replace(selected=sel)
+    return method, {"head": tr["head"], "delta": noisy(tr["delta"], 6)}, st
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Everything both sides compute, with one PyTorch subprocess for the whole module."""
@@ -184,14 +201,15 @@ def world(tmp_path_factory):
             ours[f"{base}/{name}"] = base_lib.forward(model, method, params, tr, (), images)
             ours[f"{base}/{name}/reload"] = _reload(d, params, base, model, images)
             jobs.append(dict(kind="logits", out=f"{base}/{name}", adapter=str(d), **common))
-        method, tr, st = guft_method_and_state(params)
-        d = tmp / f"{base}_guft"
-        save_peft(str(d), method, tr, params=params, state=st, base=base)
-        ours[f"{base}/guft"] = base_lib.forward(model, method, params, tr, st, images)
-        ours[f"{base}/guft/reload"] = _reload(d, params, base, model, images)
-        upd = d / peft_io.BASE_UPDATES
-        job = dict(kind="logits", out=f"{base}/guft", adapter=str(d), **common)
-        jobs.append({**job, "updates": str(upd) if upd.exists() else None})
+        for name, make in (("guft", guft_method_and_state), ("shira", shira_method_and_state)):
+            method, tr, st = make(params)
+            d = tmp / f"{base}_{name}"
+            save_peft(str(d), method, tr, params=params, state=st, base=base)
+            ours[f"{base}/{name}"] = base_lib.forward(model, method, params, tr, st, images)
+            ours[f"{base}/{name}/reload"] = _reload(d, params, base, model, images)
+            upd = d / peft_io.BASE_UPDATES
+            job = dict(kind="logits", out=f"{base}/{name}", adapter=str(d), **common)
+            jobs.append({**job, "updates": str(upd) if upd.exists() else None})
         for ptype, (cls, kw, mods) in IN.items():
             d = tmp / f"{base}_peft_{ptype}"
             head = "head" if base == "timm" else "classifier"
@@ -224,7 +242,7 @@ def test_base_weights_match(world, base):
     assert rel_err(world["ours"][f"{base}/base"], world["theirs"][f"{base}/base"]) < RTOL
 
 
-@pytest.mark.parametrize("name", [*OUT, "guft"])
+@pytest.mark.parametrize("name", [*OUT, "guft", "shira"])
 @pytest.mark.parametrize("base", ["timm", "hf"])
 def test_guft_jax_to_peft_logits(world, base, name):
     ours, theirs = world["ours"][f"{base}/{name}"], world["theirs"][f"{base}/{name}"]
