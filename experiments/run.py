@@ -45,7 +45,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.configs.common import PRETRAINED, validate
-from guft_jax import checkpoint_import, distributed, rundir, sharding, train, vit
+from guft_jax import checkpoint_import, compile_cache, distributed, rundir, sharding, train, vit
 from guft_jax.data import get_source
 from guft_jax.errors import InputError, Interrupted, one_line, os_error_line
 from guft_jax.methods import get_method
@@ -70,6 +70,12 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 )
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "multi-process: this process's id (default $JAX_PROCESS_ID)"
+)
+_CACHE_DIR = flags.DEFINE_string(
+    "compile_cache_dir",
+    None,
+    "JAX persistent compilation cache dir ('' off; default $GUFT_JAX_CACHE_DIR or "
+    "~/.cache/guft_jax/xla)",
 )
 
 # What a user causes and can fix: one line on stderr, exit code 2. InputError (bad data files,
@@ -265,6 +271,7 @@ def main(argv):
     stop.install()
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        compile_cache.enable(_CACHE_DIR.value)
         if _WORKDIR.value is None:
             raise InputError("--workdir is required")
         res = run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value, stop=stop)

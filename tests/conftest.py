@@ -1,11 +1,16 @@
 """Shared fixtures: a tiny ViT and a small learnable in-memory dataset."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from guft_jax import vit
 from guft_jax.data import ArraySource
+
+# JAX's persistent compilation cache stays off in tests (the CLI turns it on; tests run it too)
+os.environ.setdefault("GUFT_JAX_CACHE_DIR", "")
 
 
 def make_source(seed: int = 0, n_train: int = 48, n_val: int = 16, n_test: int = 32, size=16):
