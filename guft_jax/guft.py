@@ -1,4 +1,4 @@
-"""GUFT — Gradual Unfreeze Fine-Tuning (seed paper 000, SPEC.md §1), and one-shot saliency masks.
+"""GUFT — Gradual Unfreeze Fine-Tuning (docs: GUFT guide), and one-shot saliency masks.
 
 At the start of each epoch of the schedule (1-indexed) a saliency pass sums ``|∇L|`` over the
 training set at the current weights (:mod:`guft_jax.saliency`), the top
@@ -1009,8 +1009,8 @@ def oneshot(
     sparse: bool = True,
 ) -> Method:
     """A one-shot saliency mask (``magnitude``, ``snip``, ``salun``, ``fisher``): GUFT's machinery
-    with a single recompute at the start of ``epoch`` (SPEC.md §2). Default ratio: GUFT's final
-    ~0.34%; gradient scores at epoch 1 go through a fitted head (``head_warmup``)."""
+    with a single recompute at the start of ``epoch`` (docs: sparse methods). Default ratio:
+    GUFT's final ~0.34%; gradient scores at epoch 1 go through a fitted head (``head_warmup``)."""
     if score not in ONESHOT_SCORES:
         raise ValueError(f"score: {score!r} not in {list(ONESHOT_SCORES)}")
     m = guft(

@@ -30,7 +30,7 @@ SEP = "."
 # Preset name -> regex over ``/``-joined param paths (``re.search``) choosing the leaves it
 # names; ``None`` names every leaf. The head is never eligible, whatever the preset.
 ELIGIBILITY: dict[str, str | None] = {
-    # The GUFT paper's literal rule (seed 000, SPEC §1): every backbone parameter.
+    # The GUFT paper's literal rule: every backbone parameter.
     "all": None,
     # The encoder blocks' Dense kernels and biases: attention query/key/value/out and the MLP's
     # two Dense layers. Not the patch embedding, cls, position embedding, LayerScale, LayerNorm
