@@ -49,7 +49,7 @@ def method_rows() -> list[dict]:
             dict(
                 name=name,
                 family=info.family,
-                summary=info.summary,
+                summary=info.summary.replace("|", "\\|"),  # a table cell: escape its pipes
                 paper=info.paper,
                 own_loop=callable(getattr(guft_jax.peft, name, None)),
                 engine=True,
