@@ -174,7 +174,12 @@ def outputs() -> dict[pathlib.Path, str]:
         OUT / "api_methods.md": method_modules_api(),
         OUT / "api_flat.md": flat_api(),
     }
-    for name in ("step_bench", "step_bench_methods", "step_bench_accelerator"):
+    for name in (
+        "step_bench",
+        "step_bench_methods",
+        "step_bench_methods_new",
+        "step_bench_accelerator",
+    ):
         src = ROOT / "benchmarks" / "results" / f"{name}.json"
         if src.exists():
             files[OUT / f"speed_{name}.md"] = step_table(src)
