@@ -499,8 +499,9 @@ class SparsePath:
 
 def capacity_rule(eligible: dict, total_budget: int, k1: int, *, slack: float, floor: int):
     """``capacities(current, needed, first) -> new`` for the sparse path (module docstring): at the
-    first round ``min(size, c₁ + K − k₁, max(floor, ⌈slack·c₁·K/k₁⌉, ⌈slack·K·size/N⌉))``; later,
-    a capacity that a round overflows grows to ``slack`` times its need (one retrace, logged)."""
+    first round ``min(size, max(c₁ + K − k₁, 1), max(floor, ⌈slack·c₁·K/k₁⌉,
+    ⌈slack·K·size/N⌉))`` (at least one slot: orbax cannot save a zero-size array); later, a
+    capacity that a round overflows grows to ``slack`` times its need (one retrace, logged)."""
     n_elig = sum(math.prod(s) for s in eligible.values())
     rest = max(total_budget - k1, 0)
 
@@ -514,7 +515,8 @@ def capacity_rule(eligible: dict, total_budget: int, k1: int, *, slack: float, f
                     math.ceil(slack * need * total_budget / max(k1, 1)),
                     math.ceil(slack * total_budget * size / n_elig),
                 )
-                out[k] = max(need, min(size, need + rest, want))
+                # at least one slot: a zero-size array cannot be checkpointed (orbax refuses it)
+                out[k] = max(need, min(size, max(need + rest, 1), want))
             elif need > current[k]:
                 out[k] = min(size, max(need, math.ceil(slack * need)))
             else:
