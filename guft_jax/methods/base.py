@@ -312,12 +312,40 @@ class Info(NamedTuple):
     paper: str = ""
 
 
+class Variant(NamedTuple):
+    """A named configuration of a registered method: a row of its own in the benchmark tables.
+
+    - ``kwargs``: the hyperparameters it sets (over the method's ``Defaults.kwargs``).
+    - ``listed``: another method of the same paper (VPT-shallow beside VPT-deep), so listed
+      wherever every method is; otherwise a budget or ablation row, run where a preset names it.
+    """
+
+    kwargs: dict
+    listed: bool = False
+
+
+class RankEval(NamedTuple):
+    """An evaluation extra: one trained run also scored at lower ranks by truncation (no
+    retraining), reported as rows ``{method}@r{b}``.
+
+    - ``ranks``: the ranks ``b`` scored (those above the run's own are skipped).
+    - ``truncate(method, trainable, b) -> (method, trainable)``: the rank-``b`` method and tree.
+    - ``hparam``: the hyperparameter holding the run's own (maximum) rank.
+    """
+
+    ranks: tuple[int, ...]
+    truncate: Callable[[Method, PyTree, int], tuple[Method, PyTree]]
+    hparam: str = "rank"
+
+
 class MethodSpec(NamedTuple):
     name: str
     factory: Callable[..., Method]
     fixed: dict
     defaults: Defaults
     info: Info | None = None
+    variants: dict[str, Variant] = {}
+    rank_eval: RankEval | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -329,17 +357,20 @@ def register(
     defaults: Defaults | None = None,
     fixed: dict | None = None,
     info: Info | None = None,
+    variants: dict[str, Variant] | None = None,
+    rank_eval: RankEval | None = None,
     replace=False,
 ):
-    """Decorator registering a method factory under ``name`` (with ``fixed`` keyword arguments
-    and the :class:`Info` the documentation's methods table shows).
+    """Decorator registering a method factory under ``name`` (with ``fixed`` keyword arguments,
+    the :class:`Info` the documentation's methods table shows, named :class:`Variant` rows and
+    a :class:`RankEval` evaluation extra for the benchmarks).
 
     >>> @register("mine", defaults=Defaults(lr=1e-3))  # doctest: +SKIP
     ... def mine(*, scale: float = 1.0) -> Method: ...
 
     Raises:
-      ValueError: ``name`` is already registered (unless ``replace=True``), or ``info.family``
-        is not one of :data:`FAMILIES`.
+      ValueError: ``name`` is already registered (unless ``replace=True``), ``info.family``
+        is not one of :data:`FAMILIES`, or a variant sets a keyword the factory does not take.
     """
     if info is not None and info.family not in FAMILIES:
         raise ValueError(f"register.info.family: {info.family!r} not in {list(FAMILIES)}")
@@ -347,7 +378,20 @@ def register(
     def deco(factory):
         if name in _REGISTRY and not replace and _REGISTRY[name].factory is not factory:
             raise ValueError(f"method: {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, factory, dict(fixed or {}), defaults or Defaults(), info)
+        allowed = list(inspect.signature(factory).parameters)
+        for v, var in (variants or {}).items():
+            bad = sorted(set(var.kwargs) - set(allowed))
+            if bad:
+                raise ValueError(f"register.variants.{v}: unknown {bad}; allowed: {allowed}")
+        _REGISTRY[name] = MethodSpec(
+            name,
+            factory,
+            dict(fixed or {}),
+            defaults or Defaults(),
+            info,
+            dict(variants or {}),
+            rank_eval,
+        )
         return factory
 
     return deco

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Info, Method, register
+from guft_jax.methods.base import Defaults, Info, Method, RankEval, register
 from guft_jax.methods.lora import lora
 
 GROUP = "dylora"
@@ -91,6 +91,7 @@ def _masked(f: dict, b: jax.Array, frozen_lower: bool) -> tuple[jax.Array, jax.A
         dry_kwargs=dict(rank=4, alpha=8.0),
         step_cost=0.45,
     ),
+    rank_eval=RankEval(ranks=(1, 2, 4, 8), truncate=as_lora),  # the paper's claim: any rank
 )
 def dylora(
     *,

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, Variant, register
 
 RANDOM_INITS = ("kaiming", "gaussian")
 PRINCIPAL_INITS = ("pissa", "olora")
@@ -146,6 +146,8 @@ def _base_fn(targets, rank, scale, init, name):
         "2106.09685",
     ),
     defaults=Defaults(lr=1e-3, head_lr=1e-2, kwargs=dict(rank=8, alpha=16.0), step_cost=0.45),
+    # ~0.33% of ViT-B/16, the same alpha / r as r = 8: the budget-matched row beside GUFT
+    variants={"lora_r4": Variant(dict(rank=4, alpha=8.0))},
 )
 def lora(
     *,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax.methods.adapters import block_of, encoder_blocks, head_only_apply, width
-from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, Variant, register
 from guft_jax.vit import Attention, Encoder1DBlock
 
 FINAL_NORM = "encoder_norm"
@@ -98,6 +98,7 @@ def vpt_interceptor(prompts: dict, first_block: str) -> Callable:
         dry_kwargs=dict(num_tokens=2),
         step_cost=0.6,
     ),
+    variants={"vpt_shallow": Variant(dict(deep=False), listed=True)},  # the paper's other VPT
 )
 def vpt(*, num_tokens: int = 10, deep: bool = True) -> Method:
     """Visual Prompt Tuning: ``num_tokens`` prompts after [CLS], shallow or deep.
