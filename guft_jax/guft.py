@@ -575,7 +575,7 @@ def _topk_merge_global(scores: dict, prev: dict, *, k: int, exclude_selected: bo
     passes), then the entries above it and the first ``k - #above`` equal to it are chosen."""
     keys = sorted(scores)
     parts = [
-        jnp.ravel(masks_lib._order_key(scores[key], prev[key] if exclude_selected else None))
+        jnp.ravel(masks_lib.order_key(scores[key], prev[key] if exclude_selected else None))
         for key in keys
     ]
     # int32 -> uint32 with the same order (sign bit flipped), so the bisection is unsigned.

@@ -248,7 +248,7 @@ def test_normalize_is_rank_preserving_within_tensors():
 
 def test_quotas_are_data_one_compile_for_changing_exclude():
     s = _scores(8)
-    programs = {"per_tensor": masks._select_per_tensor, "per_row": masks._select_per_row}
+    programs = {"per_tensor": masks.select_per_tensor, "per_row": masks.select_per_row}
     for allocation, fn in programs.items():
         masks.topk_mask(s, 9, exclude=_exclude(0), allocation=allocation)
         before = fn._cache_size()
@@ -256,10 +256,10 @@ def test_quotas_are_data_one_compile_for_changing_exclude():
             masks.topk_mask(s, 9, exclude=_exclude(seed, p=0.1 * seed), allocation=allocation)
         assert fn._cache_size() == before
     # per_row does not even specialise on k.
-    before = masks._select_per_row._cache_size()
+    before = masks.select_per_row._cache_size()
     for k in (1, 5, 17):
         masks.topk_mask(s, k, exclude=_exclude(0), allocation="per_row")
-    assert masks._select_per_row._cache_size() == before
+    assert masks.select_per_row._cache_size() == before
 
 
 def test_bad_options_name_the_field():
