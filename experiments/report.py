@@ -9,6 +9,8 @@ evaluated at lower ranks by truncation, keyed by the rank as a string), shown as
 ``dylora@r{b}``.
 
     python -m experiments.report results/offline   # rewrites table.md and the PNGs from records
+
+Every record also carries ``preset`` (the benchmark preset that ran it), which orders the rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
+
+from experiments.presets import REFERENCE_ROW
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -173,7 +177,7 @@ def _layer_of(key: str) -> str:
     return "other" if layer is None else layer.replace("encoderblock_", "block ")
 
 
-def guft_density(records: list[dict], method: str = "guft") -> tuple[dict, dict]:
+def guft_density(records: list[dict], method: str) -> tuple[dict, dict]:
     """Selected-entry density (fraction) per layer and per module type, pooled over the runs.
 
     Returns:
@@ -196,13 +200,23 @@ def guft_density(records: list[dict], method: str = "guft") -> tuple[dict, dict]
     return out
 
 
+def _has_mask(method: str | None) -> bool:
+    """The registered ``method`` selects entries with a mask (its factory takes ``eligible``)."""
+    import inspect
+
+    from guft_jax.methods import method_names, spec
+
+    if method not in method_names():
+        return False
+    return "eligible" in inspect.signature(spec(method).factory).parameters
+
+
 def mask_rows(records: list[dict]) -> list[str]:
     """Rows whose runs select entries with a mask (GUFT, its variants, one-shot masks): their
-    config carries an ``eligible`` preset, or (older records) the row is ``guft``."""
+    registered method takes an ``eligible`` preset."""
     out = []
     for r in records:
-        kw = (r.get("config") or {}).get("method_kwargs") or {}
-        if (kw.get("eligible") is not None or r["method"] == "guft") and r["method"] not in out:
+        if r["method"] not in out and _has_mask((r.get("config") or {}).get("method")):
             out.append(r["method"])
     return out
 
@@ -243,7 +257,7 @@ def markdown_table(records: list[dict], *, method_order: list[str] | None = None
     tasks = sorted({t for _, t in agg})
     methods = method_order or sorted({m for m, _ in agg})
     methods = [m for m in methods if any((m, t) in agg for t in tasks)]
-    has_full = any(("full", t) in agg for t in tasks)
+    has_full = any((REFERENCE_ROW, t) in agg for t in tasks)
     has_peak = any(a["peak_bytes"] for a in agg.values())
     head = ["method", *tasks, "mean", "trainable params", "% of backbone", "step s"]
     head += ["step / full"] * has_full + ["peak MB"] * has_peak + ["seeds"]
@@ -264,7 +278,8 @@ def markdown_table(records: list[dict], *, method_order: list[str] | None = None
         cells.append(f"{any_a['pct']:.3f}")
         cells.append("—" if np.isnan(any_a["step_s"]) else f"{any_a['step_s']:.3f}")
         if has_full:
-            full_s = agg[("full", t0)]["step_s"] if ("full", t0) in agg else np.nan
+            ref = agg.get((REFERENCE_ROW, t0))
+            full_s = ref["step_s"] if ref else np.nan
             ratio = any_a["step_s"] / full_s
             cells.append("—" if np.isnan(ratio) else f"{ratio:.2f}")
         if has_peak:
@@ -331,25 +346,96 @@ def plot_guft_density(records: list[dict], path: str, methods: list[str] | None 
     plt.close(fig)
 
 
-def main(argv=None):
-    import argparse
+def answers(records: list[dict], questions) -> list[str]:
+    """One paragraph per question (``row``, ``others``, ``title``, ``budget``) whose rows ran:
+    the title, then a sentence per task (:func:`budget_verdicts` or :func:`comparison`)."""
+    out = []
+    for q in questions:
+        verdicts = budget_verdicts if q.budget else comparison
+        lines = verdicts(records, q.row, list(q.others))
+        if lines:
+            out.append(q.title.format(row=q.row) + "\n\n" + "\n".join(f"- {x}" for x in lines))
+    return out
+
+
+def table_notes(records: list[dict]) -> str:
+    """The notes under the table: what the timing and memory columns measure, and what each
+    row of a rank-truncated run is."""
+    notes = [
+        "step s: the run's own wall time per training step after its first epoch (whatever else "
+        "the machine ran meanwhile); step / full: over the full row's, same task; peak MB: XLA's "
+        "estimate for the compiled train step (arguments + outputs + temporaries - aliased)."
+    ]
+    for m in sorted({r["method"] for r in records if r.get("rank_accuracy")}):
+        notes.append(
+            f"{m}@r{{b}}: the one {m} run (trained with ranks sampled up to r_max) evaluated as "
+            f"the LoRA of rank b its first b factors form: no retraining, no run of its own."
+        )
+    return "\n".join(f"- {n}" for n in notes)
+
+
+def write_tables(out, records, selection, *, order=None, questions=()) -> str:
+    """Writes ``out/table.md`` (the table, the selection table, extended grids, the answers to
+    ``questions``, the mask rows' densities, notes) and the two PNGs; returns the table."""
     import os
 
-    ap = argparse.ArgumentParser(description="table.md and plots from OUT/records.jsonl")
-    ap.add_argument("out", help="folder holding records.jsonl (and optionally selection.jsonl)")
-    a = ap.parse_args(argv)
-    records = read_jsonl(os.path.join(a.out, "records.jsonl"))
-    sel = os.path.join(a.out, "selection.jsonl")
-    parts = [markdown_table(records)]
-    if os.path.exists(sel):
-        parts.append(selection_table(read_jsonl(sel)))
-    if density_table(records):
-        parts.append(density_table(records))
-    with open(os.path.join(a.out, "table.md"), "w") as f:
+    table = markdown_table(records, method_order=order)
+    parts = [table]
+    if selection:
+        parts.append(selection_table(selection))
+    ext = extended_grids(selection)
+    if ext:
+        parts.append("Learning-rate grids extended once (best val200 at an edge):\n\n"
+                     + "\n".join(f"- {x}" for x in ext))  # fmt: skip
+    parts += answers(records, questions)
+    dens = density_table(records)
+    if dens:
+        parts.append(dens)
+    parts.append(table_notes(records))
+    with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n\n".join(parts) + "\n")
-    plot_accuracy_vs_params(records, os.path.join(a.out, "accuracy_vs_params.png"))
-    plot_guft_density(records, os.path.join(a.out, "guft_density.png"))
-    print("\n\n".join(parts))
+    plot_accuracy_vs_params(records, os.path.join(out, "accuracy_vs_params.png"))
+    plot_guft_density(records, os.path.join(out, "guft_density.png"))
+    return table
+
+
+def _order(records: list[dict]) -> list[str]:
+    """The rows in their preset's order (the records' ``preset``), else as they first appear."""
+    from experiments.presets import PRESETS
+
+    seen = list(dict.fromkeys(r["method"] for r in records))
+    preset = PRESETS.get(next((r["preset"] for r in records if r.get("preset")), ""))
+    if preset is None:
+        return seen
+    if preset.rows is None:
+        from experiments.rows import every_row
+
+        rows = every_row()
+    else:
+        rows = list(preset.rows)
+    return [m for m in rows if m in seen] + [m for m in seen if m not in rows]
+
+
+def main(argv=None):
+    """``python -m experiments.report OUT``: rewrites ``OUT/table.md`` and the PNGs from
+    ``OUT/records.jsonl`` (and ``OUT/selection.jsonl`` when there is one)."""
+    import os
+    import sys
+
+    from experiments import cli
+    from experiments.presets import QUESTIONS
+
+    _, args = cli.parse(lambda fv: None, sys.argv[1:] if argv is None else argv,
+                        prog="experiments.report", about=__doc__.splitlines()[0])  # fmt: skip
+    if len(args) != 1:
+        raise ValueError(f"experiments.report: expected one folder (OUT), got {args}")
+    out = args[0]
+    records = read_jsonl(os.path.join(out, "records.jsonl"))
+    sel = os.path.join(out, "selection.jsonl")
+    selection = read_jsonl(sel) if os.path.exists(sel) else []
+    write_tables(out, records, selection, order=_order(records), questions=QUESTIONS)
+    with open(os.path.join(out, "table.md")) as f:
+        print(f.read())
 
 
 if __name__ == "__main__":

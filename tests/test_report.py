@@ -1,6 +1,7 @@
 """Tables and plots from run records: means/stds equal numpy, the table's shape, PNGs written."""
 
 import numpy as np
+import pytest
 
 from experiments import report
 
@@ -22,6 +23,7 @@ def _records():
                         step_s=0.1,
                         trained_per_tensor={"Transformer.encoderblock_0.x.kernel": 10},
                         tensor_sizes={"Transformer.encoderblock_0.x.kernel": 1000},
+                        config=dict(method=m),
                     )
                 )
     return recs
@@ -107,3 +109,30 @@ def test_rank_rows_follow_their_run_with_the_truncated_counts():
     names = [r.split("|")[1].strip() for r in t[2:]]
     assert names == ["dylora", "dylora@r1", "dylora@r2", "dylora@r8", "lora"]
     assert t[3].split("|")[-3].strip() == "—"  # a truncation has no step time of its own
+
+
+def test_mask_rows_come_from_the_registration():
+    """A row is a mask row when its registered method takes an ``eligible`` preset (GUFT, its
+    variants, the one-shot masks), whatever the row's name."""
+    recs = _records()
+    recs.append(dict(recs[-1], method="guft_paper", config=dict(method="guft", lr=1.0)))
+    recs.append(dict(recs[0], method="snip", config=dict(method="snip")))
+    recs.append(dict(recs[0], method="pixels", config=dict(C=1.0)))
+    assert report.mask_rows(recs) == ["guft", "guft_paper", "snip"]
+    table = report.density_table(recs).splitlines()
+    assert table[2] == "| module type | guft | guft_paper | snip |"
+
+
+def test_report_cli_rewrites_the_table_in_the_preset_order(tmp_path, capsys):
+    import json
+
+    recs = [dict(r, preset="demo") for r in _records()]
+    recs.sort(key=lambda r: r["method"])  # guft, linear, lora: not the demo's order
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report.main([str(tmp_path)])
+    md = (tmp_path / "table.md").read_text()
+    names = [line.split("|")[1].strip() for line in md.splitlines()[2:5]]
+    assert names == ["linear", "lora", "guft"]  # the demo preset's rows
+    assert "GUFT vs LoRA and full fine-tuning" in md and md in capsys.readouterr().out
+    with pytest.raises(ValueError, match="one folder"):
+        report.main([])

@@ -1,0 +1,191 @@
+"""The offline benchmark's presets, tasks and report questions, as data.
+
+A :class:`Preset` names its tasks, rows (table rows: a registered method, one of its registered
+variants, or the pixel baseline), seeds, size and whether learning rates are selected on val200.
+``rows=None`` means every row (:func:`experiments.rows.every_row`): a method registered in its own
+file appears with no edit here. Training defaults not named here (batch size, weight decay,
+warm-up, normalization) are :class:`guft_jax.config.TrainConfig`'s, as for ``experiments.run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """An offline dataset as the benchmark splits it.
+
+    Attributes:
+      name: the :func:`guft_jax.data.get_source` name.
+      test_size: ``0``: the dataset's own test split; ``n``: a fixed subsample of ``n`` images.
+    """
+
+    name: str
+    test_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A sentence-per-task comparison the report writes under the table.
+
+    Attributes:
+      row: the row compared.
+      others: the rows it is compared with.
+      title: the paragraph's heading (``{row}`` is filled in).
+      budget: also require ``row`` to train no more parameters than the other row.
+    """
+
+    row: str
+    others: tuple[str, ...]
+    title: str
+    budget: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One benchmark configuration (command-line flags override the fields they name).
+
+    Attributes:
+      name: ``--preset``'s value; records carry it.
+      tasks: task names (keys of :data:`TASKS`).
+      rows: table rows in table order; ``None``: every row.
+      seeds: the seeds of the final runs.
+      epochs: training epochs of every run.
+      image_size: input size in pixels.
+      select: pick each row's lr factor on val200 (train800 -> val200, seed 0) before the final
+        runs on train800val200; otherwise every row trains at its registered defaults.
+      pack: runs of one row trained as one vmapped program (1: alone).
+      pack_masks: pack rows that have a sparse path too (on their dense path).
+      max_grid: ``> 0``: only the central ``max_grid`` factors of each grid (extended once past an
+        edge that holds the best candidate).
+      out: the default output folder.
+      guft_path: ``"sparse"`` or ``"dense"``: the training path of methods with a ``sparse``
+        option (``"dense"``: one compile per shape, shared by every run).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    rows: tuple[str, ...] | None
+    seeds: tuple[int, ...]
+    epochs: int
+    image_size: int
+    select: bool
+    pack: int = 1
+    pack_masks: bool = True
+    max_grid: int = 0
+    out: str = ""
+    guft_path: str = "sparse"
+
+    def replace(self, **changes) -> Preset:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+
+GUFT_PATHS = ("sparse", "dense")
+
+# Fashion-MNIST's official 10k test split, subsampled to 2,000 images with a fixed seed.
+TASKS = {t.name: t for t in (Task("animal_mnist"), Task("fashion_mnist", 2000), Task("digits"))}
+
+# Rows the README's claim needs; presets that list every row put them first, so they finish
+# first on every task and seed.
+CLAIM_ROWS = ("pixels", "linear", "guft", "lora", "full")
+
+# The row the table's ``step / full`` column divides each row's step time by.
+REFERENCE_ROW = "full"
+
+# The rows that answer "does GUFT at <= LoRA's budget match LoRA?" (issue 12, item 4).
+BUDGET_ROWS = (
+    "pixels",
+    "linear",
+    "full",
+    "lora",
+    "lora_r4",
+    "guft",
+    "guft_paper",
+    "guft_excl",
+    "magnitude",
+    "fisher",
+)
+
+# The sentences under every preset's table (a question whose rows did not run is left out).
+QUESTIONS = (
+    Question(
+        "guft",
+        ("lora", "full"),
+        "GUFT vs LoRA and full fine-tuning (mean test accuracy over seeds):",
+    ),
+    *(
+        Question(
+            g,
+            ("lora", "lora_r4"),
+            "Is {row} >= LoRA at <= LoRA's budget? (mean test accuracy; % of backbone):",
+            budget=True,
+        )
+        for g in ("guft", "guft_paper", "guft_excl")
+    ),
+)
+
+PRESETS = {
+    p.name: p
+    for p in (
+        # The README's main job (make demo): one task, one seed, registered defaults.
+        Preset(
+            "demo",
+            ("animal_mnist",),
+            ("pixels", "linear", "full", "lora", "fourierft", "guft"),
+            (0,),
+            epochs=4,
+            image_size=28,
+            select=False,
+            out="results/offline_demo",
+        ),
+        # 3 tasks, every row, 3 seeds, lr selected on val200.
+        Preset(
+            "full",
+            tuple(TASKS),
+            None,
+            (0, 1, 2),
+            epochs=10,
+            image_size=56,
+            select=True,
+            out="results/offline",
+        ),
+        # The GUFT question on 2 CPU cores: one task, one seed, 28 px, 5 epochs, val200
+        # selection over the central 3 factors of each grid (extended once past an edge), the
+        # runs of a row packed into one program; mask rows run unpacked on their sparse path (on
+        # CPU their dense path's full-size AdamW update costs more than packing saves). Fisher
+        # (SPT's score) stands for the one-shot masks.
+        Preset(
+            "cpu",
+            ("animal_mnist",),
+            tuple(r for r in BUDGET_ROWS if r != "magnitude"),
+            (0,),
+            epochs=5,
+            image_size=28,
+            select=True,
+            pack=5,
+            pack_masks=False,
+            max_grid=3,
+        ),
+        # Every row trains through the engine on 2 CPU cores at the demo's size, registered
+        # defaults, no lr selection: not a ranking of the methods (one seed, untuned lr).
+        Preset("methods", ("animal_mnist",), None, (0,), epochs=4, image_size=28, select=False),
+        # The GUFT question at accelerator scale (one H200, ~10 minutes with --workers 4).
+        Preset(
+            "gpu",
+            tuple(TASKS),
+            BUDGET_ROWS,
+            (0, 1, 2),
+            epochs=20,
+            image_size=112,
+            select=True,
+            pack=5,
+        ),
+    )
+}
+
+
+def out_dir(preset: Preset) -> str:
+    """The preset's default output folder (``results/offline_<name>`` unless it names one)."""
+    return preset.out or f"results/offline_{preset.name}"

@@ -1,0 +1,247 @@
+"""The offline benchmark's rows and jobs: what one table row trains, and the records of its runs.
+
+A row is a registered method (:class:`EngineRow`), one of its registered variants (an
+:class:`EngineRow` with the variant's hyperparameters, see ``register(variants=...)``), or the
+pixel baseline (:class:`PixelRow`: logistic regression on raw pixels). A :class:`Job` is one run
+of a row: a ``select`` run (train800 -> val200, seed 0) scoring a factor of the row's tuned
+hyperparameter, or a ``final`` run (train800val200 -> test) at a seed and the chosen factor.
+No method is named here: every row's learning rates, grid, step cost, variants and evaluation
+extras come from its method's registration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+
+from experiments import engine_runs
+from experiments.configs.offline import get_config
+from experiments.linear_probe import logistic_accuracy, raw_pixels
+from experiments.presets import CLAIM_ROWS, TASKS
+from guft_jax.data import get_source
+from guft_jax.methods import method_names, spec
+
+KINDS = ("select", "final")
+# VTAB-1K's splits: selection trains on train800 and scores val200; final runs train on both.
+SPLITS = {"select": ("train800", "val200"), "final": ("train800val200", "test")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run of a row.
+
+    Attributes:
+      kind: ``"select"`` (train800 -> val200, scores a factor) or ``"final"`` (train800val200 ->
+        test, the reported run).
+      task: the task name (a key of :data:`experiments.presets.TASKS`).
+      row: the row name.
+      seed: the run's seed (0 for selection runs).
+      factor: the factor of the row's tuned hyperparameter over its default (the learning rate
+        for engine rows, ``C`` for the pixel baseline).
+      val_accuracy: a final run's val200 score of its chosen factor (``None``: not selected).
+      extended: a selection run past the edge of the row's grid (:func:`extensions`).
+    """
+
+    kind: str
+    task: str
+    row: str
+    seed: int = 0
+    factor: float = 1.0
+    val_accuracy: float | None = None
+    extended: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Job.kind: {self.kind!r} is not allowed; allowed: {list(KINDS)}")
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        """``(kind, task, row)``: jobs that may share one packed program."""
+        return self.kind, self.task, self.row
+
+
+def central(grid, max_grid: int) -> tuple[float, ...]:
+    """The central ``max_grid`` values of ``grid`` (sorted); all of it when ``max_grid`` is 0."""
+    grid = tuple(grid)
+    if max_grid and len(grid) > max_grid:
+        start = (len(grid) - max_grid) // 2
+        return tuple(sorted(grid))[start : start + max_grid]
+    return grid
+
+
+def _source(task: str, seed: int):
+    size = TASKS[task].test_size if task in TASKS else 0
+    return get_source(task, seed=seed, **({"test_size": size} if size else {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelRow:
+    """Logistic regression on raw pixels (grey images as one channel), ``C`` picked on val200.
+
+    Attributes:
+      name: the row's name in tables and records.
+      grid: the candidate factors of ``C`` (its default is 1).
+      key: the selection records' field holding the candidate.
+      extend: a best candidate at the grid's edge extends the grid once.
+    """
+
+    name: str = "pixels"
+    grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    key: str = "C"
+    extend: bool = False
+    listed: bool = True
+    step_cost: float = 0.0  # no training steps
+    has_sparse_path: bool = False
+
+    def features(self, task: str, seed: int, split: str, image_size: int):
+        """Standardisable raw-pixel features of ``split``: grey images (three equal channels)
+        keep one channel, the same classifier after standardisation at a third of the cost."""
+        return raw_pixels(_source(task, seed), split, image_size=image_size, normalization="0.5",
+                          grey_as_one=True)  # fmt: skip
+
+    def run(self, jobs: list[Job], epochs: int, image_size: int, guft_path: str) -> list[dict]:
+        """The records of ``jobs`` (``epochs`` and ``guft_path`` do not apply)."""
+        del epochs, guft_path
+        return [self._record(j, image_size) for j in jobs]
+
+    def _record(self, job: Job, image_size: int) -> dict:
+        t0 = time.time()
+        train, test = SPLITS[job.kind]
+        xtr, ytr = self.features(job.task, job.seed, train, image_size)
+        xte, yte = self.features(job.task, job.seed, test, image_size)
+        acc = logistic_accuracy(xtr, ytr, xte, yte, c=job.factor)
+        out = dict(task=job.task, method=self.name)
+        if job.kind == "select":
+            return dict(out, C=job.factor, val_accuracy=acc, wall_s=time.time() - t0)
+        return dict(
+            out,
+            seed=job.seed,
+            test_accuracy=acc,
+            val_accuracy=job.val_accuracy,
+            trainable_params=0,
+            backbone_params=1,
+            step_s=float("nan"),
+            wall_s=time.time() - t0,
+            config=dict(
+                model="logistic regression on raw pixels", C=job.factor, image_size=image_size
+            ),  # fmt: skip
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRow:
+    """A registered method, or one of its registered variants, trained through the engine.
+
+    Attributes:
+      name: the row's name (the method's, or the variant's).
+      method: the registered method.
+      kwargs: the variant's hyperparameters over the method's defaults.
+      listed: shown by presets that list every row.
+    """
+
+    name: str
+    method: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    listed: bool = True
+    key: str = "lr_factor"
+    extend: bool = True
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The candidate lr factors (of the head's lr when the method trains only the head)."""
+        return tuple(spec(self.method).defaults.lr_grid)
+
+    @property
+    def step_cost(self) -> float:
+        """A step's cost relative to full fine-tuning's (the method's registered estimate)."""
+        return spec(self.method).defaults.step_cost
+
+    @property
+    def has_sparse_path(self) -> bool:
+        """The method has a ``sparse`` option (GUFT, the one-shot masks)."""
+        return "sparse" in inspect.signature(spec(self.method).factory).parameters
+
+    def config(self, job: Job, *, epochs: int, image_size: int, guft_path: str = "sparse"):
+        """The ``experiments.run`` config of ``job``: the method's registered defaults, the
+        variant's hyperparameters, the job's seed and splits, its factor on the tuned lr."""
+        c = get_config(f"{job.task},{self.method}")
+        c.method_kwargs.update(self.kwargs)
+        c.seed, c.epochs, c.image_size, c.progress = job.seed, epochs, image_size, False
+        if spec(self.method).defaults.select_head_lr:  # no backbone-side parameters
+            c.head_lr = float(c.head_lr * job.factor)
+        else:
+            c.lr = float(c.lr * job.factor)
+        if guft_path == "dense" and self.has_sparse_path:
+            c.method_kwargs.sparse = False
+        c.test_size = float(TASKS[job.task].test_size if job.task in TASKS else 0)
+        if job.kind == "select":
+            c.train_split, c.eval_split = SPLITS["select"]
+        return c
+
+    def tuned_lr(self, c) -> float:
+        """The learning rate the selection tunes in config ``c``."""
+        return c.head_lr if spec(self.method).defaults.select_head_lr else c.lr
+
+    def run(self, jobs: list[Job], epochs: int, image_size: int, guft_path: str) -> list[dict]:
+        """The records of ``jobs`` (one packed program when there are several)."""
+        return engine_runs.run(self, jobs, epochs=epochs, image_size=image_size,
+                               guft_path=guft_path)  # fmt: skip
+
+
+PIXELS = PixelRow()
+
+
+def table_rows() -> dict[str, PixelRow | EngineRow]:
+    """``{name: row}``: the pixel baseline, every registered method, then every registered
+    variant (live: a method registered after import is included)."""
+    out: dict = {PIXELS.name: PIXELS}
+    for m in method_names():
+        out[m] = EngineRow(m, m)
+    for m in method_names():
+        for v, var in spec(m).variants.items():
+            out[v] = EngineRow(v, m, dict(var.kwargs), listed=var.listed)
+    return out
+
+
+def row(name: str) -> PixelRow | EngineRow:
+    """The row called ``name``; ValueError listing the rows otherwise."""
+    rows = table_rows()
+    if name not in rows:
+        raise ValueError(f"row: unknown row {name!r}; allowed: {sorted(rows)}")
+    return rows[name]
+
+
+def every_row() -> list[str]:
+    """The rows of presets that list every row: :data:`experiments.presets.CLAIM_ROWS` first,
+    then every registered method and every listed variant."""
+    rows = table_rows()
+    claim = [r for r in CLAIM_ROWS if r in rows]
+    return claim + [n for n, r in rows.items() if r.listed and n not in claim]
+
+
+def extensions(selection: list[dict], tasks, rows) -> list[Job]:
+    """Selection jobs extending a grid once past the edge its best candidate lies on: the row's
+    next grid factor, else the next at the tried grid's own spacing. Rows already extended, and
+    rows whose grid is fixed (the pixel baseline's), are left."""
+    from experiments import report
+
+    jobs = []
+    for t in tasks:
+        for name in rows:
+            r = row(name)
+            rs = [x for x in selection if x["task"] == t and x["method"] == name and r.key in x]
+            if not r.extend or len(rs) < 2 or any(x.get("extended") for x in rs):
+                continue
+            tried, grid = sorted(x[r.key] for x in rs), sorted(r.grid)
+            best = report.best_choice(rs)[r.key]
+            if best == tried[-1]:
+                up = [f for f in grid if f > best]
+                nxt = up[0] if up else best * best / tried[-2]
+            elif best == tried[0]:
+                down = [f for f in grid if f < best]
+                nxt = down[-1] if down else best * best / tried[1]
+            else:
+                continue
+            jobs.append(Job("select", t, name, 0, nxt, extended=True))
+    return jobs
