@@ -6,18 +6,18 @@
 #   PY=python3 RESULTS=$OUT/results BUDGET_S=420 bash benchmarks/accelerator.sh
 #
 # 1. step bench, bf16, ViT-B/16, 224 px, batch 64: full / LoRA / BitFit / GUFT sparse (the SDDMM
-#    ops.AUTO_IMPL picks on GPU) / GUFT sparse with the Pallas (Triton) SDDMM, and the PyTorch peer
-#    (timm + peft: full eager, full + torch.compile, LoRA, BitFit; bf16 autocast) in the same
-#    round-robin -> step_bench_accelerator.json
+#    guft_jax.kernels.SDDMM_DEFAULTS picks on GPU) / GUFT sparse with the Pallas (Triton) SDDMM,
+#    and the PyTorch peer (timm + peft: full eager, full + torch.compile, LoRA, BitFit; bf16
+#    autocast) in the same round-robin -> step_bench_accelerator.json
 # 2. end to end: train.fit's steady-state images/s vs the bare step (LoRA, device vs host input,
 #    224 then 112 px) -> fit_bench_accelerator_{224,112}.json
 # 3. ops bench (bf16, ViT-B/16 layer shapes, batch 64): the sparse-delta matmul per SDDMM impl vs
 #    the dense matmul, fused attention vs einsum -> ops_bench_accelerator.json
 # 4. remat: ViT-B/16 batch 256 and ViT-L/16 batch 64 with jax.checkpoint per block, full
 #    fine-tuning and LoRA: XLA's peak estimate and the step -> step_bench_remat.json
-# 5. (stage "guft", second) GUFT's step at a real selection: DINOv2-S/14 (GUFT_JAX_CACHE) trained
-#    3 epochs on Animal-MNIST, then timed with and without its row x column blocks beside full,
-#    LoRA and BitFit -> guft_step_bench_accelerator.json
+# 5. (stage "guft", second; step_bench --group guft_real) GUFT's step at a real selection:
+#    DINOv2-S/14 (GUFT_JAX_CACHE) trained 3 epochs on Animal-MNIST, then timed with and without
+#    its row x column blocks beside full, LoRA and BitFit -> guft_step_bench_accelerator.json
 # STAGES="guft fit remat" (say) runs a subset, in the order above.
 # JAX and torch share the GPU in (1): JAX is held to XLA_PYTHON_CLIENT_MEM_FRACTION of it.
 set -uo pipefail
@@ -75,7 +75,7 @@ if on step; then
 fi
 
 if on guft; then  # GUFT at a real selection (pretrained DINOv2-S/14, Animal-MNIST; its cache)
-  stage "GUFT step at a real selection" 90 200 "$PY" -m benchmarks.guft_step_bench \
+  stage "GUFT step at a real selection" 90 200 "$PY" -m benchmarks.step_bench --group guft_real \
     --image_size "${SIZES%% *}" --batch "$BATCH" --reps "$REPS" --precision bf16 \
     --out "$RESULTS/guft_step_bench_accelerator.json"
 fi

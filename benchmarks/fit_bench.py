@@ -1,72 +1,114 @@
-"""End-to-end ``fit()`` throughput against the bare jitted step, in one run.
+"""Whole ``train.fit`` runs timed: against the bare jitted step, or method against method.
 
     python -m benchmarks.fit_bench --model ViT-S/16 --image_size 112 --batch 50 --epochs 3
+    python -m benchmarks.fit_bench --compare runs                    # GUFT vs LoRA, whole runs
+    python -m benchmarks.fit_bench --compare runs --pool 10000 --train 1000 --epochs 10
 
-For each method and input kind (``host``: the source's numpy pipeline resizes and normalises on
-the host and each batch is copied to the device; ``device``: the uint8 split is held on the
-device and resized inside jit, :mod:`guft_jax.device_input`), ``train.fit`` runs on the real
-Animal-MNIST train800val200 split (1,000 images, 28 px, resized to ``--image_size``) and its
-steady-state epochs (epoch 2 on; epoch 1 holds the compile) are compared with the bare step:
-the same jitted step timed back to back on one batch already on the device, as many steps as an
-epoch has, which is what a perfect input pipeline would sustain. Reported: images/s of both,
+``--compare bare`` (default; ``benchmarks/results/fit_bench.json``): for each method and input
+kind (``host``: the source's numpy pipeline resizes and normalises on the host and each batch is
+copied to the device; ``device``: the uint8 split is held on the device and resized inside jit,
+:mod:`guft_jax.device_input`), ``train.fit`` runs on the real Animal-MNIST trainval split (1,000
+images, 28 px, resized to ``--image_size``) and its steady-state epochs (epoch 2 on; epoch 1
+holds the compile) are compared with the bare step: the same jitted step run back to back on one
+batch already on the device, as many steps as an epoch has, which is what a perfect input
+pipeline would sustain (:func:`benchmarks.harness.back_to_back`). Reported: images/s of both,
 ``fit / bare`` (target >= 0.9, issue 16), and each fit's wall time (compile, evaluation on the
 2,000 test images and, for GUFT, saliency included). Bare-step and fit measurements alternate so
-machine noise hits both. Writes ``benchmarks/results/fit_bench.json``.
+machine noise hits both.
+
+``--compare runs`` (``benchmarks/results/run_bench.json``): whole-run wall time of GUFT against
+LoRA, same data and model (the issue-16 figure: DINOv2-S/14 at 56 px, 10 epochs, batch 50, a
+10,000-image npz with a VTAB-1K split, GUFT 191-220 s against LoRA's 97 s). Both methods run with
+their shipped defaults (``Defaults`` of the registry: lr, head lr, kwargs); GUFT's saliency
+passes, head warm-up, recompiles and host work are inside its wall time. Runs are interleaved
+(``lora, guft, lora, guft, ...``) and the ratio is taken per pair (the median is reported). JAX's
+persistent compilation cache is on (:func:`guft_jax.compile_cache.enable`; ``--cache_dir ""``
+turns it off), as for a user's repeated runs. Per run: wall seconds, XLA compiles and their
+seconds (``jax.monitoring``'s backend compile events), persistent-cache hits, the step's traces,
+seconds inside the method's ``epoch_start`` hook (saliency, head warm-up, top-k, capacity
+adoption) and the train epochs' seconds. The default size fits a few minutes on 2 busy CPU
+cores: a 2,000-image pool of Fashion-MNIST, 300 train images, 10 epochs, test 500.
+
+Defaults not given here (batch size, image size, epochs, warm-up of ``runs``) are the training
+defaults of :class:`guft_jax.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, harness
+from benchmarks.step_bench import step_case
+from guft_jax import compile_cache, vit
 from guft_jax import precision as precision_lib
-from guft_jax import train, vit
-from guft_jax.data import get_source
-from guft_jax.methods import base as mbase
+from guft_jax.config import TrainConfig
+from guft_jax.data import get_source, offline
 from guft_jax.methods import get_method, spec
+from guft_jax.pretrained import load_pretrained
+
+COMPARES = ("bare", "runs")
+MODE_DEFAULTS = {
+    "bare": dict(
+        model="ViT-S/16",
+        image_size=112,
+        epochs=3,
+        methods="lora,full",
+        dataset="animal_mnist",
+        reps=2,
+        out="benchmarks/results/fit_bench.json",
+    ),
+    "runs": dict(
+        model="dinov2_s14",
+        image_size=TrainConfig().image_size,
+        epochs=TrainConfig().epochs,
+        methods="lora,guft",
+        dataset=None,
+        reps=2,
+        out="benchmarks/results/run_bench.json",
+    ),
+}
 
 
-def bare_step_images_per_s(model, method, params, *, image_size, batch, steps, lr) -> float:
+def registered(name: str):
+    """``(method, defaults)``: the registered method with its registered defaults."""
+    d = spec(name).defaults
+    return get_method(name, **(d.kwargs or {})), d
+
+
+# --- compare "bare" ----------------------------------------------------------------------------
+
+
+def bare_images_per_s(model, method, params, *, image_size, batch, steps, lr) -> float:
     """Images/s of ``steps`` back-to-back jitted steps on one device-resident batch."""
-    base = mbase.prepare_base(method, params)
-    tx, state = train.optimizer_for(method, base, steps_per_epoch=steps, epochs=1, lr=lr)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
-    step = train.make_train_step(model, method, tx)
-    mask = train.mask_of(method, state)
-    state, loss = step(state, base, x, y, mask)  # compile + warm-up
-    jax.block_until_ready(loss)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, loss = step(state, base, x, y, mask)
-    jax.block_until_ready(loss)
-    return steps * batch / (time.perf_counter() - t)
+    run = step_case("bare", model, method, params, x, y, lr=lr).build()
+    return steps * batch / harness.back_to_back(run, steps)
 
 
-def fit_once(model, method, params, source, *, image_size, batch, epochs, lr, kind, prec):
-    t = time.perf_counter()
-    r = train.fit(
-        model=model,
-        params=params,
-        method=method,
-        source=source,
+def fit_row(model, method, params, source, *, image_size, batch, epochs, lr, kind, prec):
+    """One fit's steady-state images/s, host fraction and wall time."""
+    fr, wall = harness.timed_fit(
+        model,
+        params,
+        method,
+        source,
         image_size=image_size,
         batch_size=batch,
         epochs=epochs,
         lr=lr,
         head_lr=lr,
-        progress=False,
-        log=lambda s: None,
         precision=prec,
         input=kind,
-    ).results
-    wall = time.perf_counter() - t
+    )
+    r = fr.results
     steady = [h["images_per_s"] for h in r["history"][1:]]
     # host time to dispatch an epoch's steps over the epoch's time: near 1 = input/host-bound
     host = [h["dispatch_seconds"] / h["epoch_seconds"] for h in r["history"][1:]]
@@ -81,82 +123,253 @@ def fit_once(model, method, params, source, *, image_size, batch, epochs, lr, ki
     )
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="ViT-S/16")
-    ap.add_argument("--image_size", type=int, default=112)
-    ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--methods", default="lora,full")
-    ap.add_argument("--inputs", default="host,device")
-    ap.add_argument("--precision", default="auto", choices=precision_lib.CHOICES)
-    ap.add_argument("--dataset", default="animal_mnist")
-    ap.add_argument("--reps", type=int, default=2, help="alternations of (bare step, fit)")
-    ap.add_argument("--out", default="benchmarks/results/fit_bench.json")
-    ap.add_argument(
-        "--bare_once",
-        type=int,
-        default=0,
-        choices=(0, 1),
-        help="1: time the bare step once per rep, not before each input kind (saves a compile)",
-    )
-    a = ap.parse_args(argv)
+def bare_method(a, name, model, params, source, steps, log) -> dict:
+    """One method's fit-vs-bare rows over ``--reps`` alternations and each input kind."""
+    method, d = registered(name)
+    row = {}
+    for rep in range(a.reps):
+        for i, kind in enumerate(a.inputs.split(",")):
+            if i == 0 or not a.bare_once:  # the bare step compiles anew on each call
+                bare = bare_images_per_s(
+                    model,
+                    method,
+                    params,
+                    image_size=a.image_size,
+                    batch=a.batch,
+                    steps=steps,
+                    lr=d.lr,
+                )
+            f = fit_row(
+                model,
+                method,
+                params,
+                source,
+                image_size=a.image_size,
+                batch=a.batch,
+                epochs=a.epochs,
+                lr=d.lr,
+                kind=kind,
+                prec=a.precision,
+            )
+            f["bare_images_per_s"] = bare
+            f["fit_vs_bare"] = f["images_per_s"] / bare
+            row.setdefault(kind, []).append(f)
+            log(
+                f"{name:10s} input={kind:6s} rep {rep}: fit {f['images_per_s']:8.1f} img/s, "
+                f"bare step {bare:8.1f} img/s, fit/bare {f['fit_vs_bare']:.3f}, "
+                f"host {f['host_fraction']:.2f} of the epoch, wall {f['wall_s']:.0f} s"
+            )
+    for kind, fs in row.items():
+        med = float(np.median([f["fit_vs_bare"] for f in fs]))
+        row[kind] = dict(runs=fs, fit_vs_bare_median=med)
+        log(f"{name:10s} input={kind:6s} median fit/bare over {len(fs)} reps: {med:.3f}")
+    return row
+
+
+def compare_bare(a, log):
+    """``--compare bare``: every method's fit against its bare step (JSON after each method)."""
     if a.epochs < 2:
-        ap.error("--epochs: must be >= 2 (epoch 1 holds the compile)")
+        raise SystemExit("--epochs: must be >= 2 (epoch 1 holds the compile)")
     source = get_source(a.dataset, seed=0)
     model = precision_lib.with_precision(
         vit.build_model(a.model, num_classes=source.num_classes), a.precision
     )
     params = vit.init_params(model, jax.random.PRNGKey(0), a.image_size)
     steps = source.size("train800val200") // a.batch
-    res = dict(
+    res = dict(machine=common.machine(), args=vars(a), steps_per_epoch=steps, runs={})
+    for name in a.methods.split(","):
+        res["runs"][name] = bare_method(a, name, model, params, source, steps, log)
+        yield res
+
+
+# --- compare "runs" ----------------------------------------------------------------------------
+
+
+class CompileCounter:
+    """XLA compiles, their seconds and persistent-cache hits, from ``jax.monitoring`` events."""
+
+    def __init__(self):
+        self.n, self.s, self.hits = 0, 0.0, 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
+
+    def _on_duration(self, event: str, duration: float, **kw) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.n += 1
+            self.s += float(duration)
+
+    def _on_event(self, event: str, **kw) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+
+    def snapshot(self) -> tuple[int, float, int]:
+        return self.n, self.s, self.hits
+
+
+def make_npz(path: str, pool: int) -> str:
+    """``pool`` Fashion-MNIST images (28x28 grey, uint8) with their labels, as a user npz."""
+    if os.path.exists(path):
+        return path
+    (x, y), _ = offline.read_fashion_mnist()
+    idx = np.random.default_rng(0).permutation(len(y))[:pool]
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, images=x[idx], labels=y[idx])
+    os.replace(tmp, path)
+    return path
+
+
+def timed_hooks(method, box: dict):
+    """The method with its ``epoch_start`` hook timed into ``box["hook_s"]`` and
+    ``box["rounds"]``."""
+    hook = method.hooks.epoch_start
+    if hook is None:
+        return method
+
+    def timed(epoch, ctx):
+        t = time.perf_counter()
+        out = hook(epoch, ctx)
+        jax.block_until_ready(out)
+        box["hook_s"] += time.perf_counter() - t
+        box["rounds"].append(dict(epoch=epoch, s=time.perf_counter() - t))
+        return out
+
+    return method._replace(hooks=method.hooks._replace(epoch_start=timed))
+
+
+def one_run(name: str, a, source, counter: CompileCounter) -> dict:
+    """One whole ``fit`` of ``name`` (its shipped defaults), with where its time went."""
+    method, d = registered(name)
+    model, params = load_pretrained(
+        a.model, num_classes=source.num_classes, image_size=a.image_size
+    )
+    box = {"hook_s": 0.0, "rounds": []}
+    lines = []
+    c0 = counter.snapshot()
+    fr, wall = harness.timed_fit(
+        model,
+        params,
+        timed_hooks(method, box),
+        source,
+        log=lines.append,
+        image_size=a.image_size,
+        batch_size=a.batch,
+        epochs=a.epochs,
+        lr=d.lr,
+        head_lr=d.head_lr,
+        warmup_epochs=TrainConfig().warmup_epochs,
+        seed=TrainConfig().seed,
+    )
+    res = fr.results
+    hist = res.get("history", [])
+    n, s, hits = (u - v for u, v in zip(counter.snapshot(), c0, strict=True))
+    out = dict(
+        method=name,
+        wall_s=wall,
+        compiles=n,
+        compile_s=s,
+        cache_hits=hits,
+        epoch_start_s=box["hook_s"],
+        rounds=box["rounds"],
+        train_epochs_s=float(sum(h.get("epoch_seconds", 0.0) for h in hist)),
+        step_traces=hist[-1].get("traces") if hist else None,
+        test_accuracy=res.get("test_accuracy"),
+        log=[s for s in lines if "recompute" in s or "capacity" in s or "head" in s],
+    )
+    out["rest_s"] = wall - out["epoch_start_s"] - out["train_epochs_s"]
+    return out
+
+
+def runs_source(a, log):
+    """The ``runs`` data: ``--dataset``, or an npz of ``--pool`` Fashion-MNIST images split into
+    ``--train`` (4:1 train:val) and ``--test`` images."""
+    if a.dataset:
+        return get_source(a.dataset, seed=0)
+    path = make_npz(a.npz.format(pool=a.pool), a.pool)
+    kw = {}
+    if a.train:
+        kw.update(train_size=a.train - a.train // 5, val_size=a.train // 5)
+    if a.test:
+        kw["test_size"] = a.test
+    source = get_source(f"npz:{path}", seed=0, **kw)
+    log(f"data {path}: { {s: source.size(s) for s in ('train800val200', 'test')} }")
+    return source
+
+
+def compare_runs(a, log):
+    """``--compare runs``: interleaved whole runs of each method, ``--reps`` times."""
+    a.cache_dir = compile_cache.enable(a.cache_dir)
+    log(f"persistent compilation cache: {a.cache_dir or 'off'}")
+    counter = CompileCounter()
+    source = runs_source(a, log)
+    methods, runs = a.methods.split(","), []
+    for p in range(a.reps):
+        for name in methods:
+            r = dict(one_run(name, a, source, counter), pair=p)
+            runs.append(r)
+            log(
+                f"pair {p} {name}: wall {r['wall_s']:.1f}s, train epochs "
+                f"{r['train_epochs_s']:.1f}s, epoch_start {r['epoch_start_s']:.1f}s, rest "
+                f"{r['rest_s']:.1f}s, compiles {r['compiles']} ({r['compile_s']:.1f}s), cache "
+                f"hits {r['cache_hits']}, traces {r['step_traces']}"
+            )
+    ratios = []
+    if len(methods) == 2:
+        for p in range(a.reps):
+            w = {r["method"]: r["wall_s"] for r in runs if r["pair"] == p}
+            ratios.append(w[methods[1]] / w[methods[0]])
+            log(f"{methods[1]} / {methods[0]} wall, pair {p}: {ratios[-1]:.3f}")
+    yield dict(
         machine=common.machine(),
         args=vars(a),
-        steps_per_epoch=steps,
-        runs={},
+        data={s: source.size(s) for s in ("train800val200", "test")},
+        runs=runs,
+        ratios=ratios,
+        ratio_median=float(np.median(ratios)) if ratios else None,
     )
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The command line; options left unset take ``--compare``'s defaults."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", default="bare", choices=COMPARES)
+    ap.add_argument("--model")
+    ap.add_argument("--image_size", type=int)
+    ap.add_argument("--batch", type=int, default=TrainConfig().batch_size)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--methods", help="comma-separated registered methods")
+    ap.add_argument("--dataset", help="a data source name (runs: default the Fashion-MNIST npz)")
+    ap.add_argument("--reps", type=int, help="bare: (bare step, fit) alternations; runs: pairs")
+    ap.add_argument("--pairs", type=int, dest="reps", help=argparse.SUPPRESS)
+    ap.add_argument("--out")
+    ap.add_argument("--inputs", default="host,device", help="bare: input kinds")
+    ap.add_argument("--precision", default="auto", choices=precision_lib.CHOICES)
+    ap.add_argument(
+        "--bare_once",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="bare: 1 times the bare step once per rep, not before each input kind",
+    )
+    ap.add_argument("--pool", type=int, default=2000, help="runs: images in the npz")
+    ap.add_argument("--train", type=int, default=300, help="runs: trainval size (0: 1,000)")
+    ap.add_argument("--test", type=int, default=500, help="runs: test images (0: the rest)")
+    ap.add_argument("--npz", default="/tmp/guft_run_bench_{pool}.npz", help="runs: the npz")
+    ap.add_argument("--cache_dir", default=None, help='runs: persistent compile cache ("": off)')
+    a = ap.parse_args(argv)
+    harness.apply_defaults(a, MODE_DEFAULTS[a.compare])
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
     t0 = time.time()
-    for name in a.methods.split(","):
-        method = get_method(name, **(spec(name).defaults.kwargs or {}))
-        lr = spec(name).defaults.lr
-        row = {}
-        for rep in range(a.reps):
-            for i, kind in enumerate(a.inputs.split(",")):
-                if i == 0 or not a.bare_once:  # the bare step compiles anew on each call
-                    bare = bare_step_images_per_s(
-                        model, method, params, image_size=a.image_size, batch=a.batch,
-                        steps=steps, lr=lr,
-                    )  # fmt: skip
-                f = fit_once(
-                    model,
-                    method,
-                    params,
-                    source,
-                    image_size=a.image_size,
-                    batch=a.batch,
-                    epochs=a.epochs,
-                    lr=lr,
-                    kind=kind,
-                    prec=a.precision,
-                )
-                f["bare_images_per_s"] = bare
-                f["fit_vs_bare"] = f["images_per_s"] / bare
-                row.setdefault(kind, []).append(f)
-                print(
-                    f"{name:10s} input={kind:6s} rep {rep}: fit {f['images_per_s']:8.1f} img/s, "
-                    f"bare step {bare:8.1f} img/s, fit/bare {f['fit_vs_bare']:.3f}, "
-                    f"host {f['host_fraction']:.2f} of the epoch, "
-                    f"wall {f['wall_s']:.0f} s",
-                    flush=True,
-                )
-        for kind, fs in row.items():
-            med = float(np.median([f["fit_vs_bare"] for f in fs]))
-            row[kind] = dict(runs=fs, fit_vs_bare_median=med)
-            print(f"{name:10s} input={kind:6s} median fit/bare over {len(fs)} reps: {med:.3f}")
-        res["runs"][name] = row
+    log = lambda s: print(s, flush=True)
+    res = {}
+    for res in (compare_bare if a.compare == "bare" else compare_runs)(a, log):
         res["wall_s"] = time.time() - t0
         common.write_json(a.out, res)
-    print(f"wrote {a.out} ({res['wall_s']:.0f} s)")
+    log(f"wrote {a.out} ({res.get('wall_s', 0):.0f} s)")
+    return res
 
 
 if __name__ == "__main__":

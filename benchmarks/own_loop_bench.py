@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import common
+from benchmarks import common, harness
 from guft_jax import transforms
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "own_loop_bench.json")
@@ -42,10 +41,6 @@ class MLP(nn.Module):
         x = nn.relu(nn.Dense(self.hidden)(x))
         x = nn.relu(nn.Dense(self.width)(x))
         return nn.Dense(self.classes, name="head")(x)
-
-
-def _bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
 def _optimizers(ratio: float) -> dict:
@@ -81,31 +76,22 @@ def run(*, reps: int, batch: int, ratio: float, seed: int = 0) -> dict:
     params = model.init(jax.random.key(seed), x[:1])["params"]
     n_params = sum(v.size for v in jax.tree.leaves(params))
     scores = jax.tree.map(lambda v: jnp.asarray(rng.random(v.shape), jnp.float32), params)
-    rows, live = {}, {}
+    runs = {}
     for name, (tx, needs) in _optimizers(ratio).items():
-        step = _step(model, tx, needs)
         p = jax.tree.map(jnp.array, params)
-        opt = tx.init(p)
-        for _ in range(3):  # compile, run the round, warm up
-            p, opt = step(p, opt, x, y, scores)
-        jax.block_until_ready(p)
-        rows[name] = dict(state_bytes=_bytes(opt))
-        live[name] = [step, p, opt, []]
-    for _ in range(reps):
-        for entry in live.values():
-            step, p, opt, times = entry
-            t0 = time.perf_counter()
-            p, opt = step(p, opt, x, y, scores)
-            jax.block_until_ready((p, opt))
-            times.append(time.perf_counter() - t0)
-            entry[1], entry[2] = p, opt
+        # compile, run the round, warm up; each step carries (params, optimizer state)
+        args = (p, tx.init(p), x, y, scores)
+        runs[name] = harness.jit_run(name, _step(model, tx, needs), args, carry=2, warmup=3)
+    harness.round_robin(runs, reps)
+    rows = {}
+    for name, r in runs.items():
+        state_bytes = harness.tree_bytes(r.args[1])
+        rows[name] = dict(state_bytes=state_bytes, step_s=float(np.median(r.times)))
     base = rows["adamw"]
-    base["step_s"] = float(np.median(live["adamw"][3]))
-    for name, row in rows.items():
-        row["step_s"] = float(np.median(live[name][3]))
+    for row in rows.values():
         row["state_ratio_to_adamw"] = row["state_bytes"] / base["state_bytes"]
         row["step_ratio_to_adamw"] = row["step_s"] / base["step_s"]
-    st = transforms.find_state(live["gradual_unfreeze_sparse"][2])
+    st = transforms.find_state(runs["gradual_unfreeze_sparse"].args[1])
     n_elig = n_params - sum(v.size for v in jax.tree.leaves(params["head"]))
     return dict(
         params=int(n_params),

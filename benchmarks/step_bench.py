@@ -1,19 +1,39 @@
-"""Train-step cost of every method relative to full fine-tuning, measured in one run.
+"""Train-step cost of each method relative to full fine-tuning, measured in one run.
 
     python -m benchmarks.step_bench --models ViT-S/16,ViT-B/16 --image_size 224 --batch 32
+    python -m benchmarks.step_bench --group losia --models ViT-S/16 --batch 8,32 --reps 7
+    python -m benchmarks.step_bench --group guft_real     # DINOv2-S/14, Animal-MNIST
 
-For each model and method: median step time (jitted forward + backward + AdamW update, the
-engine's own step; methods interleaved round-robin so machine noise hits all alike), compile
-time, optimizer-state bytes, XLA's peak-memory estimate of the compiled step
-(``memory_analysis``: arguments + outputs + temporaries − aliased), the step's FLOPs
-(``cost_analysis``) and the achieved FLOP/s as a fraction of a large float32 matmul's FLOP/s
-measured in the same run (a CPU "MFU"). GUFT is measured at the paper's final budget (0.34% of
-the backbone, entries spread over tensors in proportion to their size) on its sparse path and on
-the dense reference path, and its saliency pass (batch mode) is timed against the same number of
-plain forward+backward passes. Ratios are taken against full fine-tuning in the same run.
-``--precision fp32,bf16`` measures each method under each policy in the same round-robin
-(rows ``name@bf16``; ``step_vs_full`` against full fine-tuning at the same precision,
-``step_vs_full_fp32`` against fp32 full fine-tuning). Writes ``benchmarks/results/step_bench.json``.
+Every row is the engine's own jitted step (forward + backward + AdamW update + the method's step
+hook), compiled once and timed round-robin with the others by :mod:`benchmarks.harness` (compile
+seconds, XLA's peak-memory estimate of the compiled step, its FLOPs, the median step and its
+ratio to full fine-tuning's in the same run). Three groups of rows:
+
+- ``methods`` (default; ``benchmarks/results/step_bench.json``): every registered method with its
+  registered defaults, per model (``--batch``: one size, or one per model). GUFT is timed at the
+  paper's final budget (0.34% of the backbone, entries spread over tensors in proportion to their
+  size) on its sparse path and on the dense reference path (``guft_dense``), and with each SDDMM
+  implementation forced (``guft_gather``, ``guft_dense_dw``, ``guft_pallas``); its saliency pass
+  (batch mode) is timed against as many plain forward+backward passes. Also the achieved FLOP/s
+  as a fraction of a large float32 matmul's measured in the same run (a CPU "MFU").
+  ``--precision fp32,bf16`` measures each method under each policy in the same round-robin
+  (rows ``name@bf16``; ``step_vs_full`` against full fine-tuning at the same precision,
+  ``step_vs_full_fp32`` against fp32 full fine-tuning); ``--peer torch`` adds the PyTorch peer
+  (:mod:`benchmarks.torch_peer`) to the round-robin; ``--remat 1`` remats each block.
+- ``losia`` (``benchmarks/results/losia_bench.json``): LoSiA-Pro against full fine-tuning and
+  LoSiA, each ``--batch`` size of each model measured separately. The LoSiA rows run with their
+  registered defaults (p = 1/8, T = 100) from step 0, so one layer is recording importance (its
+  dense weight gradient runs) in every measured step, as in training; ``losia_pro_static`` is
+  LoSiA-Pro without relocalisation (no importance tap, no dense weight gradient at all).
+- ``guft_real`` (``benchmarks/results/guft_step_bench.json``): GUFT at a real selection. Real
+  saliency selections cluster, unlike the magnitude selection of ``methods``: GUFT is first
+  trained with its shipped defaults (rounds at epochs 1, 2, 3 of a 3-epoch ``train.fit`` on the
+  real Animal-MNIST trainval split, pretrained DINOv2-S/14), then its step at that final
+  selection is timed with each weight-gradient choice of the sparse path (``guft``: row x column
+  blocks in both passes where a block is at most the block fraction of a matrix;
+  ``guft_block_dw``: blocks for the weight gradient only, ``W0 + S`` densified in each pass;
+  ``guft_noblock``: blocks disabled, the backend's SDDMM everywhere) beside ``full``, ``lora``
+  and ``bitfit``. Also: how much of each matrix its block covers.
 """
 
 from __future__ import annotations
@@ -21,68 +41,243 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
-from guft_jax import masks, memory_plan, ops, paths, saliency, train, vit
+from benchmarks import common, harness
+from guft_jax import guft as guft_lib
+from guft_jax import kernels as kernels_lib
+from guft_jax import masks, ops, paths, saliency, train, vit
 from guft_jax import precision as precision_lib
+from guft_jax.config import TrainConfig
+from guft_jax.data import get_source
 from guft_jax.methods import base as mbase
 from guft_jax.methods import get_method, method_names, spec
+from guft_jax.pretrained import load_pretrained
 
-# Every registered method (with its registered defaults), GUFT's dense reference path, and GUFT's
-# sparse path with each SDDMM implementation forced (``ops.AUTO_IMPL`` picks one per backend).
-SDDMM_ROWS = {"guft_gather": "gather", "guft_dense_dw": "dense", "guft_pallas": "pallas"}
+# GUFT's sparse path with each SDDMM implementation forced, and the kernel choices of the
+# ``guft_real`` rows (the sparse path's weight-gradient variants).
+SDDMM_ROWS = {
+    "guft_gather": dict(sddmm="gather"),
+    "guft_dense_dw": dict(sddmm="dense"),
+    "guft_pallas": dict(sddmm="pallas"),
+}
+BLOCK_ROWS = {
+    "guft": dict(block_forward="on"),
+    "guft_block_dw": dict(block_forward="off"),
+    "guft_noblock": dict(block_forward="on", block_max_fraction=0.0),
+}
 METHODS = (*method_names(), "guft_dense", *SDDMM_ROWS)
+LOSIA_ROWS = {
+    "full": ("full", {}),
+    "losia": ("losia", None),
+    "losia_pro": ("losia_pro", None),
+    "losia_pro_static": ("losia_pro", dict(relocalize=False)),
+}
+REAL_ROWS = ("full", "lora", "bitfit", *BLOCK_ROWS)
+GROUPS = ("methods", "losia", "guft_real")
 
 
-def _method(name):
-    """GUFT rows are timed at the paper's final budget (0.34%) spread over the tensors in
-    proportion to their size: GUFT's own machinery with the magnitude score and per-tensor
-    allocation fills the mask (no saliency pass needed to time a step; the step is the same)."""
+class GroupDefaults(NamedTuple):
+    """A group's defaults of the options left unset on the command line (``None``: the training
+    default, :class:`guft_jax.config.TrainConfig`)."""
+
+    models: str
+    image_size: int | None
+    batch: str | None
+    reps: int
+    rows: str
+    precision: str
+
+
+GROUP_DEFAULTS = {
+    "methods": GroupDefaults("ViT-S/16,ViT-B/16", 224, "32", 3, ",".join(METHODS), "fp32"),
+    "losia": GroupDefaults("ViT-S/16", 224, "8,32", 7, ",".join(LOSIA_ROWS), "fp32"),
+    "guft_real": GroupDefaults("dinov2_s14", None, None, 7, ",".join(REAL_ROWS), "auto"),
+}
+
+
+@contextlib.contextmanager
+def kernel_choice(choice: dict | None):
+    """GUFT's kernel choices while a step is traced (None: the backend's defaults)."""
+    if not choice:
+        yield
+        return
+    backend = jax.default_backend()
+    saved = ops.AUTO_IMPL.get(backend), ops.BLOCK_FORWARD.get(backend), ops.BLOCK_MAX_FRACTION
+    if "sddmm" in choice:
+        ops.AUTO_IMPL[backend] = choice["sddmm"]
+    if "block_forward" in choice:
+        ops.BLOCK_FORWARD[backend] = choice["block_forward"] == "on"
+    ops.BLOCK_MAX_FRACTION = choice.get("block_max_fraction", saved[2])
+    try:
+        yield
+    finally:
+        ops.AUTO_IMPL[backend], ops.BLOCK_FORWARD[backend], ops.BLOCK_MAX_FRACTION = saved
+
+
+def registered(name: str, **override):
+    """The registered method ``name`` with its registered default hyperparameters."""
+    return get_method(name, **{**(spec(name).defaults.kwargs or {}), **override})
+
+
+def _method_row(name: str):
+    """A ``methods`` row's method. GUFT rows run at the paper's final budget (0.34%) spread over
+    the tensors in proportion to their size: GUFT's own machinery with the magnitude score and
+    per-tensor allocation fills the mask (no saliency pass needed to time a step)."""
     kw = dict(recompute_epochs=[1], ratios=[0.0034], score="magnitude", allocation="per_tensor")
     if name == "guft" or name in SDDMM_ROWS:
         return get_method("guft", **kw)
     if name == "guft_dense":
         return get_method("guft", sparse=False, **kw)
-    return get_method(name, **(spec(name).defaults.kwargs or {}))
+    return registered(name)
 
 
-@contextlib.contextmanager
-def _sddmm_impl(impl):
-    """``ops.AUTO_IMPL`` for this backend set to ``impl`` while a step is traced (None: as is)."""
-    backend = jax.default_backend()
-    old = ops.AUTO_IMPL.get(backend)
-    if impl is not None:
-        ops.AUTO_IMPL[backend] = impl
-    try:
-        yield
-    finally:
-        ops.AUTO_IMPL[backend] = old
+def synthetic_inputs(model_name: str, *, image_size: int, batch: int, remat: bool = False):
+    """``(model, params, x, y)``: a 100-class ViT (non-zero head, so the backbone's gradient is
+    not exactly zero) and one random batch."""
+    model = vit.build_model(model_name, num_classes=100)
+    if remat:  # jax.checkpoint per encoder block
+        model = model.clone(remat=True)
+    params = vit.init_params(model, jax.random.PRNGKey(0), image_size)
+    params = dict(params, head=jax.tree.map(lambda v: v + 0.01, params["head"]))
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, image_size, image_size, 3))
+    y = jnp.arange(batch, dtype=jnp.int32) % 100
+    return model, params, x, y
 
 
-def _bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+def step_case(key, model, method, params, x, y, *, lr, state=None, kernels=None, info=None):
+    """A :class:`harness.Case` timing the engine's train step of ``method`` on ``(x, y)``.
+
+    Args:
+      key: the row name.
+      model: the (precision-cast) model.
+      method: the method.
+      params: the base params (the method's ``prepare_base`` runs once, outside the step).
+      x: the batch's images.
+      y: its labels.
+      lr: the optimizer's learning rate.
+      state: a train state to start from (its optimizer state re-initialised); None: a fresh
+        one, with the method's first ``epoch_start`` run on the batch.
+      kernels: GUFT's kernel choices (:func:`kernel_choice`).
+      info: extra fields for the row.
+    """
+
+    def build():
+        base = mbase.prepare_base(method, params) if state is None else params
+        tx, st = train.optimizer_for(method, base, steps_per_epoch=1000, epochs=1, lr=lr)
+        if state is None:
+            st = train.epoch_start(
+                model, method, base, st, 1, batches=lambda: [(x, y)], epochs=1, log=lambda s: None
+            )
+        else:  # the step donates its state: a copy, with a fresh optimizer state
+            st = jax.tree.map(jnp.copy, state)
+            st = st._replace(opt_state=tx.init(st.trainable))
+        step = train.make_train_step(model, method, tx)
+        with kernel_choice(kernels):  # the kernels are chosen while tracing
+            run = harness.jit_run(key, step, (st, base, x, y, train.mask_of(method, st)))
+        st = run.args[0]
+        n = sum(train.trained_counts(method, base, st.trainable, st.method_state).values())
+        run.info.update(trainable=int(n), opt_state_bytes=harness.tree_bytes(st.opt_state))
+        run.info.update(info or {})
+        return run
+
+    return harness.Case(key, build)
 
 
 def matmul_flops_per_s(n=2048, reps=5, dtype=jnp.float32) -> float:
     """FLOP/s of one ``n``³ matmul on random data (zeros and ones run faster than real data)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    f = jax.jit(lambda u, v: u @ v)
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / float(np.median(ts))
+    run = harness.jit_run("matmul", jax.jit(lambda u, v: u @ v), (a, b), carry=0)
+    harness.round_robin({"matmul": run}, reps)
+    return 2 * n**3 / float(np.median(run.times))
 
 
-def bench_model(
+# --- group "methods" ---------------------------------------------------------------------------
+
+
+def _method_cases(model, params, x, y, *, methods, precisions):
+    multi = len(precisions) > 1
+    for prec in precisions:
+        pmodel = precision_lib.with_precision(model, prec)
+        for name in methods:
+            key = f"{name}@{prec}" if multi else name
+            info = dict(
+                precision=precision_lib.resolve(prec), full_key=f"full@{prec}" if multi else "full"
+            )
+            yield step_case(
+                key,
+                pmodel,
+                _method_row(name),
+                params,
+                x,
+                y,
+                lr=TrainConfig().lr,
+                kernels=SDDMM_ROWS.get(name),
+                info=info,
+            )
+
+
+def _peer_cases(model_name, *, image_size, batch, precisions, peer):
+    """The PyTorch peer's rows (``benchmarks.torch_peer``), timed in the same round-robin."""
+    from benchmarks import torch_peer
+
+    multi = len(precisions) > 1
+    for prec in precisions:
+        for spec_ in peer:
+            method, _, comp = spec_.partition("+")
+            p = precision_lib.resolve(prec)
+            key = f"torch:{spec_}@{prec}" if multi else f"torch:{spec_}"
+
+            def build(method=method, comp=comp, p=p, key=key):
+                r = torch_peer.build(
+                    model_name,
+                    method,
+                    image_size=image_size,
+                    batch=batch,
+                    precision=p,
+                    compile_model=comp == "compile",
+                )
+                return harness.Run(
+                    key,
+                    r.step,
+                    peak_bytes=r.peak_bytes,
+                    info=dict(precision=p, trainable=r.trainable),
+                )
+
+            yield harness.Case(key, build)
+
+
+def _method_rows(runs, *, batch, backbone):
+    rows = {k: harness.summary(r, batch=batch) for k, r in runs.items()}
+    f32 = rows.get("full@fp32", rows.get("full"))
+    for row in rows.values():
+        row["trainable_pct"] = 100 * row["trainable"] / backbone
+        ref = rows.get(row.pop("full_key"))
+        if ref is not None:
+            harness.add_ratios(row, ref, "full")
+        if f32 is not None:
+            row["step_vs_full_fp32"] = row["step_s"] / f32["step_s"]
+    return rows
+
+
+def _peer_rows(runs, rows, *, batch, multi):
+    out = {}
+    for k, r in runs.items():
+        out[k] = harness.summary(r, batch=batch)
+        own = rows.get(f"full@{out[k]['precision']}" if multi else "full")
+        if own:
+            out[k]["our_full_vs_this"] = own["images_per_s"] / out[k]["images_per_s"]
+    return out
+
+
+def bench_methods(
     model_name,
     *,
     image_size,
@@ -94,138 +289,32 @@ def bench_model(
     peer=(),
     saliency_pass=True,
     remat=False,
-):
-    model = vit.build_model(model_name, num_classes=100)
-    if remat:  # jax.checkpoint per encoder block
-        model = model.clone(remat=True)
-    params = vit.init_params(model, jax.random.PRNGKey(0), image_size)
-    params = dict(params, head=jax.tree.map(lambda x: x + 0.01, params["head"]))
-    x = jax.random.normal(jax.random.PRNGKey(1), (batch, image_size, image_size, 3))
-    y = jnp.arange(batch, dtype=jnp.int32) % 100
+) -> dict:
+    """The ``methods`` group for one model: ``dict(methods, saliency, backbone_params, peer,
+    failed)``."""
+    model, params, x, y = synthetic_inputs(
+        model_name, image_size=image_size, batch=batch, remat=remat
+    )
     backbone = vit.count_params({k: v for k, v in params.items() if k != "head"})
-    runs, failed = {}, {}
-    multi = len(precisions) > 1
-    for prec, name in [(p, n) for p in precisions for n in methods]:
-        key = f"{name}@{prec}" if multi else name
-        pmodel = precision_lib.with_precision(model, prec)
-        m = _method(name)
-        base = mbase.prepare_base(m, params)  # once, outside the timed step (NF4 quantisation)
-        tx, state = train.optimizer_for(m, base, steps_per_epoch=1000, epochs=1, lr=1e-3)
-        state = train.epoch_start(
-            pmodel, m, base, state, 1, batches=lambda: [(x, y)], epochs=1, log=lambda s: None
-        )
-        mask = train.mask_of(m, state)
-        n_trainable = int(
-            sum(train.trained_counts(m, base, state.trainable, state.method_state).values())
-        )
-        step = train.make_train_step(pmodel, m, tx)
-        t = time.perf_counter()
-        try:
-            with _sddmm_impl(SDDMM_ROWS.get(name)):  # the impl is chosen while tracing
-                compiled = step.lower(state, base, x, y, mask).compile()
-            compile_s = time.perf_counter() - t
-            state, loss = compiled(state, base, x, y, mask)  # warm-up
-            jax.block_until_ready(loss)
-        except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
-            failed[key] = f"{type(e).__name__}: {str(e)[:500]}"
-            log(f"  {model_name} {key}: FAILED {failed[key]}")
-            continue
-        peak = memory_plan.compiled_peak_bytes(compiled)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        mstate = _bytes(state.opt_state)
-        runs[key] = dict(
-            precision=precision_lib.resolve(prec),
-            full_key=f"full@{prec}" if multi else "full",
-            compiled=compiled,
-            state=state,
-            params=base,
-            mask=mask,
-            times=[],
-            compile_s=compile_s,
-            peak_bytes=peak,
-            flops=float(cost.get("flops", 0.0)) if cost else 0.0,
-            opt_state_bytes=mstate,
-            trainable=n_trainable,
-        )
-        log(f"  {model_name} {key}: compiled in {compile_s:.1f}s")
-    peers = {}
-    if peer:  # the PyTorch peer, timed in the same round-robin (benchmarks/torch_peer.py)
-        from benchmarks import torch_peer
-
-        for prec in precisions:
-            for spec_ in peer:
-                method, _, comp = spec_.partition("+")
-                try:
-                    run = torch_peer.build(
-                        model_name,
-                        method,
-                        image_size=image_size,
-                        batch=batch,
-                        precision=precision_lib.resolve(prec),
-                        compile_model=comp == "compile",
-                    )
-                except Exception as e:  # noqa: BLE001 -- the peer failing must not lose ours
-                    failed[f"torch:{spec_}@{prec}"] = f"{type(e).__name__}: {str(e)[:500]}"
-                    log(f"  {model_name} torch:{spec_}: FAILED {failed[f'torch:{spec_}@{prec}']}")
-                    continue
-                key = f"{run.name}@{prec}" if multi else run.name
-                peers[key] = dict(run=run, times=[], precision=precision_lib.resolve(prec))
-                log(f"  {model_name} {key}: built")
-    for _ in range(reps):  # round-robin: noise hits every method alike
-        for r in runs.values():
-            t = time.perf_counter()
-            r["state"], loss = r["compiled"](r["state"], r["params"], x, y, r["mask"])
-            jax.block_until_ready(loss)
-            r["times"].append(time.perf_counter() - t)
-        for r in peers.values():
-            r["times"].append(torch_peer.timed(r["run"]))
-    out = {}
-    for name, r in runs.items():
-        med = float(np.median(r["times"]))
-        out[name] = dict(
-            precision=r["precision"],
-            full_key=r["full_key"],
-            step_s=med,
-            images_per_s=batch / med,
-            compile_s=r["compile_s"],
-            flops=r["flops"],
-            flops_per_s=r["flops"] / med if r["flops"] else None,
-            opt_state_bytes=r["opt_state_bytes"],
-            peak_bytes=r["peak_bytes"],
-            trainable=r["trainable"],
-            trainable_pct=100 * r["trainable"] / backbone,
-        )
-    f32 = out.get("full@fp32" if multi else "full")
-    for o in out.values():
-        f = out.get(o.pop("full_key"))
-        if f is None:
-            continue
-        o["step_vs_full"] = o["step_s"] / f["step_s"]
-        o["opt_state_vs_full"] = o["opt_state_bytes"] / f["opt_state_bytes"]
-        if o["peak_bytes"] and f["peak_bytes"]:
-            o["peak_vs_full"] = o["peak_bytes"] / f["peak_bytes"]
-        if f32 is not None:
-            o["step_vs_full_fp32"] = o["step_s"] / f32["step_s"]
-    peer_out = {}
-    for name, r in peers.items():
-        med = float(np.median(r["times"]))
-        peer_out[name] = dict(
-            precision=r["precision"],
-            step_s=med,
-            images_per_s=batch / med,
-            peak_bytes=r["run"].peak_bytes,
-            trainable=r["run"].trainable,
-        )
-        own = out.get(f"full@{r['precision']}" if multi else "full")
-        if own:
-            peer_out[name]["our_full_vs_this"] = own["images_per_s"] / (batch / med)
+    failed = {}
+    cases = _method_cases(model, params, x, y, methods=methods, precisions=precisions)
+    runs = harness.prepare(cases, log, failed)
+    peers = harness.prepare(
+        _peer_cases(
+            model_name, image_size=image_size, batch=batch, precisions=precisions, peer=peer
+        ),
+        log,
+        failed,
+    )
+    harness.round_robin({**runs, **peers}, reps)
+    rows = _method_rows(runs, batch=batch, backbone=backbone)
+    peer_rows = _peer_rows(peers, rows, batch=batch, multi=len(precisions) > 1)
     sal = _saliency_vs_plain(model, params, x, y, reps) if saliency_pass else None
-    return dict(methods=out, saliency=sal, backbone_params=backbone, peer=peer_out, failed=failed)
+    return dict(methods=rows, saliency=sal, backbone_params=backbone, peer=peer_rows, failed=failed)
 
 
 def _saliency_vs_plain(model, params, x, y, reps):
-    """GUFT's saliency pass vs the same number of plain fwd+bwd passes."""
+    """GUFT's saliency pass vs the same number of plain fwd+bwd passes (and one global top-k)."""
     loss = jax.jit(
         lambda theta, xx, yy: train.optax.softmax_cross_entropy_with_integer_labels(
             model.apply({"params": theta}, xx), yy
@@ -253,8 +342,7 @@ def _saliency_vs_plain(model, params, x, y, reps):
     plain_s = time.perf_counter() - t
     t = time.perf_counter()
     k = masks.budget(0.001, sum(math.prod(s) for s in eligible.values()))
-    mk = masks.topk_mask(g, k)
-    jax.block_until_ready(mk)
+    jax.block_until_ready(masks.topk_mask(g, k))
     topk_s = time.perf_counter() - t
     return dict(
         batches=n_batches,
@@ -266,59 +354,12 @@ def _saliency_vs_plain(model, params, x, y, reps):
     )
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="ViT-S/16,ViT-B/16")
-    ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument("--batch", default="32", help="one batch size, or one per model (comma)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--out", default="benchmarks/results/step_bench.json")
-    ap.add_argument(
-        "--precision",
-        default="fp32",
-        help=f"comma-separated policies from {', '.join(precision_lib.CHOICES)} "
-        "(each method measured under each, interleaved)",
-    )
-    ap.add_argument(
-        "--peer",
-        default="",
-        help="'torch': also time the PyTorch peer (timm + peft, when importable) in the same "
-        "round-robin: full, full+compile, lora, bitfit",
-    )
-    ap.add_argument(
-        "--saliency",
-        default=1,
-        type=int,
-        choices=(0, 1),
-        help="1: also time GUFT's saliency pass against plain fwd+bwd passes",
-    )
-    ap.add_argument("--remat", default=0, type=int, choices=(0, 1), help="1: remat each block")
-    a = ap.parse_args(argv)
-    if a.peer not in ("", "torch"):
-        ap.error(f"--peer: {a.peer!r} is not allowed; allowed: torch")
+def run_methods(a, log) -> dict:
+    """The ``methods`` group over ``--models`` (one ``--batch`` per model, or one for all)."""
     peer = ("full", "full+compile", "lora", "bitfit") if a.peer == "torch" else ()
-    if peer:
-        from benchmarks import torch_peer
-
-        why = torch_peer.available()
-        if why:
-            ap.error(f"--peer torch: {why}")
     precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
-    for p in precisions:  # a bad name fails before anything runs
-        if p not in precision_lib.CHOICES:
-            ap.error(
-                f"--precision: {p!r} is not allowed; allowed: {', '.join(precision_lib.CHOICES)}"
-            )
-    unknown = sorted(set(a.methods.split(",")) - set(METHODS))
-    if unknown:
-        ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    t0 = time.time()
     res = dict(
-        machine=common.machine(),
-        args=vars(a),
-        matmul_flops_per_s=matmul_flops_per_s(),
-        models={},
+        machine=common.machine(), args=vars(a), matmul_flops_per_s=matmul_flops_per_s(), models={}
     )
     if jax.default_backend() != "cpu":  # the accelerator's bf16 ceiling, measured in this run
         res["matmul_bf16_flops_per_s"] = matmul_flops_per_s(8192, 10, jnp.bfloat16)
@@ -326,14 +367,14 @@ def main(argv=None):
     batches = [int(b) for b in str(a.batch).split(",")]
     batches = batches * len(models) if len(batches) == 1 else batches
     for name, batch in zip(models, batches, strict=True):
-        print(f"{name} @ {a.image_size}px, batch {batch}", flush=True)
-        r = bench_model(
+        log(f"{name} @ {a.image_size}px, batch {batch}")
+        r = bench_methods(
             name,
             image_size=a.image_size,
             batch=batch,
             reps=a.reps,
-            methods=a.methods.split(","),
-            log=lambda s: print(s, flush=True),
+            methods=a.rows.split(","),
+            log=log,
             precisions=precisions,
             peer=peer,
             saliency_pass=bool(a.saliency),
@@ -346,20 +387,19 @@ def main(argv=None):
                     o["mfu_vs_bf16_matmul"] = o["flops_per_s"] / res["matmul_bf16_flops_per_s"]
         r["batch"] = batch
         res["models"][name] = r
-        print(table(name, r), flush=True)
+        log(table(name, r))
         for pn, po in r["peer"].items():
-            print(
+            log(
                 f"| {pn} | step {po['step_s']:.4f}s | {po['images_per_s']:.0f} img/s | "
                 f"ours(full)/this {po.get('our_full_vs_this', float('nan')):.3f} | "
-                f"peak {(po['peak_bytes'] or 0) / 2**30:.2f} GiB |",
-                flush=True,
+                f"peak {(po['peak_bytes'] or 0) / 2**30:.2f} GiB |"
             )
-        res["wall_s"] = time.time() - t0
-        common.write_json(a.out, res)
-        print(f"wrote {a.out} ({res['wall_s']:.0f} s)", flush=True)
+        yield res  # written after each model
 
 
 def table(name, r) -> str:
+    """The ``methods`` rows of one model as a markdown table (and the saliency line)."""
+    nan = float("nan")
     lines = [
         f"| {name} | trainable % | step s | img/s | step / full | opt state MB | opt / full "
         f"| peak MB | peak / full | MFU vs matmul | MFU vs bf16 matmul |",
@@ -368,21 +408,251 @@ def table(name, r) -> str:
     for m, o in r["methods"].items():
         lines.append(
             f"| {m} | {o['trainable_pct']:.3f} | {o['step_s']:.4f} | {o['images_per_s']:.0f} | "
-            f"{o.get('step_vs_full', float('nan')):.3f} | {o['opt_state_bytes'] / 2**20:.2f} | "
-            f"{o.get('opt_state_vs_full', float('nan')):.4f} | "
-            f"{(o['peak_bytes'] or 0) / 2**20:.0f} | {o.get('peak_vs_full', float('nan')):.3f} | "
-            f"{o.get('mfu_vs_matmul') or float('nan'):.3f} | "
-            f"{o.get('mfu_vs_bf16_matmul') or float('nan'):.3f} |"
+            f"{o.get('step_vs_full', nan):.3f} | {o['opt_state_bytes'] / 2**20:.2f} | "
+            f"{o.get('opt_state_vs_full', nan):.4f} | {(o['peak_bytes'] or 0) / 2**20:.0f} | "
+            f"{o.get('peak_vs_full', nan):.3f} | {o.get('mfu_vs_matmul') or nan:.3f} | "
+            f"{o.get('mfu_vs_bf16_matmul') or nan:.3f} |"
         )
     s = r["saliency"]
-    if s is None:
-        return "\n".join(lines)
-    lines.append(
-        f"\nsaliency pass over {s['batches']} batches: {s['saliency_s']:.2f}s vs plain fwd+bwd "
-        f"{s['plain_fwd_bwd_s']:.2f}s (ratio {s['ratio']:.3f}); global top-k "
-        f"(k={s['topk_k']:,}) {s['topk_s']:.2f}s"
-    )
+    if s is not None:
+        lines.append(
+            f"\nsaliency pass over {s['batches']} batches: {s['saliency_s']:.2f}s vs plain "
+            f"fwd+bwd {s['plain_fwd_bwd_s']:.2f}s (ratio {s['ratio']:.3f}); global top-k "
+            f"(k={s['topk_k']:,}) {s['topk_s']:.2f}s"
+        )
     return "\n".join(lines)
+
+
+# --- group "losia" -----------------------------------------------------------------------------
+
+
+def bench_losia(model_name, *, image_size, batch, reps, rows, log) -> dict:
+    """The ``losia`` group at one batch size: each row's summary and its ratios to full's."""
+    model, params, x, y = synthetic_inputs(model_name, image_size=image_size, batch=batch)
+    cases = []
+    for row in rows:
+        name, kw = LOSIA_ROWS[row]
+        m = registered(name) if kw is None else get_method(name, **kw)
+        cases.append(step_case(row, model, m, params, x, y, lr=1e-4))
+    failed = {}
+    runs = harness.prepare(cases, log, failed)
+    if failed:
+        raise RuntimeError(f"losia rows failed: {failed}")
+    harness.round_robin(runs, reps, log)
+    out = {k: harness.summary(r) for k, r in runs.items()}
+    return harness.with_ratios(out, "full")
+
+
+def run_losia(a, log) -> dict:
+    """The ``losia`` group: every ``--batch`` size of every model."""
+    res = dict(machine=common.machine(load_avg_start=os.getloadavg()), args=vars(a), batches={})
+    for name in a.models.split(","):
+        for b in a.batch.split(","):
+            key = b if "," not in a.models else f"{name}@{b}"
+            res["batches"][key] = bench_losia(
+                name,
+                image_size=a.image_size,
+                batch=int(b),
+                reps=a.reps,
+                rows=a.rows.split(","),
+                log=log,
+            )
+    res["machine"]["load_avg_end"] = os.getloadavg()
+    for b, rows in res["batches"].items():
+        for row, o in rows.items():
+            log(
+                f"batch {b} {row:>18}: step {o['step_s']:.3f}s "
+                f"({o.get('step_vs_full', 1):.2f}x full, "
+                f"fastest {o.get('step_vs_full_min', 1):.2f}x), "
+                f"flops {o.get('flops_vs_full', 1):.2f}x, "
+                f"opt state {o.get('opt_state_vs_full', 1):.3f}x, "
+                f"peak {o.get('peak_vs_full', float('nan')):.2f}x"
+            )
+    yield res
+
+
+# --- group "guft_real" -------------------------------------------------------------------------
+
+
+def trained_guft(model, params, source, *, image_size, batch, epochs, log):
+    """GUFT (shipped defaults, rounds at epochs 1..3) trained by ``fit``: (method kwargs, final
+    state)."""
+    d = spec("guft").defaults
+    kw = dict(d.kwargs or {})
+    kw["recompute_epochs"] = list(range(1, len(kw.get("ratios", [0.001] * 3)) + 1))
+    r = train.fit(
+        model=model,
+        params=params,
+        method=get_method("guft", **kw),
+        source=source,
+        image_size=image_size,
+        batch_size=batch,
+        epochs=max(epochs, len(kw["recompute_epochs"])),
+        lr=d.lr,
+        head_lr=d.head_lr,
+        progress=False,
+        log=log,
+    )
+    return kw, r.state
+
+
+def block_coverage(params, state) -> dict:
+    """Per kernel: block capacity area / matrix size, and filled unique rows x cols / size."""
+    cap, used = [], []
+    for k, b in state.method_state.blocks.items():
+        n_in, n_out = guft_lib.matrix_shape(k, paths.get(params, paths.path_of(k)).shape)
+        br, bc = np.asarray(b["rows"]), np.asarray(b["cols"])
+        cap.append(br.size * bc.size / (n_in * n_out))
+        used.append(np.sum(br < n_in) * np.sum(bc < n_out) / (n_in * n_out))
+    return dict(
+        kernels=len(cap),
+        block_capacity_fraction_mean=float(np.mean(cap)),
+        block_used_fraction_mean=float(np.mean(used)),
+        kernels_taking_block=int(
+            sum(c <= kernels_lib.KernelOptions().block_max_fraction for c in cap)
+        ),
+    )
+
+
+def _real_cases(model, params, x, y, rows, guft_kw, gstate):
+    for name in rows:
+        if name in BLOCK_ROWS:
+            m = get_method("guft", **guft_kw)
+            yield step_case(
+                name,
+                model,
+                m,
+                params,
+                x,
+                y,
+                lr=TrainConfig().lr,
+                state=gstate,
+                kernels=BLOCK_ROWS[name],
+            )
+        else:
+            yield step_case(name, model, registered(name), params, x, y, lr=TrainConfig().lr)
+
+
+def run_guft_real(a, log) -> dict:
+    """The ``guft_real`` group: GUFT trained on ``--dataset``, then timed beside the others."""
+    t0 = time.time()
+    source = get_source(a.dataset, seed=0)
+    model, params = load_pretrained(
+        a.models, num_classes=source.num_classes, image_size=a.image_size
+    )
+    model = precision_lib.with_precision(model, a.precision)
+    kw, gstate = trained_guft(
+        model, params, source, image_size=a.image_size, batch=a.batch, epochs=a.epochs, log=log
+    )
+    cover = block_coverage(params, gstate)
+    log(f"blocks: {cover}")
+    x, y = next(iter(source.batches("train800val200", batch_size=a.batch, image_size=a.image_size)))
+    x, y = jnp.asarray(x), jnp.asarray(y.astype(np.int32))
+    failed = {}
+    runs = harness.prepare(
+        _real_cases(model, params, x, y, a.rows.split(","), kw, gstate), log, failed
+    )
+    harness.round_robin(runs, a.reps)
+    out = harness.with_ratios(
+        {k: harness.summary(r, batch=a.batch) for k, r in runs.items()}, "full"
+    )
+    for name, o in out.items():
+        o["times"] = o["times_s"]
+        o["peak_vs_lora"] = (o["peak_bytes"] or 0) / (out.get("lora", {}).get("peak_bytes") or 1)
+        log(
+            f"| {name} | {o['step_s']:.4f} s | {o['images_per_s']:.0f} img/s | "
+            f"step/full {o.get('step_vs_full', float('nan')):.3f} | "
+            f"peak {(o['peak_bytes'] or 0) / 2**20:.0f} MiB | peak/LoRA {o['peak_vs_lora']:.3f} |"
+        )
+    n_sel = int(sum(int(c) for c in gstate.method_state.count.values()))
+    backbone = vit.count_params({k: v for k, v in params.items() if k != "head"})
+    yield dict(
+        machine=common.machine(),
+        args=vars(a),
+        precision=precision_lib.resolve(a.precision),
+        selected=n_sel,
+        selected_pct=100 * n_sel / backbone,
+        blocks=cover,
+        methods=out,
+        failed=failed,
+        wall_s=time.time() - t0,
+    )
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The command line, each option left unset taking its group's default; bad values stop
+    with the option's name and the allowed values."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--group", default="methods", choices=GROUPS)
+    ap.add_argument("--models", help="comma-separated model names ('--model' too)")
+    ap.add_argument("--model", dest="models", help=argparse.SUPPRESS)
+    ap.add_argument("--image_size", type=int)
+    ap.add_argument("--batch", help="methods: one batch size or one per model; losia: each")
+    ap.add_argument("--reps", type=int, help="round-robin rounds")
+    ap.add_argument("--rows", help="comma-separated rows of the group ('--methods' too)")
+    ap.add_argument("--methods", dest="rows", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", help=f"policies from {', '.join(precision_lib.CHOICES)}")
+    ap.add_argument("--out", help="the JSON file (default: the group's in benchmarks/results)")
+    ap.add_argument("--peer", default="", help="methods: 'torch' adds the PyTorch peer")
+    ap.add_argument(
+        "--saliency",
+        default=1,
+        type=int,
+        choices=(0, 1),
+        help="methods: 1 also times GUFT's saliency pass against plain fwd+bwd",
+    )
+    ap.add_argument("--remat", default=0, type=int, choices=(0, 1), help="methods: remat blocks")
+    ap.add_argument("--dataset", default="animal_mnist", help="guft_real: the training data")
+    ap.add_argument("--epochs", type=int, default=3, help="guft_real: GUFT training (>= 3)")
+    a = ap.parse_args(argv)
+    _fill_defaults(ap, a)
+    return a
+
+
+def _fill_defaults(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    harness.apply_defaults(a, GROUP_DEFAULTS[a.group]._asdict())
+    harness.apply_defaults(
+        a, dict(image_size=TrainConfig().image_size, batch=str(TrainConfig().batch_size))
+    )
+    a.out = a.out or f"benchmarks/results/{OUTPUTS[a.group]}.json"
+    allowed = {"methods": METHODS, "losia": tuple(LOSIA_ROWS), "guft_real": REAL_ROWS}[a.group]
+    unknown = sorted(set(a.rows.split(",")) - set(allowed))
+    if unknown:
+        ap.error(f"--rows: unknown {unknown} for --group {a.group}; allowed: {', '.join(allowed)}")
+    bad = [p for p in a.precision.split(",") if p.strip() not in precision_lib.CHOICES]
+    if bad or (a.group != "methods" and "," in a.precision):
+        ap.error(
+            f"--precision: {a.precision!r} is not allowed; allowed: "
+            f"{', '.join(precision_lib.CHOICES)} (a comma-separated list for methods)"
+        )
+    if a.peer not in ("", "torch") or (a.peer and a.group != "methods"):
+        ap.error(f"--peer: {a.peer!r} is not allowed; allowed: torch (with --group methods)")
+    if a.peer:
+        from benchmarks import torch_peer
+
+        if why := torch_peer.available():
+            ap.error(f"--peer torch: {why}")
+    if a.group == "guft_real":
+        a.batch = int(a.batch)
+
+
+OUTPUTS = {"methods": "step_bench", "losia": "losia_bench", "guft_real": "guft_step_bench"}
+RUNNERS = {"methods": run_methods, "losia": run_losia, "guft_real": run_guft_real}
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    t0 = time.time()
+    log = lambda s: print(s, flush=True)
+    res = {}
+    for res in RUNNERS[a.group](a, log):
+        res["wall_s"] = time.time() - t0
+        common.write_json(a.out, res)
+        log(f"wrote {a.out} ({res['wall_s']:.0f} s)")
+    return res
 
 
 if __name__ == "__main__":
