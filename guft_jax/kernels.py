@@ -27,7 +27,7 @@ SDDMM_CHOICES = ("auto", "gather", "dense", "pallas")
 BLOCK_FORWARD_CHOICES = ("auto", "on", "off")
 # "cudnn_or_xla": cuDNN's fused flash attention for 16-bit inputs where its trace-time checks
 # pass, XLA otherwise (what a GPU runs by default).
-ATTENTION_CHOICES = ("auto", "cudnn_or_xla", "xla", "cudnn", "einsum")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "einsum", "cudnn_or_xla")
 
 # The SDDMM "auto" runs per backend. CPU: "gather" beats the dense dW matmul on 2 cores at 0.3%
 # density, ViT-B/16 shapes (benchmarks/results/ops_bench.json). GPU: on one H200 (bf16, ViT-B/16
@@ -84,8 +84,8 @@ class KernelOptions:
         block; "auto" per backend.
       block_max_fraction: the block SDDMM is taken where ``R·C <= block_max_fraction · in·out``;
         0 never takes it. In ``[0, 1]``.
-      attention: :func:`guft_jax.ops.attention`'s implementation: "auto", "cudnn_or_xla",
-        "xla", "cudnn" or "einsum".
+      attention: :func:`guft_jax.ops.attention`'s implementation: "auto", "xla", "cudnn",
+        "einsum" or "cudnn_or_xla".
       gather_max_density: a "gather" SDDMM becomes the dense dW matmul for a layer whose
         capacity is more than this fraction of its weight entries (1 keeps "gather" everywhere).
         In ``(0, 1]``.
@@ -203,12 +203,6 @@ def as_dict(options: KernelOptions | Mapping[str, Any] | None) -> dict[str, Any]
     return dataclasses.asdict(from_any(options))
 
 
-def block_forward_on(options: KernelOptions) -> bool:
-    """``options.block_forward`` as a bool (``"auto"`` by the default backend's table)."""
-    value = options.block_forward
-    return (default("block_forward") if value == "auto" else value) == "on"
-
-
 def count_calls(jaxpr: Any, name: str) -> int:
     """How many calls of the jitted function ``name`` a jaxpr holds (sub-jaxprs included).
 
@@ -251,7 +245,6 @@ __all__ = [
     "SDDMM_CHOICES",
     "SDDMM_DEFAULTS",
     "as_dict",
-    "block_forward_on",
     "count_calls",
     "default",
     "from_any",

@@ -17,6 +17,7 @@ the masked update selects old values with ``jnp.where`` (``tests/test_precision.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,6 +29,9 @@ CHOICES = (*POLICIES, "auto")
 # (benchmarks/results/step_bench_precision.json): XLA's CPU backend has no native bf16 matmul
 # and runs bf16 steps slower than fp32 ones, so "auto" keeps fp32 there.
 CPU_DEFAULT = "fp32"
+# Models whose clones are kept (a model and its bf16 clone hold no arrays; a process rarely has
+# more than a few).
+CLONE_CACHE_SIZE = 32
 
 
 def resolve(precision: str, backend: str | None = None) -> str:
@@ -67,13 +71,19 @@ def with_precision(model: Any, precision: str | None, backend: str | None = None
     own = jnp.float32 if model.dtype is None else model.dtype  # None: the params' float32
     if jnp.dtype(own) == jnp.dtype(dtype):
         return model
-    key = (id(model), jnp.dtype(dtype).name)
-    if key not in _CLONES:  # one clone per (model, dtype): jit caches keyed on it keep hitting
-        _CLONES[key] = (model, model.clone(dtype=dtype))
-    return _CLONES[key][1]
+    try:
+        hash(model)
+    except TypeError:  # an unhashable model: nothing to cache on
+        return model.clone(dtype=dtype)
+    return _clone(model, dtype)
 
 
-_CLONES: dict = {}
+# One clone per (model, dtype) so that jit caches keyed on the model keep hitting; keyed on the
+# (hashable, value-compared) model itself rather than its id, and bounded, so a finished run's
+# models are let go.
+@functools.lru_cache(maxsize=CLONE_CACHE_SIZE)
+def _clone(model: Any, dtype: Any) -> Any:
+    return model.clone(dtype=dtype)
 
 
 __all__ = ["CHOICES", "CPU_DEFAULT", "POLICIES", "compute_dtype", "resolve", "with_precision"]

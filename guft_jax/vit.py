@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guft_jax import ops
+from guft_jax import kernels
+from guft_jax.attention import attention
 
 Array = jax.Array
 
@@ -239,7 +240,7 @@ class Attention(nn.Module):
         """Softmax attention of ``(B, Tq, H, D)`` queries over ``(B, Tk, H, D)`` keys/values
         (an interception point: ``Tk`` may exceed ``Tq``, e.g. with key/value prefixes)."""
         if deterministic or self.dropout_rate == 0.0:  # fused (cuDNN / XLA), softmax in fp32
-            return ops.attention(q, k, v, impl=self.attention_impl)
+            return attention(q, k, v, impl=self.attention_impl)
         hd = q.shape[-1]
         logits = jnp.einsum("...qhd,...khd->...hqk", q / jnp.sqrt(hd).astype(q.dtype), k)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -323,8 +324,10 @@ class VisionTransformer(nn.Module):
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision: bf16 matmuls and attention,
         params stay float32, LayerNorm statistics, softmax, the head's logits and the loss in
         float32); None computes in the params' dtype.
-      attention_impl: :func:`guft_jax.ops.attention`'s ``impl`` (``"auto"``: cuDNN flash
-        attention on GPU where available, XLA elsewhere, einsum on CPU).
+      attention_impl: :func:`guft_jax.attention.attention`'s ``impl``, one of
+        :data:`guft_jax.kernels.ATTENTION_CHOICES`; ``"auto"`` is resolved once per trace by
+        :func:`guft_jax.kernels.resolve` (cuDNN flash attention on GPU where available, XLA on
+        TPU, einsum on CPU: :data:`guft_jax.kernels.ATTENTION_DEFAULTS`).
       remat: rematerialise each encoder block in the backward pass (``jax.checkpoint``): less
         activation memory for one more forward per block.
 
@@ -360,6 +363,9 @@ class VisionTransformer(nn.Module):
     ) -> Array:
         """Logits ``(batch, num_classes)``; with ``features=True`` the tokens after the final
         LayerNorm, ``(batch, 1 + num_patches, hidden)``."""
+        if self.attention_impl not in kernels.ATTENTION_CHOICES:
+            allowed = ", ".join(kernels.ATTENTION_CHOICES)
+            raise ValueError(f"attention_impl={self.attention_impl!r}: allowed: {allowed}")
         p, d = self.patch_size, self.hidden_size
         b, hh, ww, c = images.shape
         if hh % p or ww % p:
@@ -382,7 +388,7 @@ class VisionTransformer(nn.Module):
             gelu_approximate=self.gelu_approximate,
             layer_norm_eps=self.layer_norm_eps,
             dtype=self.dtype,
-            attention_impl=self.attention_impl,
+            attention_impl=kernels.resolve({"attention": self.attention_impl}).attention,
             remat=self.remat,
             name="Transformer",
         )(x, grid=(gh, gw), deterministic=deterministic)
@@ -452,7 +458,7 @@ class _AddPosEmb(nn.Module):
         return x + pe.astype(x.dtype)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _cached_model(kwargs_items: tuple) -> VisionTransformer:
     return VisionTransformer(**dict(kwargs_items))
 

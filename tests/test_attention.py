@@ -1,4 +1,4 @@
-"""ops.attention (jax.nn.dot_product_attention) equals the einsum reference, values and
+"""attention.attention (jax.nn.dot_product_attention) equals the einsum reference, values and
 gradients, in float32 (tight) and bfloat16 (stated tolerance)."""
 
 import jax
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from guft_jax import ops
+from guft_jax import attention as attn
+from guft_jax import kernels
 
 # ViT-like: 197 tokens is not a power of two, head dim 64 as in ViT-B.
 B, T, H, D = 2, 197, 3, 64
@@ -20,7 +21,7 @@ def _qkv(seed=0, scale=1.0):
 
 def _loss(impl, dtype):
     def f(q, k, v, g):
-        o = ops.attention(q, k, v, impl=impl, dtype=dtype)
+        o = attn.attention(q, k, v, impl=impl, dtype=dtype)
         return jnp.sum(o.astype(jnp.float32) * g)
 
     return f
@@ -37,8 +38,8 @@ def _einsum_f64(q, k, v):
 @pytest.mark.parametrize("impl", ["auto", "xla"])
 def test_float32_matches_einsum_reference(impl):
     q, k, v, g = _qkv(scale=2.0)  # peaked softmax
-    o = jax.jit(lambda q, k, v: ops.attention(q, k, v, impl=impl))(q, k, v)
-    ref = ops.attention(q, k, v, impl="einsum")
+    o = jax.jit(lambda q, k, v: attn.attention(q, k, v, impl=impl))(q, k, v)
+    ref = attn.attention(q, k, v, impl="einsum")
     assert o.shape == (B, T, H, D) and o.dtype == jnp.float32
     np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(o, _einsum_f64(q, k, v), rtol=1e-4, atol=1e-5)
@@ -51,8 +52,8 @@ def test_float32_matches_einsum_reference(impl):
 @pytest.mark.parametrize("scale", [1.0, 2.0])  # typical and peaked softmax
 def test_bfloat16_matches_einsum_reference_within_bf16_tolerance(scale):
     q, k, v, g = _qkv(seed=1, scale=scale)
-    o = jax.jit(lambda q, k, v: ops.attention(q, k, v, impl="xla", dtype=jnp.bfloat16))(q, k, v)
-    ref = ops.attention(q, k, v, impl="einsum", dtype=jnp.bfloat16)
+    o = jax.jit(lambda q, k, v: attn.attention(q, k, v, impl="xla", dtype=jnp.bfloat16))(q, k, v)
+    ref = attn.attention(q, k, v, impl="einsum", dtype=jnp.bfloat16)
     assert o.dtype == jnp.bfloat16
     # Stated tolerance, relative to max |v|: both keep the softmax in float32, but the einsum
     # reference rounds the logits to bf16 (an error growing with their magnitude: ~1.2% at
@@ -78,15 +79,14 @@ def test_bfloat16_matches_einsum_reference_within_bf16_tolerance(scale):
 
 def test_auto_follows_the_backend_table():
     q, k, v, _ = _qkv(seed=2)
-    backend = jax.default_backend()
-    want = ops.attention(q, k, v, impl=ops.ATTENTION_AUTO[backend])
-    np.testing.assert_array_equal(ops.attention(q, k, v), want)
+    want = attn.attention(q, k, v, impl=kernels.ATTENTION_DEFAULTS[jax.default_backend()])
+    np.testing.assert_array_equal(attn.attention(q, k, v), want)
 
 
 def test_dtype_none_keeps_input_dtype_and_bad_args_raise():
     q = jnp.ones((1, 5, 2, 8), jnp.bfloat16)
-    assert ops.attention(q, q, q).dtype == jnp.bfloat16
+    assert attn.attention(q, q, q).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="allowed: auto, xla, cudnn, einsum"):
-        ops.attention(q, q, q, impl="flash")
+        attn.attention(q, q, q, impl="flash")
     with pytest.raises(ValueError, match="B, T, H, D"):
-        ops.attention(q[0], q[0], q[0])
+        attn.attention(q[0], q[0], q[0])

@@ -3,12 +3,14 @@ dense gradient, the sampled weight gradient equals the dense gradient read at th
 every implementation CPU has (Pallas in interpret mode), and padding slots are inert; also under
 jit and vmap, in float32 and bfloat16."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from guft_jax import ops
+from guft_jax import kernels, ops
 
 IMPLS = ("gather", "dense", "pallas")
 
@@ -63,13 +65,10 @@ def test_gradients_match_dense_and_padding_is_inert(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_sddmm_larger_shapes_multiple_blocks_and_tiles(impl, monkeypatch):
+def test_sddmm_larger_shapes_multiple_blocks_and_tiles(impl):
     # Small tiles so the Pallas grid has several entry blocks, token splits and inner steps, and
     # the gather impl several chunks with a ragged last one; token count not a tile multiple.
-    monkeypatch.setattr(ops, "PALLAS_BLOCK_K", 8)
-    monkeypatch.setattr(ops, "PALLAS_BLOCK_T", 16)
-    monkeypatch.setattr(ops, "PALLAS_TOKEN_SPLITS", 3)
-    monkeypatch.setattr(ops, "GATHER_CHUNK", 16)
+    tiling = ops.Tiling(gather_chunk=16, pallas_block_k=8, pallas_block_t=16, pallas_token_splits=3)
     rng = np.random.default_rng(3)
     t, d_in, d_out, k = 197, 24, 40, 53
     x = jnp.asarray(rng.normal(size=(t, d_in)), jnp.float32)
@@ -77,7 +76,7 @@ def test_sddmm_larger_shapes_multiple_blocks_and_tiles(impl, monkeypatch):
     flat = rng.choice(d_in * d_out, size=k, replace=False)
     rows = jnp.asarray(np.where(np.arange(k) % 10 == 9, d_in, flat // d_out), jnp.int32)
     cols = jnp.asarray(flat % d_out, jnp.int32)
-    got = jax.jit(lambda *a: ops.sddmm(*a, impl=impl))(x, dy, rows, cols)
+    got = jax.jit(lambda *a: ops.sddmm(*a, impl=impl, tiling=tiling))(x, dy, rows, cols)
     ref = np.asarray(x, np.float64).T @ np.asarray(dy, np.float64)
     valid = np.asarray(rows) < d_in
     want = np.where(valid, ref[np.minimum(rows, d_in - 1), cols], 0.0)
@@ -154,7 +153,7 @@ def test_backward_saves_no_densified_weight():
 
 
 def test_auto_resolves_per_backend_and_rejects_unknown():
-    assert ops.resolve_sddmm_impl("auto", "cpu") == ops.AUTO_IMPL["cpu"]
+    assert ops.resolve_sddmm_impl("auto", "cpu") == kernels.SDDMM_DEFAULTS["cpu"]
     assert ops.resolve_sddmm_impl("auto", "tpu") == "dense"
     assert ops.resolve_sddmm_impl("pallas", "cpu") == "pallas"
     with pytest.raises(ValueError, match="allowed: auto, gather, dense, pallas"):
@@ -164,15 +163,15 @@ def test_auto_resolves_per_backend_and_rejects_unknown():
         ops.sparse_delta_matmul(x, w0.T, rows, cols, values)
 
 
-def test_auto_falls_back_to_dense_dw_above_the_gather_density(monkeypatch):
-    monkeypatch.setitem(ops.AUTO_IMPL, "cpu", "gather")
+def test_auto_falls_back_to_dense_dw_above_the_gather_density():
+    assert kernels.SDDMM_DEFAULTS["cpu"] == "gather"
     assert ops.resolve_sddmm_impl("auto", "cpu", density=ops.GATHER_MAX_DENSITY) == "gather"
     assert ops.resolve_sddmm_impl("auto", "cpu", density=2 * ops.GATHER_MAX_DENSITY) == "dense"
     assert ops.resolve_sddmm_impl("gather", "cpu", density=1.0) == "gather"
     assert ops.resolve_sddmm_impl("auto", "tpu", density=1e-6) == "dense"
 
 
-def test_gather_skips_unfilled_capacity_and_matches_dense(monkeypatch):
+def test_gather_skips_unfilled_capacity_and_matches_dense():
     # Mostly padding (GUFT's capacity slack), filled slots first and a few padding slots among
     # them: the chunk loop stops after the last filled chunk, results equal the dense gradient.
     rng = np.random.default_rng(8)
@@ -185,8 +184,9 @@ def test_gather_skips_unfilled_capacity_and_matches_dense(monkeypatch):
     cols = (flat % d_out).astype(np.int32)
     want = np.asarray(ops.sddmm(x, dy, jnp.asarray(rows), jnp.asarray(cols), impl="dense"))
     for chunk in (4, 7, 256):
-        monkeypatch.setattr(ops, "GATHER_CHUNK", chunk)
-        got = jax.jit(lambda *a: ops.sddmm(*a, impl="gather"))(x, dy, rows, cols)
+        tiling = ops.Tiling(gather_chunk=chunk)
+        f = functools.partial(ops.sddmm, impl="gather", tiling=tiling)
+        got = jax.jit(f)(x, dy, rows, cols)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert np.all(np.asarray(got)[rows >= d_in] == 0.0)
 
@@ -208,7 +208,7 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
     x = jax.ShapeDtypeStruct((12608, 768), jnp.bfloat16)
     dy = jax.ShapeDtypeStruct((12608, 3072), jnp.bfloat16)
     idx = jax.ShapeDtypeStruct((7078,), jnp.int32)
-    f = jax.jit(lambda x, dy, r, c: ops._sddmm_pallas(x, dy, r, c, interpret=False))
+    f = jax.jit(lambda x, dy, r, c: ops.sddmm(x, dy, r, c, impl="pallas", interpret=False))
     exp = export.export(
         f,
         platforms=["cuda"],
@@ -267,22 +267,22 @@ def test_block_covers_is_true_exactly_when_every_entry_lies_in_the_block(seed):
 
 @pytest.mark.parametrize("forward", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_block_path_equals_the_dense_matmul_and_gradient_at_the_entries(seed, forward, monkeypatch):
-    monkeypatch.setitem(ops.BLOCK_FORWARD, jax.default_backend(), forward)
+def test_block_path_equals_the_dense_matmul_and_gradient_at_the_entries(seed, forward):
+    kw = dict(impl="block", block_forward=forward)
     x, w0, rows, cols, values, block = _clustered(seed)
     g = jax.random.normal(jax.random.PRNGKey(seed), (x.shape[0], w0.shape[1]))
     rows_j, cols_j = jnp.asarray(rows), jnp.asarray(cols)
     blk = tuple(jnp.asarray(b) for b in block)
 
     def loss(x, values):
-        y = ops.sparse_delta_matmul(x, w0, rows_j, cols_j, values, impl="block", block=blk)
+        y = ops.sparse_delta_matmul(x, w0, rows_j, cols_j, values, block=blk, **kw)
         return jnp.sum(y * g)
 
     gx, gv = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, values)
     gx_ref, gw_ref = _dense_grads(x, w0, rows_j, cols_j, values, g)
     valid = rows < w0.shape[0]
     # forward and dx: x @ w0 plus the block's part, never a densified weight; same numbers
-    y = ops.sparse_delta_matmul(x, w0, rows_j, cols_j, values, impl="block", block=blk)
+    y = ops.sparse_delta_matmul(x, w0, rows_j, cols_j, values, block=blk, **kw)
     dense_w = ops.dense_delta_reference(w0, rows_j, cols_j, values)
     np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(dense_w), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
@@ -305,25 +305,29 @@ def test_block_entry_outside_its_block_gets_zero_never_a_wrong_value():
     assert missing.any() and np.all(out[missing] == 0.0)
 
 
-def test_auto_takes_the_block_only_where_it_is_small(monkeypatch):
+def _block_sddmm_calls(f, *args):
+    return kernels.count_calls(jax.make_jaxpr(f)(*args), "block_sddmm")
+
+
+def test_auto_takes_the_block_only_where_it_is_small():
     x, w0, rows, cols, values, block = _clustered(4)
-    calls = []
-    real = ops.block_sddmm
-    monkeypatch.setattr(ops, "block_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    grad = lambda blk: jax.grad(
-        lambda v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, block=blk))
-    )(values)
-    small = grad(block)  # 7 x 5 of 24 x 20: 7% of the matrix
-    assert len(calls) == 1
+    grad = lambda blk, **kw: jax.grad(
+        lambda v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, block=blk, **kw))
+    )
+    assert _block_sddmm_calls(grad(block), values) == 1  # 7 x 5 of 24 x 20: 7% of the matrix
     full = ops.block_of(rows, cols, w0.shape, w0.shape)  # capacity = the whole matrix
-    dense = grad(full)
-    assert len(calls) == 1  # not taken: the per-backend impl ran
-    np.testing.assert_allclose(small, dense, rtol=1e-5, atol=1e-5)
+    assert _block_sddmm_calls(grad(full), values) == 0  # not taken: the per-backend impl ran
+    np.testing.assert_allclose(grad(block)(values), grad(full)(values), rtol=1e-5, atol=1e-5)
+    # the fraction is an argument: 0 never takes a block, 1 takes the whole-matrix one
+    assert _block_sddmm_calls(grad(block, block_max_fraction=0.0), values) == 0
+    assert _block_sddmm_calls(grad(full, block_max_fraction=1.0), values) == 1
+    # an explicit impl still takes a block that pays (impl is the kernel outside blocks)
+    assert _block_sddmm_calls(grad(block, impl="gather"), values) == 1
     with pytest.raises(ValueError, match="needs block"):
         ops.sparse_delta_matmul(x, w0, rows, cols, values, impl="block")
 
 
-def test_block_path_holds_no_weight_sized_temporaries(monkeypatch):
+def test_block_path_holds_no_weight_sized_temporaries():
     """Through 8 layers with blocks, XLA's temporaries stay far below one weight per layer (no
     densified copy in either pass); the path without blocks, which densifies, holds about one
     per layer (XLA schedules those copies early), which is what the block path removes."""
@@ -339,7 +343,8 @@ def test_block_path_holds_no_weight_sized_temporaries(monkeypatch):
     def temp_bytes(block):
         def f(vs, ws, x):
             for w, v in zip(ws, vs, strict=True):
-                x = jnp.tanh(ops.sparse_delta_matmul(x, w, rows, cols, v, block=block))
+                y = ops.sparse_delta_matmul(x, w, rows, cols, v, block=block, block_forward=True)
+                x = jnp.tanh(y)
             return jnp.sum(x)
 
         vs = [jnp.zeros((64,), jnp.float32)] * n_layers
@@ -347,23 +352,64 @@ def test_block_path_holds_no_weight_sized_temporaries(monkeypatch):
         return c.memory_analysis().temp_size_in_bytes
 
     w_bytes = d * d * 4
-    monkeypatch.setitem(ops.BLOCK_FORWARD, jax.default_backend(), True)
     assert temp_bytes(blk) < w_bytes, temp_bytes(blk) / w_bytes
     assert temp_bytes(None) >= n_layers * w_bytes / 2
 
 
-def test_block_forward_off_densifies_and_gives_the_same_gradients(monkeypatch):
+def test_block_forward_off_densifies_and_gives_the_same_gradients():
     x, w0, rows, cols, values, block = _clustered(6)
     blk = tuple(jnp.asarray(b) for b in block)
     g = jax.random.normal(jax.random.PRNGKey(6), (x.shape[0], w0.shape[1]))
 
-    def grads():
-        f = lambda x, v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, block=blk) * g)
+    def grads(block_forward):
+        f = lambda x, v: jnp.sum(
+            ops.sparse_delta_matmul(x, w0, rows, cols, v, block=blk, block_forward=block_forward)
+            * g
+        )
         return jax.grad(f, argnums=(0, 1))(x, values)
 
-    monkeypatch.setitem(ops.BLOCK_FORWARD, jax.default_backend(), True)
-    on = grads()
-    monkeypatch.setitem(ops.BLOCK_FORWARD, jax.default_backend(), False)
-    off = grads()
+    on = grads(True)
+    off = grads(False)
     for a, b in zip(on, off, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_max_density_is_an_argument_of_the_matmul():
+    """A "gather" layer above gather_max_density runs the dense dW matmul instead (no chunk
+    loop in its backward), with the same gradient; "auto" applies the default limit, an
+    explicit "gather" none."""
+    x, w0, rows, cols, values = _setup(seed=9)  # 7 slots of 30 entries: density 0.23
+    g = jax.random.normal(jax.random.PRNGKey(9), (3, 4, w0.shape[1]))
+
+    def grad(**kw):
+        return jax.grad(lambda v: jnp.sum(ops.sparse_delta_matmul(x, w0, rows, cols, v, **kw) * g))
+
+    def loops(**kw):
+        return str(jax.make_jaxpr(grad(**kw))(values)).count("while[")
+
+    assert loops(impl="gather") == 1
+    assert loops(impl="gather", gather_max_density=0.2) == 0
+    assert loops(impl="gather", gather_max_density=0.25) == 1
+    want = grad(impl="dense")(values)
+    np.testing.assert_allclose(grad(impl="gather", gather_max_density=0.2)(values), want, rtol=1e-6)
+    assert ops.resolve_sddmm_impl("gather", "cpu", density=0.3, gather_max_density=0.2) == "dense"
+    assert ops.resolve_sddmm_impl("auto", "cpu", density=0.3, gather_max_density=0.5) == "gather"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_kernel_arguments_are_the_resolved_options(backend):
+    r = kernels.resolve(None, backend=backend)
+    args = ops.kernel_arguments(backend=backend)
+    assert args == {
+        "impl": r.sddmm,
+        "block_forward": r.block_forward == "on",
+        "block_max_fraction": r.block_max_fraction,
+        "gather_max_density": r.gather_max_density,
+    }
+    explicit = kernels.KernelOptions(sddmm="pallas", block_forward="off", block_max_fraction=0.1)
+    assert ops.kernel_arguments(explicit) == {
+        "impl": "pallas",
+        "block_forward": False,
+        "block_max_fraction": 0.1,
+        "gather_max_density": kernels.GATHER_MAX_DENSITY,
+    }

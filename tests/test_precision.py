@@ -97,3 +97,20 @@ def test_policy_resolution_and_errors(tiny):
     assert pl.with_precision(model, "fp32") is model and pl.with_precision(model, None) is model
     with pytest.raises(ValueError, match="precision='bf16' needs a model with a `dtype` field"):
         pl.with_precision(object(), "bf16")
+
+
+def test_clone_cache_is_keyed_on_the_model_value_and_bounded():
+    """Equal models share one clone; past the cache size the oldest clone is let go (a weakref
+    to it dies), so a process that builds many models does not keep them all."""
+    import gc
+    import weakref
+
+    from guft_jax import precision as pl
+
+    a, b = _model(drop_path_rate=0.0), _model(drop_path_rate=0.0)
+    assert pl.with_precision(a, "bf16") is pl.with_precision(b, "bf16")
+    first = weakref.ref(pl.with_precision(_model(mlp_dim=1000), "bf16"))
+    for i in range(pl.CLONE_CACHE_SIZE):
+        pl.with_precision(_model(mlp_dim=1001 + i), "bf16")
+    gc.collect()
+    assert first() is None

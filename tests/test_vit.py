@@ -161,3 +161,19 @@ def test_bad_image_size_and_config_errors():
         model.apply({"params": params}, jnp.zeros((1, 15, 15, 3)))
     with pytest.raises(ValueError, match="ViT-B/16"):
         vit.build_model("ViT-Q/16", num_classes=1)
+
+
+def test_attention_impl_is_an_explicit_field_resolved_by_the_kernel_table():
+    from guft_jax import kernels
+
+    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    base = vit.build_model("ViT-tiny/4", num_classes=3)
+    params = vit.init_params(base, jax.random.key(0), 16)
+    out = {
+        impl: base.clone(attention_impl=impl).apply({"params": params}, images)
+        for impl in ("auto", "einsum", "xla", kernels.ATTENTION_DEFAULTS[jax.default_backend()])
+    }
+    np.testing.assert_array_equal(out["auto"], out[kernels.default("attention")])
+    np.testing.assert_allclose(out["einsum"], out["xla"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_impl='flash': allowed: auto, xla, cudnn"):
+        base.clone(attention_impl="flash").apply({"params": params}, images)
