@@ -15,7 +15,7 @@ weight gradient alone (the SDDMM vs the ``xᵀ dy`` matmul). All functions of on
 run interleaved round-robin, so the ratios are taken within one run under the same machine noise.
 The Pallas kernel runs in interpret mode off GPU (a correctness check, far from a speed figure),
 so there it is checked against the dense gradient but not timed. Also times fused attention
-(:func:`guft_jax.ops.attention`) against its einsum reference at ViT-B/16's shape. Writes JSON
+(:func:`guft_jax.attention.attention`) against its einsum reference at ViT-B/16's shape. Writes JSON
 after every configuration.
 """
 
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
-from guft_jax import ops
+from benchmarks import common, harness
+from guft_jax import kernels, ops
 
 SHAPES = ((768, 768), (768, 3072), (3072, 768))
 TOKENS_PER_IMAGE = 197  # ViT-B/16 at 224 px: 14 x 14 patches + [CLS]
@@ -101,23 +101,13 @@ def bench_case(
     batch, d_in, d_out, *, density, dtype, impls, reps, log, tokens=TOKENS_PER_IMAGE, fill=1.0
 ):
     case = _case(batch, d_in, d_out, density, dtype, tokens=tokens, fill=fill)
-    fns = _functions(impls)
-    times = {name: [] for name in fns}
-    compile_s = {}
-    for name, (f, argn) in fns.items():
-        args = [case[a] for a in argn]
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))  # compile + warm-up
-        compile_s[name] = time.perf_counter() - t
-    for _ in range(reps):  # round-robin: machine noise hits every function alike
-        for name, (f, argn) in fns.items():
-            args = [case[a] for a in argn]
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[name].append(time.perf_counter() - t)
-    # Ratios use the fastest rep: on a shared machine other load only ever adds time.
-    ms = {name: 1e3 * float(np.min(v)) for name, v in times.items()}
-    median_ms = {name: 1e3 * float(np.median(v)) for name, v in times.items()}
+    runs = {
+        name: harness.jit_run(name, f, [case[a] for a in argn], carry=0)
+        for name, (f, argn) in _functions(impls).items()
+    }
+    harness.round_robin(runs, reps)  # machine noise hits every function alike
+    compile_s = {name: r.compile_s for name, r in runs.items()}
+    ms, median_ms = _fastest_and_median_ms(runs)
     out = dict(
         batch=batch,
         tokens=batch * tokens,
@@ -144,8 +134,15 @@ def bench_case(
     return out, case
 
 
+def _fastest_and_median_ms(runs) -> tuple[dict, dict]:
+    """Per run, the fastest and the median step in ms. Ratios use the fastest: on a shared
+    machine other load only ever adds time."""
+    fastest = {name: 1e3 * float(np.min(r.times)) for name, r in runs.items()}
+    return fastest, {name: 1e3 * float(np.median(r.times)) for name, r in runs.items()}
+
+
 def bench_attention(batch, *, dtype, reps, log, tokens=TOKENS_PER_IMAGE, heads=12, head_dim=64):
-    """Forward + backward of :func:`guft_jax.ops.attention` per impl at ViT-B/16 shapes."""
+    """Forward + backward of :func:`guft_jax.attention.attention` per impl at ViT-B/16 shapes."""
     impls = ["einsum", "xla"] + (["auto"] if jax.default_backend() == "gpu" else [])
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v, g = (jax.random.normal(kk, (batch, tokens, heads, head_dim), dtype) for kk in ks)
@@ -157,16 +154,9 @@ def bench_attention(batch, *, dtype, reps, log, tokens=TOKENS_PER_IMAGE, heads=1
 
         return jax.jit(f)
 
-    fns = {i: fwd_bwd(i) for i in impls}
-    for f in fns.values():
-        jax.block_until_ready(f(q, k, v, g))
-    times = {i: [] for i in impls}
-    for _ in range(reps):
-        for i, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f(q, k, v, g))
-            times[i].append(time.perf_counter() - t)
-    ms = {i: 1e3 * float(np.min(t)) for i, t in times.items()}
+    runs = {i: harness.jit_run(i, fwd_bwd(i), [q, k, v, g], carry=0) for i in impls}
+    harness.round_robin(runs, reps)
+    ms, _ = _fastest_and_median_ms(runs)
     out = dict(
         batch=batch,
         shape=[batch, tokens, heads, head_dim],
@@ -194,6 +184,7 @@ def summarize(cases, impls) -> dict:
         fastest_impl=fastest,
         auto_impl=ops.resolve_sddmm_impl("auto", backend),
         auto_agrees=ops.resolve_sddmm_impl("auto", backend) == fastest,
+        kernels=kernels.as_dict(kernels.resolve(None, backend)),
     )
 
 
