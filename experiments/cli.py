@@ -34,3 +34,13 @@ def parse(
     except flags.Error as e:
         raise ValueError(f"{prog}: {e}") from None
     return fv, rest[1:]
+
+
+def run_main(main: Callable[[list[str]], object]) -> None:
+    """Calls ``main(sys.argv[1:])``; a bad flag or value (ValueError) prints one line
+    ``error: <message>`` on stderr and exits with code 2, as ``experiments.run`` does."""
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

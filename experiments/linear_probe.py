@@ -13,7 +13,6 @@ Expected (2 CPU cores, about 3 minutes): test accuracy ~0.9 for the probe vs ~0.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import jax
@@ -101,9 +100,9 @@ def _define(fv) -> None:
     flags.DEFINE_integer("seed", 0, "the dataset's split seed", flag_values=fv)
 
 
-def main(argv=None):
+def main(argv: list[str]):
     """``python -m experiments.linear_probe [--dataset=...] [--image_size=...] [--seed=...]``."""
-    a, _ = cli.parse(_define, sys.argv[1:] if argv is None else argv,
+    a, _ = cli.parse(_define, argv,
                      prog="experiments.linear_probe", about=__doc__.splitlines()[0])  # fmt: skip
     r = run(dataset=a.dataset, image_size=a.image_size, seed=a.seed)
     print(
@@ -116,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

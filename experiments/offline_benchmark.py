@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import flags
@@ -316,9 +315,9 @@ def _select(o: Options) -> dict:
     return choices_of(_read(path), p.tasks, o.rows)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     """Runs a preset (see the module docstring); prints and writes the table."""
-    o = parse_options(sys.argv[1:] if argv is None else argv)
+    o = parse_options(argv)
     per_work = _start(o)
     paths = _paths(o.out)
     done = {(r["task"], r["method"], r["seed"]) for r in _read(paths["final"])}
@@ -342,4 +341,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -22,7 +22,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from experiments.presets import REFERENCE_ROW
+from experiments import cli
+from experiments.presets import QUESTIONS, REFERENCE_ROW
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -416,17 +417,13 @@ def _order(records: list[dict]) -> list[str]:
     return [m for m in rows if m in seen] + [m for m in seen if m not in rows]
 
 
-def main(argv=None):
+def main(argv: list[str]):
     """``python -m experiments.report OUT``: rewrites ``OUT/table.md`` and the PNGs from
     ``OUT/records.jsonl`` (and ``OUT/selection.jsonl`` when there is one)."""
     import os
-    import sys
 
-    from experiments import cli
-    from experiments.presets import QUESTIONS
-
-    _, args = cli.parse(lambda fv: None, sys.argv[1:] if argv is None else argv,
-                        prog="experiments.report", about=__doc__.splitlines()[0])  # fmt: skip
+    about = __doc__.splitlines()[0]
+    _, args = cli.parse(lambda fv: None, argv, prog="experiments.report", about=about)
     if len(args) != 1:
         raise ValueError(f"experiments.report: expected one folder (OUT), got {args}")
     out = args[0]
@@ -439,4 +436,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)
