@@ -84,7 +84,7 @@ class KernelOptions:
         block; "auto" per backend.
       block_max_fraction: the block SDDMM is taken where ``R·C <= block_max_fraction · in·out``;
         0 never takes it. In ``[0, 1]``.
-      attention: :func:`guft_jax.ops.attention`'s implementation: "auto", "xla", "cudnn",
+      attention: :func:`guft_jax.attention.attention`'s implementation: "auto", "xla", "cudnn",
         "einsum" or "cudnn_or_xla".
       gather_max_density: a "gather" SDDMM becomes the dense dW matmul for a layer whose
         capacity is more than this fraction of its weight entries (1 keeps "gather" everywhere).

@@ -8,8 +8,9 @@ whether a block is taken (``block_max_fraction``), how it runs (``block_forward`
 are the read-only tables of :mod:`guft_jax.kernels`, and :func:`kernel_arguments` turns a
 :class:`~guft_jax.kernels.KernelOptions` into these arguments.
 
-The SDDMM (:func:`sddmm`, :func:`block_sddmm`, ...) and attention (:func:`attention`) are
-re-exported here from :mod:`guft_jax.sddmm` and :mod:`guft_jax.attention`.
+The SDDMM kernels (``sddmm``, ``block_sddmm``, ``block_covers``, ``block_of``) and attention
+(``attention``, ``attention_einsum``) are re-exported here from :mod:`guft_jax.sddmm` and
+:mod:`guft_jax.attention`.
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+# The ``x as x`` imports are re-exports (``ops.sddmm``, ``ops.attention``, ... keep working);
+# they are documented in their own modules.
 from guft_jax import kernels
-from guft_jax.attention import ATTENTION_IMPLS, attention, attention_einsum
-from guft_jax.sddmm import (
-    DEFAULT_TILING,
-    SDDMM_IMPLS,
-    Tiling,
-    block_covers,
-    block_of,
-    block_positions,
-    block_sddmm,
-    resolve_sddmm_impl,
-    sddmm,
-)
+from guft_jax.attention import ATTENTION_IMPLS as ATTENTION_IMPLS
+from guft_jax.attention import attention as attention
+from guft_jax.attention import attention_einsum as attention_einsum
+from guft_jax.sddmm import DEFAULT_TILING, Tiling, block_positions, resolve_sddmm_impl
+from guft_jax.sddmm import SDDMM_IMPLS as SDDMM_IMPLS
+from guft_jax.sddmm import block_covers as block_covers
+from guft_jax.sddmm import block_of as block_of
+from guft_jax.sddmm import block_sddmm as block_sddmm
+from guft_jax.sddmm import sddmm as sddmm
 
 Array = jax.Array
 
@@ -246,21 +246,10 @@ def dense_delta_reference(w0: Array, rows: Array, cols: Array, values: Array) ->
 
 
 __all__ = [
-    "ATTENTION_IMPLS",
     "BLOCK_MAX_FRACTION",
-    "DEFAULT_TILING",
     "GATHER_MAX_DENSITY",
-    "SDDMM_IMPLS",
-    "Tiling",
-    "attention",
-    "attention_einsum",
-    "block_covers",
-    "block_of",
     "block_pays",
-    "block_sddmm",
     "dense_delta_reference",
     "kernel_arguments",
-    "resolve_sddmm_impl",
-    "sddmm",
     "sparse_delta_matmul",
 ]
