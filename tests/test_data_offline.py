@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from guft_jax.data import (
+    SPLIT_NAMES,
     SPLITS,
+    VTAB_ALIASES,
     ArraySource,
     DataSource,
+    data_identity,
     dedupe,
     get_source,
     load_offline,
@@ -43,7 +46,7 @@ def _sizes(splits):
 @needs_fashion
 def test_fashion_mnist_splits():
     a = load_offline("fashion_mnist", seed=0)
-    assert _sizes(a) == {"train800": 800, "val200": 200, "test": 10000}
+    assert _sizes(a) == {"train": 800, "val": 200, "test": 10000}
     x, y = a["test"]
     assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
     assert np.bincount(y).tolist() == [1000] * 10  # the official balanced test split
@@ -52,7 +55,7 @@ def test_fashion_mnist_splits():
     b = load_offline("fashion_mnist", seed=0)
     c = load_offline("fashion_mnist", seed=1)
     assert all(np.array_equal(a[k][0], b[k][0]) for k in a)  # deterministic per seed
-    assert not np.array_equal(a["train800"][0], c["train800"][0])
+    assert not np.array_equal(a["train"][0], c["train"][0])
     # test_size subsamples the official test split, the same images for every seed.
     s0 = load_offline("fashion_mnist", seed=0, test_size=500)["test"]
     s1 = load_offline("fashion_mnist", seed=5, test_size=500)["test"]
@@ -66,20 +69,20 @@ def test_animal_mnist_dedup_and_disjoint_bytewise():
     assert info == {"num_raw": 10000, "num_duplicates": 284, "label_conflicts": 0}
     assert len(_rows(x)) == len(x) == 9716
     splits = load_offline("animal_mnist", seed=0)
-    assert _sizes(splits) == {"train800": 800, "val200": 200, "test": 2000}
-    train = _rows(splits["train800"][0]) | _rows(splits["val200"][0])
+    assert _sizes(splits) == {"train": 800, "val": 200, "test": 2000}
+    train = _rows(splits["train"][0]) | _rows(splits["val"][0])
     test = _rows(splits["test"][0])
     assert len(train) == 1000 and len(test) == 2000
     assert not train & test  # no test image is (byte-wise) a training image
     other = load_offline("animal_mnist", seed=7)
     assert np.array_equal(other["test"][0], splits["test"][0])  # test fixed across seeds
-    assert _rows(other["train800"][0]) != _rows(splits["train800"][0])
+    assert _rows(other["train"][0]) != _rows(splits["train"][0])
     assert all(v[1].min() >= 0 and v[1].max() <= 9 for v in splits.values())
 
 
 def test_digits_partition_all_images():
     splits = load_offline("digits", seed=0)
-    assert _sizes(splits) == {"train800": 800, "val200": 200, "test": 797}
+    assert _sizes(splits) == {"train": 800, "val": 200, "test": 797}
     x = np.concatenate([v[0] for v in splits.values()])
     assert x.shape == (1797, 8, 8, 1) and x.dtype == np.uint8 and x.max() == 255
     from sklearn.datasets import load_digits
@@ -102,13 +105,31 @@ def test_dedupe_keeps_first_and_reports_conflicts():
     assert np.array_equal(ux, x[[0, 1, 3]])
 
 
+def test_vtab_names_alias_the_split_names_of_packaged_data():
+    src = get_source("digits", seed=4)
+    for alias, name in VTAB_ALIASES.items():
+        (xa, ya), (xb, yb) = src.raw(alias), src.raw(name)
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+        assert src.size(alias) == src.size(name)
+        assert data_identity(src, [name]) == data_identity(src, [alias])  # keyed by the alias
+    x, y = src.raw("trainval")
+    assert np.array_equal(y, np.concatenate([src.raw("train")[1], src.raw("val")[1]]))
+    a = list(src.batches("trainval", batch_size=300, image_size=4, shuffle=True, seed=1))
+    b = list(src.batches("train800val200", batch_size=300, image_size=4, shuffle=True, seed=1))
+    assert all(
+        np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(a, b, strict=True)
+    )
+    assert src.describe()["split_sizes"] == {"train800": 800, "val200": 200, "test": 797}
+    assert set(SPLITS) == {*SPLIT_NAMES, *VTAB_ALIASES}
+
+
 def test_split_indices_disjoint_fixed_test_and_errors():
     a = split_indices(100, train_size=30, val_size=10, test_size=25, seed=0)
     b = split_indices(100, train_size=30, val_size=10, test_size=25, seed=1)
-    assert [len(a[k]) for k in ("train800", "val200", "test")] == [30, 10, 25]
+    assert [len(a[k]) for k in ("train", "val", "test")] == [30, 10, 25]
     assert len(set(np.concatenate(list(a.values())).tolist())) == 65
-    assert np.array_equal(a["test"], b["test"]) and not np.array_equal(a["train800"], b["train800"])
-    assert not set(b["test"]) & (set(b["train800"]) | set(b["val200"]))
+    assert np.array_equal(a["test"], b["test"]) and not np.array_equal(a["train"], b["train"])
+    assert not set(b["test"]) & (set(b["train"]) | set(b["val"]))
     rest = split_indices(100, train_size=30, val_size=10, seed=3)
     assert len(rest["test"]) == 60
     with pytest.raises(ValueError, match="exceeds the 100"):
@@ -128,10 +149,10 @@ def test_npz_round_trip(tmp_path):
     np.savez(path, images=images, labels=labels)
     src = get_source(f"npz:{path}", train_size=20, val_size=10, test_size=15, seed=2)
     assert isinstance(src, DataSource) and src.num_classes == 4
-    assert [src.size(s) for s in SPLITS] == [20, 10, 30, 15]
+    assert [src.size(s) for s in SPLIT_NAMES] == [20, 10, 30, 15]
     lookup = {im.tobytes(): int(lab) for im, lab in zip(images, labels, strict=True)}
     seen = []
-    for split in ("train800", "val200", "test"):
+    for split in ("train", "val", "test"):
         x, y = src.raw(split)
         for im, lab in zip(x, y, strict=True):
             assert lookup[im.tobytes()] == lab  # every image comes back with its own label
@@ -140,7 +161,7 @@ def test_npz_round_trip(tmp_path):
     grey = tmp_path / "grey.npz"
     np.savez(grey, images=images[..., 0], labels=labels)
     x, _ = next(get_source(f"npz:{grey}", train_size=20, val_size=10).batches(
-        "train800", batch_size=4, image_size=5, normalization="0.5"))  # fmt: skip
+        "train", batch_size=4, image_size=5, normalization="0.5"))  # fmt: skip
     assert x.shape == (4, 5, 5, 3) and np.array_equal(x[..., 0], x[..., 2])
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=images.astype(np.float32) * 2, labels=labels)  # floats beyond 255
@@ -172,8 +193,8 @@ def test_folder_round_trip_both_layouts(tmp_path):
     classes = ["cat", "dog", "emu"]
     written = _write_folder(tmp_path / "flat", classes, 10, rng)
     src = get_source(f"folder:{tmp_path / 'flat'}", train_size=12, val_size=6, test_size=12)
-    assert src.num_classes == 3 and [src.size(s) for s in SPLITS] == [12, 6, 18, 12]
-    for split in ("train800", "val200", "test"):
+    assert src.num_classes == 3 and [src.size(s) for s in SPLIT_NAMES] == [12, 6, 18, 12]
+    for split in ("train", "val", "test"):
         x, y = src.raw(split)
         for im, lab in zip(x, y, strict=True):
             assert written[np.asarray(im).tobytes()] == classes[lab]  # PNG is lossless
@@ -181,9 +202,9 @@ def test_folder_round_trip_both_layouts(tmp_path):
     tr = _write_folder(tmp_path / "split" / "train", classes, 8, rng)
     te = _write_folder(tmp_path / "split" / "test", classes, 4, rng)
     splits = load_offline(f"folder:{tmp_path / 'split'}", train_size=16, val_size=8)
-    assert _sizes(splits) == {"train800": 16, "val200": 8, "test": 12}
+    assert _sizes(splits) == {"train": 16, "val": 8, "test": 12}
     assert all(np.asarray(im).tobytes() in te for im in splits["test"][0])
-    assert all(np.asarray(im).tobytes() in tr for im in splits["train800"][0])
+    assert all(np.asarray(im).tobytes() in tr for im in splits["train"][0])
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         load_offline(f"folder:{tmp_path / 'nope'}")
 
@@ -259,8 +280,8 @@ def test_errors_name_field_and_install_command(tmp_path, monkeypatch):
         load_offline("animal_mnist")
     monkeypatch.undo()
     src = get_source("digits")
-    with pytest.raises(ValueError, match="split='train'.*train800"):
-        next(src.batches("train", batch_size=4, image_size=4))
+    with pytest.raises(ValueError, match="split='training'.*train800"):
+        next(src.batches("training", batch_size=4, image_size=4))
     with pytest.raises(ValueError, match="normalization='imagenet21k'.*imagenet"):
         next(src.batches("test", batch_size=4, image_size=4, normalization="imagenet21k"))
     with pytest.raises(ValueError, match="start_step"):

@@ -18,7 +18,8 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from guft_jax.data import (  # noqa: E402
-    SPLITS,
+    SPLIT_NAMES,
+    VTAB_ALIASES,
     DataSource,
     get_source,
     resize_matrix,
@@ -147,6 +148,8 @@ def test_registry_is_the_19_tasks():
         assert vtab.resolve_split(task, "test")[1] == VTAB_TEST_SIZES[name]
         sizes = [vtab.resolve_split(task, s)[1] for s in ("train800", "val200", "train800val200")]
         assert sizes == [800, 200, 1000]
+        for alias, name in VTAB_ALIASES.items():
+            assert vtab.resolve_split(task, alias) == vtab.resolve_split(task, name)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +206,8 @@ def test_every_task_splits_shapes_labels(mocked, task):
     assert n == 1000 == src.size("train800val200")
     assert labels.min() >= 0 and labels.max() < src.num_classes
     assert len(np.unique(labels)) > 1
-    assert [src.size(s) for s in SPLITS] == [800, 200, 1000, VTAB_TEST_SIZES[task]]
+    assert [src.size(s) for s in SPLIT_NAMES] == [800, 200, 1000, VTAB_TEST_SIZES[task]]
+    assert [src.size(s) for s in VTAB_ALIASES] == [800, 200, 1000]
     # Which examples were read: train[:800] then the val200 slice (RGB tasks encode it).
     if task not in GREY:
         sid = np.concatenate([i[0] for i in ids])
@@ -347,8 +351,8 @@ def test_errors_name_the_field_and_never_download(tmp_path):
     src = get_source("vtab/dtd", data_dir=str(tmp_path))  # nothing prepared there
     with pytest.raises(FileNotFoundError, match="tfds build dtd"):
         next(src.batches("train800", batch_size=2, image_size=4))
-    with pytest.raises(ValueError, match="split='train'.*train800"):
-        src.size("train")
+    with pytest.raises(ValueError, match="split='training'.*train800"):
+        src.size("training")
     with pytest.raises(ValueError, match="normalization='imagnet'"):
         next(src.batches("val200", batch_size=2, image_size=4, normalization="imagnet"))
     with pytest.raises(ValueError, match="resize_method"):

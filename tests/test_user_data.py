@@ -9,10 +9,10 @@ import pytest
 from fault_rows import record
 from PIL import Image
 
-from guft_jax.data import SPLITS, get_source, split_sizes, user
+from guft_jax.data import SPLIT_NAMES, folder, get_source, split_sizes
 from guft_jax.errors import InputError
 
-SPLIT3 = ("train800", "val200", "test")
+SPLIT3 = ("train", "val", "test")
 
 
 def _images(n, rng, size=(4, 4), channels=3):
@@ -57,7 +57,7 @@ def _check_split(src, lookup, names, n, k):
     counts = np.bincount(_labels(n, k), minlength=k)
     for s in SPLIT3:
         present = set(np.unique(src.raw(s)[1]).tolist())
-        need = {c for c in range(k) if s == "train800" or counts[c] >= 3}
+        need = {c for c in range(k) if s == "train" or counts[c] >= 3}
         assert need <= present, (s, need - present)
 
 
@@ -74,7 +74,7 @@ def test_any_size_npz_and_folder_follow_the_rule(tmp_path, n, rule):
     assert "70/10/20" in src.info["split_rule"] and src.class_names == tuple(map(str, range(k)))
     other = get_source(f"npz:{npz}", seed=2)
     assert np.array_equal(other.raw("test")[0], src.raw("test")[0])  # test fixed across seeds
-    assert not np.array_equal(other.raw("train800")[0], src.raw("train800")[0])
+    assert not np.array_equal(other.raw("train")[0], src.raw("train")[0])
     if n in (30, 300):  # the folder form of the same rule (PNG writing is the slow part)
         lookup, names = _write_folder(tmp_path / "f", n, k, rng)
         fsrc = get_source(f"folder:{tmp_path / 'f'}", seed=0)
@@ -84,17 +84,17 @@ def test_any_size_npz_and_folder_follow_the_rule(tmp_path, n, rule):
 
 
 def test_vtab_rule_from_1250_images_and_explicit_sizes(tmp_path):
-    assert split_sizes(1250)[0] == {"train800": 800, "val200": 200, "test": 250}
-    assert split_sizes(1249)[0] == {"train800": 874, "val200": 125, "test": 250}
+    assert split_sizes(1250)[0] == {"train": 800, "val": 200, "test": 250}
+    assert split_sizes(1249)[0] == {"train": 874, "val": 125, "test": 250}
     assert split_sizes(300, train_size=0.5, val_size=0, test_size=100)[0] == {
-        "train800": 150, "val200": 0, "test": 100}  # fmt: skip
-    assert split_sizes(300, train_size=40.0)[0]["train800"] == 40  # a float count from a config
+        "train": 150, "val": 0, "test": 100}  # fmt: skip
+    assert split_sizes(300, train_size=40.0)[0]["train"] == 40  # a float count from a config
     rng = np.random.default_rng(0)
     npz = tmp_path / "d.npz"
     _write_npz(npz, 200, 4, rng)
     src = get_source(f"npz:{npz}", train_size=0.25, val_size=10, test_size=0.5)
-    assert src.split_sizes == {"train800": 50, "val200": 10, "test": 100}
-    assert [src.size(s) for s in SPLITS] == [50, 10, 60, 100]
+    assert src.split_sizes == {"train": 50, "val": 10, "test": 100}
+    assert [src.size(s) for s in SPLIT_NAMES] == [50, 10, 60, 100]
     bad_sizes = [({"train_size": 1.5}, "train_size"), ({"val_size": -2}, "val_size"),
                  ({"test_size": "10"}, "test_size"), ({"train_size": 190}, "fit")]  # fmt: skip
     for bad, field in bad_sizes:
@@ -104,13 +104,32 @@ def test_vtab_rule_from_1250_images_and_explicit_sizes(tmp_path):
         get_source(f"npz:{npz}", train_size=3)
 
 
+def test_vtab_split_names_are_refused_for_user_data(tmp_path):
+    # A 30-image npz splits 21 / 3 / 6: a "train800" would name 21 images, so it is an error.
+    npz = tmp_path / "d.npz"
+    _write_npz(npz, 30, 3, np.random.default_rng(0))
+    src = get_source(f"npz:{npz}")
+    x, y = src.raw("trainval")
+    assert np.array_equal(y, np.concatenate([src.raw("train")[1], src.raw("val")[1]]))
+    assert len(x) == src.size("trainval") == 24
+    for name in ("train800", "val200", "train800val200"):
+        with pytest.raises(
+            InputError, match=f"split='{name}'.*allowed: train, val, trainval, test"
+        ):
+            src.size(name)
+        with pytest.raises(InputError, match="VTAB-1K name"):
+            next(src.batches(name, batch_size=4, image_size=4))
+    with pytest.raises(InputError, match="allowed: train, val, trainval, test$"):
+        src.raw("training")
+
+
 def test_explicit_test_sets(tmp_path):
     rng = np.random.default_rng(3)
     # folder/train + folder/test
     _write_folder(tmp_path / "s" / "train", 40, 2, rng, names=["ant", "bee"])
     te, _ = _write_folder(tmp_path / "s" / "test", 10, 2, rng, names=["ant", "bee"])
     src = get_source(f"folder:{tmp_path / 's'}")
-    assert src.split_sizes == {"train800": 35, "val200": 5, "test": 10}
+    assert src.split_sizes == {"train": 35, "val": 5, "test": 10}
     assert all(np.asarray(im).tobytes() in te for im in src.raw("test")[0])
     assert "test set" in src.info["split_rule"] and src.class_names == ("ant", "bee")
     # folder:A,test:B
@@ -121,10 +140,10 @@ def test_explicit_test_sets(tmp_path):
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     np.savez(a, images=_images(30, rng), labels=np.arange(30) % 3,
              test_images=_images(9, rng), test_labels=np.arange(9) % 3)  # fmt: skip
-    assert get_source(f"npz:{a}").split_sizes == {"train800": 26, "val200": 4, "test": 9}
+    assert get_source(f"npz:{a}").split_sizes == {"train": 26, "val": 4, "test": 9}
     np.savez(b, images=_images(12, rng), labels=np.arange(12) % 3)
     src = get_source(f"npz:{b},test:{a}")
-    assert src.split_sizes == {"train800": 10, "val200": 2, "test": 30}
+    assert src.split_sizes == {"train": 10, "val": 2, "test": 30}
     np.savez(a, images=_images(6, rng), labels=np.arange(6) % 3 + 5)  # labels unseen in b
     with pytest.raises(InputError, match=r"b.npz: test labels \[5, 6, 7\] do not occur"):
         get_source(f"npz:{b},test:{a}")
@@ -136,28 +155,28 @@ def test_tiny_classes_one_class_and_label_rules(tmp_path):
     # class 0: 1 image, class 1: 2 images, class 2: 27 images
     np.savez(p, images=_images(30, rng), labels=np.array([0] + [1] * 2 + [2] * 27))
     src = get_source(f"npz:{p}")
-    assert set(src.raw("train800")[1].tolist()) == {0, 1, 2}
+    assert set(src.raw("train")[1].tolist()) == {0, 1, 2}
     assert 1 in src.raw("test")[1] and 0 not in src.raw("test")[1]
-    assert 0 not in src.raw("val200")[1] and 1 not in src.raw("val200")[1]
-    assert any("class 0 has 1 image(s): not in test, val200" in s for s in src.notes)
+    assert 0 not in src.raw("val")[1] and 1 not in src.raw("val")[1]
+    assert any("class 0 has 1 image(s): not in test, val" in s for s in src.notes)
     # non-contiguous labels are remapped, the mapping recorded
     np.savez(p, images=_images(30, rng), labels=np.array([3, 7, 9] * 10))
     src = get_source(f"npz:{p}")
     assert src.num_classes == 3 and src.class_names == ("3", "7", "9")
     assert src.info["label_map"] == {"3": 0, "7": 1, "9": 2}
-    assert set(src.raw("train800")[1].tolist()) == {0, 1, 2}
+    assert set(src.raw("train")[1].tolist()) == {0, 1, 2}
     np.savez(p, images=_images(30, rng), labels=np.array([3, 7, 9] * 10),
              class_names=np.array([f"n{i}" for i in range(10)]))  # fmt: skip
     assert get_source(f"npz:{p}").class_names == ("n3", "n7", "n9")
     src = get_source(f"npz:{p}", num_classes=10)  # with num_classes: used as they are
-    assert src.num_classes == 10 and set(src.raw("train800")[1].tolist()) == {3, 7, 9}
+    assert src.num_classes == 10 and set(src.raw("train")[1].tolist()) == {3, 7, 9}
     with pytest.raises(InputError, match=r"label 9 is out of range for num_classes=5"):
         get_source(f"npz:{p}", num_classes=5)
     # string labels are class names
     np.savez(p, images=_images(30, rng), labels=np.array(["dog", "cat", "emu"] * 10))
     src = get_source(f"npz:{p}")
     assert src.class_names == ("cat", "dog", "emu")
-    assert src.raw("train800")[1].max() == 2
+    assert src.raw("train")[1].max() == 2
     # one class: a clear error
     np.savez(p, images=_images(10, rng), labels=np.full(10, 4))
     with pytest.raises(InputError, match=r"d.npz: only one class \(4\)"):
@@ -182,14 +201,14 @@ def test_folder_conversions_are_noted(tmp_path):
     (root / "README.md").write_text("loose file")
     Image.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).save(root / "a" / "16.png")
     src = get_source(f"folder:{root}")
-    assert src.info["ignored_files"] == 3 and src.split_sizes == {"train800": 8, "val200": 1,
+    assert src.info["ignored_files"] == 3 and src.split_sizes == {"train": 8, "val": 1,
                                                                    "test": 2}  # fmt: skip
     text = " ".join(src.notes)
     assert "alpha channels dropped" in text and "grey ones repeated to RGB" in text
     assert "sizes" in text and "ignored 3 non-image entries" in text
-    x, _ = next(src.batches("train800val200", batch_size=8, image_size=6))
+    x, _ = next(src.batches("trainval", batch_size=8, image_size=6))
     assert x.shape == (8, 6, 6, 3) and np.isfinite(x).all()
-    im16 = user._read_image(str(root / "a" / "16.png"))
+    im16 = folder.read_image(str(root / "a" / "16.png"))
     assert im16.dtype == np.uint8 and im16.max() == round(55000 * 255 / 65535)
 
 
@@ -323,7 +342,7 @@ def test_huge_label_values_are_remapped_by_rank_and_1e20_is_refused(tmp_path):
     src = get_source(_npz(tmp_path, "big.npz", _images(12, rng), big))  # no 8 TiB table
     assert src.num_classes == 3 and src.info["label_map"] == {"0": 0, "5": 1, str(2**40): 2}
     assert src.class_names == ("0", "5", str(2**40))
-    y = np.concatenate([src.raw(s)[1] for s in ("train800", "val200", "test")])
+    y = np.concatenate([src.raw(s)[1] for s in ("train", "val", "test")])
     assert sorted(y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     with pytest.raises(InputError) as e:
         get_source(_npz(tmp_path, "huge.npz", _images(4, rng), [0, 1e20, 1, 0]))
@@ -340,8 +359,8 @@ def test_small_datasets_follow_the_documented_rule_and_name_no_unset_field(tmp_p
     assert "60 images in 60 classes, one per class" in msg and "train_size" not in msg
     record("labels and splits", "one image per class (60 classes)", f"error: {msg}")
     src = get_source(_npz(tmp_path, "two.npz", _images(8, rng), np.arange(8) % 4))
-    assert src.split_sizes == {"train800": 4, "val200": 0, "test": 4}  # 2 per class: train+test
-    for split in ("train800", "test"):
+    assert src.split_sizes == {"train": 4, "val": 0, "test": 4}  # 2 per class: train+test
+    for split in ("train", "test"):
         assert sorted(src.raw(split)[1].tolist()) == [0, 1, 2, 3]
     assert "moved" in src.info["split_rule"]
     with pytest.raises(InputError) as e:  # sizes the user gave: those fields are named
@@ -354,7 +373,7 @@ def test_16_bit_pixels_are_scaled_and_noted_alike_in_npz_and_folders(tmp_path):
     src = get_source(_npz(tmp_path, "u16.npz", x16, [0, 1, 0, 1]))
     note = "16-bit pixels scaled to 8 bits (x 255/65535)"
     assert any(note in n for n in src.notes)
-    got = np.sort(np.concatenate([src.raw(s)[0].ravel() for s in ("train800", "val200", "test")]))
+    got = np.sort(np.concatenate([src.raw(s)[0].ravel() for s in ("train", "val", "test")]))
     np.testing.assert_array_equal(
         got, np.sort(np.round(x16.ravel().astype(np.float64) * 255 / 65535))
     )
@@ -364,7 +383,7 @@ def test_16_bit_pixels_are_scaled_and_noted_alike_in_npz_and_folders(tmp_path):
         Image.fromarray(x16[i]).save(root / f"c{i % 2}" / f"{i}.png")
     fsrc = get_source(f"folder:{root}")
     assert any(note in n for n in fsrc.notes)
-    got = np.sort(np.concatenate([fsrc.raw(s)[0].ravel() for s in ("train800", "val200", "test")]))
+    got = np.sort(np.concatenate([fsrc.raw(s)[0].ravel() for s in ("train", "val", "test")]))
     np.testing.assert_array_equal(
         got, np.sort(np.round(x16.ravel().astype(np.float64) * 255 / 65535))
     )

@@ -1,11 +1,13 @@
 """Data sources for VTAB-1K (tensorflow-datasets) and offline real datasets, one interface.
 
 Every source yields numpy batches ``(images float32 (B, S, S, 3), labels int32 (B,))`` for the
-four VTAB-1K splits, preprocessed the VTAB-1K way (resize straight to ``image_size``, grey -> RGB,
+splits ``train``, ``val``, ``trainval`` and ``test`` (VTAB-1K tasks and the packaged datasets
+also under VTAB-1K's names ``train800``, ``val200``, ``train800val200``: :mod:`.splits`),
+preprocessed the VTAB-1K way (resize straight to ``image_size``, grey -> RGB,
 ``"imagenet"`` or ``"0.5"`` normalisation), deterministically for a given ``(seed, epoch)``.
 
 >>> src = get_source("digits")  # doctest: +SKIP
->>> x, y = next(src.batches("train800", batch_size=64, image_size=32))  # doctest: +SKIP
+>>> x, y = next(src.batches("train", batch_size=64, image_size=32))  # doctest: +SKIP
 >>> x.shape, y.shape  # doctest: +SKIP
 ((64, 32, 32, 3), (64,))
 """
@@ -18,16 +20,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from guft_jax.data.offline import (
-    OFFLINE,
-    dedupe,
-    load_offline,
-    offline_source,
-    split_indices,
-)
+from guft_jax.data.offline import OFFLINE, dedupe, load_offline, offline_source
 from guft_jax.data.pipeline import (
     NORMALIZATIONS,
-    SPLITS,
     ArraySource,
     describe_source,
     normalize,
@@ -36,7 +31,17 @@ from guft_jax.data.pipeline import (
     resize_matrix,
     summary_line,
 )
-from guft_jax.data.user import load_user_data, split_sizes
+from guft_jax.data.splits import (
+    SPLIT_NAMES,
+    SPLITS,
+    VTAB_ALIASES,
+    canonical_split,
+    record_name,
+    split_indices,
+    split_parts,
+    split_sizes,
+)
+from guft_jax.data.user import load_user_data
 from guft_jax.errors import InputError
 
 
@@ -48,7 +53,7 @@ class DataSource(Protocol):
     num_classes: int
 
     def size(self, split: str) -> int:
-        """Number of examples in ``split`` (one of :data:`SPLITS`)."""
+        """Number of examples in ``split`` (one of :data:`SPLITS` the source accepts)."""
         ...
 
     def batches(
@@ -98,18 +103,24 @@ def data_identity(source, splits) -> dict[str, dict]:
     Returns:
       ``{split: {"count": int, "sha256": str | None}}`` (JSON-serialisable).
 
+    Entries are keyed by the source's record name of the split
+    (:func:`guft_jax.data.splits.record_name`: VTAB-1K's where the source has them), so a run
+    that reads ``trainval`` checks the entry a run that read ``train800val200`` wrote.
+
     >>> src = ArraySource("toy", 2, {s: (np.zeros((2, 2, 2, 1), np.uint8), np.array([0, 1]))
-    ...     for s in ("train800", "val200", "test")})
+    ...     for s in ("train", "val", "test")})
     >>> data_identity(src, ["test"])["test"]["count"]
     2
     """
     out = {}
+    vtab_names = getattr(source, "vtab_names", True)
     for split in dict.fromkeys(s for s in splits if s):
         digest = None
         if isinstance(source, ArraySource):  # in-memory arrays; tfds' raw() is a tf.data pipeline
-            names = ("train800", "val200") if split == "train800val200" else (split,)
-            digest = _hash_split(source.splits[n] for n in names)
-        out[split] = {"count": int(source.size(split)), "sha256": digest}
+            parts = split_parts(split, vtab_names=vtab_names)
+            digest = _hash_split(source.splits[n] for n in parts)
+        key = record_name(split, vtab_names=vtab_names)
+        out[key] = {"count": int(source.size(split)), "sha256": digest}
     return out
 
 
@@ -122,9 +133,10 @@ def get_source(name: str, **kw) -> DataSource:
       **kw: offline sources: ``seed``, ``train_size``, ``val_size``, ``test_size`` (counts or
         fractions, ``None`` for the default), ``data_dir``, ``num_classes``, ``resize_method``,
         ``skip_bad`` (user folders: skip unreadable images); VTAB: ``data_dir``, ``version``,
-        ``resize_method``. User data (``npz:`` / ``folder:``) of any size is split by the rule
-        of :mod:`guft_jax.data.user` (VTAB-1K 800/200/rest from 1,250 images, stratified
-        70/10/20 below); the source records ``class_names``, ``split_sizes``, ``notes`` and
+        ``resize_method``. User data (``npz:`` / ``folder:``) of any size is split by the
+        stratified rule of :mod:`guft_jax.data.splits` (VTAB-1K 800/200/rest from 1,250 images,
+        70/10/20 below) and takes the split names of :data:`SPLIT_NAMES` only; the source
+        records ``class_names``, ``split_sizes``, ``notes`` and
         ``info`` (see :func:`describe_source`).
 
     Returns:
@@ -152,8 +164,11 @@ __all__ = [
     "NORMALIZATIONS",
     "OFFLINE",
     "SPLITS",
+    "SPLIT_NAMES",
+    "VTAB_ALIASES",
     "ArraySource",
     "DataSource",
+    "canonical_split",
     "data_identity",
     "dedupe",
     "describe_source",
@@ -166,6 +181,7 @@ __all__ = [
     "resize_images",
     "resize_matrix",
     "split_indices",
+    "split_parts",
     "split_sizes",
     "summary_line",
 ]

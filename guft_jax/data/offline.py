@@ -1,8 +1,10 @@
-"""Real image datasets that ship inside registry packages, and users' own data, VTAB-1K style.
+"""Real image datasets that ship inside registry packages, and users' own data, one entry point.
 
-Every dataset here is split the VTAB-1K way: ``train800`` + ``val200`` (1,000 images drawn from
-the training pool with ``seed``) and a held-out ``test`` set of a stated size that does
-not depend on ``seed``, so that every run of a sweep is scored on the same images.
+The packaged datasets are split by the VTAB-1K rule of :mod:`guft_jax.data.splits`: ``train``
+(800) + ``val`` (200), 1,000 images drawn from the training pool with ``seed``, and a held-out
+``test`` set of a stated size that does not depend on ``seed``, so that every run of a sweep is
+scored on the same images. They also take the VTAB-1K names ``train800``, ``val200`` and
+``train800val200``.
 
 ==============  ============================================  ======  ================  =======
 name            package (install command)                     pool    test (default)    classes
@@ -16,10 +18,11 @@ digits          scikit-learn (``load_digits``, 8x8)           1,797   797 held o
 group carries two labels); they are removed, keeping the first occurrence, *before* splitting so
 that no test image is also a training image.
 
-``npz:PATH`` and ``folder:PATH`` (users' own data, any size) are read, checked and split by
-:mod:`guft_jax.data.user`: the VTAB-1K 800/200/rest split from 1,250 images up, a stratified
-70/10/20 split below, ``train_size`` / ``val_size`` / ``test_size`` as counts or fractions, an
-explicit test set, and one-line :class:`~guft_jax.errors.InputError` messages for bad files.
+``npz:PATH`` and ``folder:PATH`` (users' own data, any size) are read and checked by
+:mod:`guft_jax.data.user` and split by the stratified rule of :mod:`guft_jax.data.splits`: the
+VTAB-1K 800/200/rest sizes from 1,250 images up, 70/10/20 below, ``train_size`` / ``val_size`` /
+``test_size`` as counts or fractions, an explicit test set, and one-line
+:class:`~guft_jax.errors.InputError` messages for bad files.
 """
 
 from __future__ import annotations
@@ -34,16 +37,14 @@ import numpy as np
 
 from guft_jax.data import user
 from guft_jax.data.pipeline import RESIZE_METHODS, ArraySource, check_choice
-from guft_jax.data.user import IMAGE_EXTENSIONS, resolve_size  # noqa: F401  (re-exported)
+from guft_jax.data.splits import resolve_size, split_pools
 from guft_jax.errors import InputError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-# The test subsample and the held-out test draw use this fixed seed, never the run's seed.
-TEST_SEED = 20240611
 OFFLINE = ("fashion_mnist", "animal_mnist", "digits")
 
 
-# ----------------------------------------------------------------------------- splitting
+# ----------------------------------------------------------------------------- readers
 
 
 def dedupe(images: np.ndarray, labels: np.ndarray):
@@ -66,100 +67,6 @@ def dedupe(images: np.ndarray, labels: np.ndarray):
     return images[keep], np.asarray(labels)[keep], keep, int(conflicts)
 
 
-def split_indices(
-    n: int,
-    *,
-    train_size: int = 800,
-    val_size: int = 200,
-    test_size: int | None = None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """VTAB-1K-style index split of one pool of ``n`` examples.
-
-    The test set is drawn first with the fixed :data:`TEST_SEED` (so it is the same for every
-    ``seed``); ``train800``/``val200`` are then drawn from the rest with ``seed``. With
-    ``test_size=None`` the test set is everything outside a fixed pool of
-    ``train_size + val_size`` examples.
-
-    Returns:
-      ``{"train800", "val200", "test"}`` -> sorted-for-test / drawn-order-for-train index arrays.
-
-    Raises:
-      ValueError: if the sizes are negative or do not fit in ``n``.
-    """
-    if test_size is None:
-        test_size = n - train_size - val_size
-    for field, v in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-        if v < 0 or (field != "val_size" and v == 0):
-            raise InputError(f"{field} must be positive, got {v}")
-    if train_size + val_size + test_size > n:
-        raise InputError(
-            f"train_size + val_size + test_size = {train_size + val_size + test_size} exceeds the "
-            f"{n} examples available"
-        )
-    fixed = np.random.default_rng(TEST_SEED).permutation(n)
-    test, rest = np.sort(fixed[:test_size]), fixed[test_size:]
-    rest = np.random.default_rng(seed).permutation(rest)
-    return {
-        "train800": rest[:train_size],
-        "val200": rest[train_size : train_size + val_size],
-        "test": test,
-    }
-
-
-def split_pools(
-    train_pool: tuple[np.ndarray, np.ndarray],
-    test_pool: tuple[np.ndarray, np.ndarray] | None,
-    *,
-    train_size: int = 800,
-    val_size: int = 200,
-    test_size: int | None = None,
-    seed: int = 0,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Splits data VTAB-1K style; with a separate ``test_pool`` (an official test split) the
-    train/val draw comes from ``train_pool`` and the test set is the test pool, subsampled to
-    ``test_size`` with the fixed :data:`TEST_SEED` when given."""
-    x, y = train_pool
-    if test_pool is None:
-        idx = split_indices(
-            len(y), train_size=train_size, val_size=val_size, test_size=test_size, seed=seed
-        )
-        return {k: (_take(x, v), np.asarray(y)[v]) for k, v in idx.items()}
-    if train_size + val_size > len(y):
-        raise InputError(
-            f"train_size + val_size = {train_size + val_size} exceeds the {len(y)} training "
-            "examples available"
-        )
-    if train_size < 1 or val_size < 0:
-        raise InputError(
-            f"train_size must be positive and val_size >= 0, got {train_size}, {val_size}"
-        )
-    order = np.random.default_rng(seed).permutation(len(y))
-    tx, ty = test_pool
-    if test_size is not None:
-        if not 0 < test_size <= len(ty):
-            raise InputError(f"test_size must be in [1, {len(ty)}], got {test_size}")
-        t = np.sort(np.random.default_rng(TEST_SEED).permutation(len(ty))[:test_size])
-        tx, ty = _take(tx, t), np.asarray(ty)[t]
-    return {
-        "train800": (_take(x, order[:train_size]), np.asarray(y)[order[:train_size]]),
-        "val200": (
-            _take(x, order[train_size : train_size + val_size]),
-            np.asarray(y)[order[train_size : train_size + val_size]],
-        ),
-        "test": (tx, np.asarray(ty)),
-    }
-
-
-def _take(x, idx):
-    if isinstance(x, np.ndarray):
-        return x[idx]
-    return [x[i] for i in idx]
-
-
-# ----------------------------------------------------------------------------- readers
-
-
 def read_idx(path: str) -> np.ndarray:
     """Reads a (gzipped) IDX file (the MNIST format) into a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -172,7 +79,15 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _fashion_mnist(data_dir: str | None = None):
+def read_fashion_mnist(data_dir: str | None = None):
+    """Fashion-MNIST's official splits: ``((train images, labels), (test images, labels))``.
+
+    Args:
+      data_dir: a folder with the four IDX files (default: where the apt package puts them).
+
+    Raises:
+      FileNotFoundError: a file is missing; the message says how to install the data.
+    """
     root = data_dir or FASHION_MNIST_DIR
     names = {
         "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -190,6 +105,9 @@ def _fashion_mnist(data_dir: str | None = None):
             )
         out[split] = (read_idx(paths[0])[..., None], read_idx(paths[1]).astype(np.int64))
     return out["train"], out["test"]
+
+
+_fashion_mnist = read_fashion_mnist  # the name benchmarks/run_bench.py still calls
 
 
 def _animal_mnist_files() -> tuple[str, str]:
@@ -257,7 +175,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 def _packaged(name: str, *, seed, test_size, train_size, val_size, data_dir):
     """Splits, split rule and class names of a packaged dataset."""
     if name == "fashion_mnist":
-        train, test = _fashion_mnist(data_dir)
+        train, test = read_fashion_mnist(data_dir)
         pool_n, names, default_test = len(train[1]), FASHION_MNIST_CLASSES, None
     elif name == "animal_mnist":
         x, y, _ = animal_mnist_deduped()
@@ -290,22 +208,22 @@ def load_offline(
     data_dir: str | None = None,
     skip_bad: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Loads a real offline dataset split VTAB-1K style.
+    """Loads a real offline dataset, split by the rules of :mod:`guft_jax.data.splits`.
 
     Args:
       name: "fashion_mnist", "animal_mnist", "digits", "npz:/path/file.npz" or
         "folder:/path/dir" (optionally followed by ",test:PATH", see :mod:`guft_jax.data.user`).
-      seed: draws train800/val200 from the training pool.
+      seed: draws train/val from the training pool.
       test_size: size of the held-out test set, a count or a fraction (defaults: Fashion-MNIST
         its official 10,000, Animal-MNIST 2,000, digits 797, user data by the rule of
-        :mod:`guft_jax.data.user`).
-      train_size: images in ``train800`` (default 800, or the user-data rule), count or fraction.
-      val_size: images in ``val200`` (default 200, or the user-data rule), count or fraction.
+        :mod:`guft_jax.data.splits`).
+      train_size: images in ``train`` (default 800, or the user-data rule), count or fraction.
+      val_size: images in ``val`` (default 200, or the user-data rule), count or fraction.
       data_dir: Fashion-MNIST only: a folder with the four IDX files.
       skip_bad: user folders only: skip unreadable images instead of raising.
 
     Returns:
-      ``{"train800", "val200", "test"} -> (uint8 images (N, H, W, C), int64 labels (N,))``
+      ``{"train", "val", "test"} -> (uint8 images (N, H, W, C), int64 labels (N,))``
       (a folder of differently sized images gives a list of images instead of an array).
 
     Raises:
@@ -315,7 +233,7 @@ def load_offline(
 
     >>> splits = load_offline("digits", seed=0)  # doctest: +SKIP
     >>> {k: len(v[1]) for k, v in splits.items()}  # doctest: +SKIP
-    {'train800': 800, 'val200': 200, 'test': 797}
+    {'train': 800, 'val': 200, 'test': 797}
     """
     kw = dict(seed=seed, test_size=test_size, train_size=train_size, val_size=val_size)
     if name in OFFLINE:
@@ -341,7 +259,9 @@ def offline_source(
     """:func:`load_offline` wrapped as a :class:`~guft_jax.data.DataSource`.
 
     ``num_classes`` defaults to 10 for the packaged datasets and to the number of classes found
-    for user data (see :mod:`guft_jax.data.user` for how labels are remapped). The source's
+    for user data (see :mod:`guft_jax.data.labels` for how labels are remapped). The packaged
+    datasets accept the VTAB-1K split names too, user data only ``train``, ``val``,
+    ``trainval`` and ``test``. The source's
     ``class_names``, ``split_sizes``, ``notes`` and ``info`` (``split_rule``, file counts,
     ``label_map``) are for the run report.
     """
@@ -358,6 +278,7 @@ def offline_source(
             resize_method=resize_method,
             class_names=names,
             info={"split_rule": rule},
+            vtab_names=True,
         )
     if name.startswith(("npz:", "folder:")):
         d = user.load_user_data(name, num_classes=num_classes, skip_bad=skip_bad, **kw)
@@ -369,6 +290,7 @@ def offline_source(
             class_names=d.class_names,
             notes=d.notes,
             info=d.info,
+            vtab_names=False,
         )
     check_choice("dataset", name, (*OFFLINE, "npz:<path>", "folder:<path>"))
     raise AssertionError("unreachable")

@@ -19,9 +19,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from guft_jax.data.splits import (
+    SPLITS,
+    report_names,
+    split_parts,
+    stored_splits,
+)
 from guft_jax.errors import InputError
-
-SPLITS = ("train800", "val200", "train800val200", "test")
 
 NORMALIZATIONS = {
     # torchvision / timm ImageNet statistics (NOAH, VPT, FacT).
@@ -185,16 +189,21 @@ def check_batch_args(
 def describe_source(source) -> dict:
     """Name, classes, split sizes, split rule and notes of any data source, for run reports.
 
+    The split sizes are keyed by the source's own names for its three splits: VTAB-1K's
+    (``train800``, ``val200``, ``test``) where the source has them, else ``train``, ``val``,
+    ``test``.
+
     >>> describe_source(ArraySource("toy", 2, {s: (np.zeros((1, 2, 2, 1), np.uint8), [0])
-    ...     for s in ("train800", "val200", "test")}))["split_sizes"]
+    ...     for s in ("train", "val", "test")}))["split_sizes"]
     {'train800': 1, 'val200': 1, 'test': 1}
     """
     info = dict(getattr(source, "info", {}) or {})
+    names = report_names(getattr(source, "vtab_names", True))
     out = {
         "dataset": source.name,
         "num_classes": int(source.num_classes),
         "class_names": list(getattr(source, "class_names", ()) or ()),
-        "split_sizes": {s: int(source.size(s)) for s in ("train800", "val200", "test")},
+        "split_sizes": {s: int(source.size(s)) for s in names},
         "notes": list(getattr(source, "notes", ()) or ()),
     }
     out.update({k: v for k, v in info.items() if k != "split_sizes"})
@@ -206,11 +215,11 @@ def summary_line(source) -> str:
     d = describe_source(source)
     names = d["class_names"]
     shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
-    sizes = d["split_sizes"]
+    train, val, test = d["split_sizes"].values()
     line = (
         f"data {d['dataset']}: {d['num_classes']} classes"
         + (f" ({shown})" if names else "")
-        + f"; train {sizes['train800']} / val {sizes['val200']} / test {sizes['test']}"
+        + f"; train {train} / val {val} / test {test}"
     )
     if d.get("split_rule"):
         line += f" [{d['split_rule']}]"
@@ -224,16 +233,19 @@ class ArraySource:
     Attributes:
       name: dataset name (for logs and results).
       num_classes: number of classes; labels are in ``[0, num_classes)``.
-      splits: ``{"train800"|"val200"|"test": (images, labels)}``; images are a ``(N, H, W[, C])``
-        uint8 array or a list of ``(H, W[, C])`` arrays of varying size. ``"train800val200"`` is
-        the concatenation of the first two. The keys may name other sizes (``train_size``) but
-        keep the VTAB-1K split names.
+      splits: ``{"train"|"val"|"test": (images, labels)}``; images are a ``(N, H, W[, C])``
+        uint8 array or a list of ``(H, W[, C])`` arrays of varying size. ``"trainval"`` is the
+        concatenation of the first two. Given with the VTAB-1K names (``train800``, ``val200``)
+        the keys are stored as ``train``, ``val`` (:func:`guft_jax.data.splits.stored_splits`).
       resize_method: "bilinear" or "bicubic".
       class_names: one name per class (folder names, the npz's names, or the labels as text);
         empty when unknown.
       notes: what was converted or ignored while reading, one sentence each (for the report).
       info: how the data was split and read (``split_rule``, ``num_images``, ``label_map``,
         ``skipped_files``, ``ignored_files``), JSON-serialisable.
+      vtab_names: whether the VTAB-1K names ``train800``, ``val200``, ``train800val200`` are
+        accepted (aliases of ``train``, ``val``, ``trainval``) and used in records; users' data,
+        whose sizes are not VTAB-1K's, sets ``False``.
     """
 
     name: str
@@ -243,20 +255,26 @@ class ArraySource:
     class_names: tuple = ()
     notes: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)
+    vtab_names: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "splits", stored_splits(self.splits, vtab_names=self.vtab_names))
 
     @property
     def split_sizes(self) -> dict[str, int]:
-        """``{"train800": n, "val200": n, "test": n}`` (whatever the sizes are)."""
-        return {s: len(self.splits[s][1]) for s in ("train800", "val200", "test")}
+        """Images per stored split, keyed as in records (``train800`` / ``train``, ...)."""
+        names = report_names(self.vtab_names)
+        stored = ("train", "val", "test")
+        return {s: len(self.splits[p][1]) for s, p in zip(names, stored, strict=True)}
 
     def describe(self) -> dict:
         """What a run report states about the data (JSON-serialisable)."""
         return describe_source(self)
 
     def _split(self, split: str):
-        check_choice("split", split, SPLITS)
-        if split == "train800val200":
-            (xa, ya), (xb, yb) = self.splits["train800"], self.splits["val200"]
+        parts = split_parts(split, vtab_names=self.vtab_names)
+        if len(parts) == 2:
+            (xa, ya), (xb, yb) = (self.splits[p] for p in parts)
             if (
                 isinstance(xa, np.ndarray)
                 and isinstance(xb, np.ndarray)
@@ -264,7 +282,7 @@ class ArraySource:
             ):
                 return np.concatenate([xa, xb]), np.concatenate([ya, yb])
             return list(xa) + list(xb), np.concatenate([ya, yb])
-        return self.splits[split]
+        return self.splits[parts[0]]
 
     def size(self, split: str) -> int:
         """Number of examples in ``split``."""

@@ -42,11 +42,11 @@ import numpy as np
 
 from guft_jax.data.pipeline import (
     RESIZE_METHODS,
-    SPLITS,
     check_batch_args,
     check_choice,
     normalization_stats,
 )
+from guft_jax.data.splits import report_names, split_parts
 
 
 class Pct(NamedTuple):
@@ -244,21 +244,26 @@ def _bound(b, n):
     return b.percent * n // 100 + b.offset
 
 
+# The registry's keys for the stored splits train, val, test (the protocol's names).
+_REGISTRY_KEY = dict(zip(("train", "val", "test"), report_names(True), strict=True))
+
+
 def resolve_split(
     task: VtabTask, split: str, num_examples: dict[str, int] | None = None
 ) -> tuple[str, int]:
-    """The tfds split string and example count of one of :data:`SPLITS`.
+    """The tfds split string and example count of a split name (``train``, ``train800``, ...).
 
     >>> resolve_split(get_task("caltech101"), "train800val200")
     ('train[:800]+train[2754:2954]', 1000)
+    >>> resolve_split(get_task("caltech101"), "trainval")[1]
+    1000
+
+    Raises:
+      ValueError: an unknown split name (the message lists the allowed ones) or a slice outside
+        the tfds split.
     """
-    check_choice("split", split, SPLITS)
     counts = task.num_examples if num_examples is None else num_examples
-    parts = (
-        task.splits["train800"] + task.splits["val200"]
-        if split == "train800val200"
-        else (task.splits[split])
-    )
+    parts = sum((task.splits[_REGISTRY_KEY[p]] for p in split_parts(split)), ())
     strings, total = [], 0
     for s in parts:
         n = counts[s.split]
