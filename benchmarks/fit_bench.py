@@ -84,30 +84,25 @@ def registered(name: str):
 # --- compare "bare" ----------------------------------------------------------------------------
 
 
-def bare_images_per_s(model, method, params, *, image_size, batch, steps, lr) -> float:
+def config_of(a, **changes) -> TrainConfig:
+    """The runs' :class:`TrainConfig`: ``--image_size``, ``--batch``, ``--epochs`` and
+    ``changes`` over the training defaults."""
+    return TrainConfig(image_size=a.image_size, batch_size=a.batch, epochs=a.epochs, **changes)
+
+
+def bare_images_per_s(model, method, params, config: TrainConfig, steps: int) -> float:
     """Images/s of ``steps`` back-to-back jitted steps on one device-resident batch."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
-    run = step_case("bare", model, method, params, x, y, lr=lr).build()
-    return steps * batch / harness.back_to_back(run, steps)
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 10, config.batch_size).astype(np.int32))
+    run = step_case("bare", model, method, params, x, y, lr=config.lr).build()
+    return steps * config.batch_size / harness.back_to_back(run, steps)
 
 
-def fit_row(model, method, params, source, *, image_size, batch, epochs, lr, kind, prec):
+def fit_row(model, method, params, source, config: TrainConfig) -> dict:
     """One fit's steady-state images/s, host fraction and wall time."""
-    fr, wall = harness.timed_fit(
-        model,
-        params,
-        method,
-        source,
-        image_size=image_size,
-        batch_size=batch,
-        epochs=epochs,
-        lr=lr,
-        head_lr=lr,
-        precision=prec,
-        input=kind,
-    )
+    fr, wall = harness.timed_fit(model, params, method, source, config)
     r = fr.results
     steady = [h["images_per_s"] for h in r["history"][1:]]
     # host time to dispatch an epoch's steps over the epoch's time: near 1 = input/host-bound
@@ -126,31 +121,13 @@ def fit_row(model, method, params, source, *, image_size, batch, epochs, lr, kin
 def bare_method(a, name, model, params, source, steps, log) -> dict:
     """One method's fit-vs-bare rows over ``--reps`` alternations and each input kind."""
     method, d = registered(name)
+    config = config_of(a, lr=d.lr, head_lr=d.lr, precision=a.precision)
     row = {}
     for rep in range(a.reps):
         for i, kind in enumerate(a.inputs.split(",")):
             if i == 0 or not a.bare_once:  # the bare step compiles anew on each call
-                bare = bare_images_per_s(
-                    model,
-                    method,
-                    params,
-                    image_size=a.image_size,
-                    batch=a.batch,
-                    steps=steps,
-                    lr=d.lr,
-                )
-            f = fit_row(
-                model,
-                method,
-                params,
-                source,
-                image_size=a.image_size,
-                batch=a.batch,
-                epochs=a.epochs,
-                lr=d.lr,
-                kind=kind,
-                prec=a.precision,
-            )
+                bare = bare_images_per_s(model, method, params, config, steps)
+            f = fit_row(model, method, params, source, config.replace(input=kind))
             f["bare_images_per_s"] = bare
             f["fit_vs_bare"] = f["images_per_s"] / bare
             row.setdefault(kind, []).append(f)
@@ -175,7 +152,7 @@ def compare_bare(a, log):
         vit.build_model(a.model, num_classes=source.num_classes), a.precision
     )
     params = vit.init_params(model, jax.random.PRNGKey(0), a.image_size)
-    steps = source.size("train800val200") // a.batch
+    steps = source.size(TrainConfig().train_split) // a.batch
     res = dict(machine=common.machine(), args=vars(a), steps_per_epoch=steps, runs={})
     for name in a.methods.split(","):
         res["runs"][name] = bare_method(a, name, model, params, source, steps, log)
@@ -245,19 +222,9 @@ def one_run(name: str, a, source, counter: CompileCounter) -> dict:
     box = {"hook_s": 0.0, "rounds": []}
     lines = []
     c0 = counter.snapshot()
+    config = config_of(a, lr=d.lr, head_lr=d.head_lr)
     fr, wall = harness.timed_fit(
-        model,
-        params,
-        timed_hooks(method, box),
-        source,
-        log=lines.append,
-        image_size=a.image_size,
-        batch_size=a.batch,
-        epochs=a.epochs,
-        lr=d.lr,
-        head_lr=d.head_lr,
-        warmup_epochs=TrainConfig().warmup_epochs,
-        seed=TrainConfig().seed,
+        model, params, timed_hooks(method, box), source, config, log=lines.append
     )
     res = fr.results
     hist = res.get("history", [])
@@ -279,6 +246,11 @@ def one_run(name: str, a, source, counter: CompileCounter) -> dict:
     return out
 
 
+def split_sizes(source) -> dict:
+    """Images in the splits a run trains on and is evaluated on (the training defaults)."""
+    return {s: source.size(s) for s in (TrainConfig().train_split, TrainConfig().eval_split)}
+
+
 def runs_source(a, log):
     """The ``runs`` data: ``--dataset``, or an npz of ``--pool`` Fashion-MNIST images split into
     ``--train`` (4:1 train:val) and ``--test`` images."""
@@ -291,7 +263,7 @@ def runs_source(a, log):
     if a.test:
         kw["test_size"] = a.test
     source = get_source(f"npz:{path}", seed=0, **kw)
-    log(f"data {path}: { {s: source.size(s) for s in ('train800val200', 'test')} }")
+    log(f"data {path}: {split_sizes(source)}")
     return source
 
 
@@ -321,7 +293,7 @@ def compare_runs(a, log):
     yield dict(
         machine=common.machine(),
         args=vars(a),
-        data={s: source.size(s) for s in ("train800val200", "test")},
+        data=split_sizes(source),
         runs=runs,
         ratios=ratios,
         ratio_median=float(np.median(ratios)) if ratios else None,

@@ -219,7 +219,7 @@ def with_ratios(rows: dict[str, dict], ref_name: str, suffix: str | None = None)
     return rows
 
 
-def timed_fit(model, params, method, source, *, log=lambda s: None, **config) -> tuple[Any, float]:
+def timed_fit(model, params, method, source, config, *, log=lambda s: None) -> tuple[Any, float]:
     """``(FitResult, wall seconds)`` of one ``train.fit`` of ``method`` (progress bars off).
 
     Args:
@@ -227,19 +227,11 @@ def timed_fit(model, params, method, source, *, log=lambda s: None, **config) ->
       params: its params.
       method: the method to train.
       source: the data source.
+      config: the run's :class:`guft_jax.config.TrainConfig`.
       log: receives the run's log lines.
-      **config: the run's settings (the training defaults otherwise).
     """
     t = time.perf_counter()
-    r = train.fit(
-        model=model,
-        params=params,
-        method=method,
-        source=source,
-        progress=False,
-        log=log,
-        **config,
-    )
+    r = train.fit(model, params, method, source, config.replace(progress=False), hooks=log)
     return r, time.perf_counter() - t
 
 

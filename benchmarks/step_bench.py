@@ -39,7 +39,6 @@ ratio to full fine-tuning's in the same run). Three groups of rows:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import time
@@ -48,11 +47,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks import common, harness
 from guft_jax import guft as guft_lib
 from guft_jax import kernels as kernels_lib
-from guft_jax import masks, ops, paths, saliency, train, vit
+from guft_jax import masks, paths, saliency, train, vit
 from guft_jax import precision as precision_lib
 from guft_jax.config import TrainConfig
 from guft_jax.data import get_source
@@ -102,25 +102,6 @@ GROUP_DEFAULTS = {
 }
 
 
-@contextlib.contextmanager
-def kernel_choice(choice: dict | None):
-    """GUFT's kernel choices while a step is traced (None: the backend's defaults)."""
-    if not choice:
-        yield
-        return
-    backend = jax.default_backend()
-    saved = ops.AUTO_IMPL.get(backend), ops.BLOCK_FORWARD.get(backend), ops.BLOCK_MAX_FRACTION
-    if "sddmm" in choice:
-        ops.AUTO_IMPL[backend] = choice["sddmm"]
-    if "block_forward" in choice:
-        ops.BLOCK_FORWARD[backend] = choice["block_forward"] == "on"
-    ops.BLOCK_MAX_FRACTION = choice.get("block_max_fraction", saved[2])
-    try:
-        yield
-    finally:
-        ops.AUTO_IMPL[backend], ops.BLOCK_FORWARD[backend], ops.BLOCK_MAX_FRACTION = saved
-
-
 def registered(name: str, **override):
     """The registered method ``name`` with its registered default hyperparameters."""
     return get_method(name, **{**(spec(name).defaults.kwargs or {}), **override})
@@ -132,7 +113,7 @@ def _method_row(name: str):
     per-tensor allocation fills the mask (no saliency pass needed to time a step)."""
     kw = dict(recompute_epochs=[1], ratios=[0.0034], score="magnitude", allocation="per_tensor")
     if name == "guft" or name in SDDMM_ROWS:
-        return get_method("guft", **kw)
+        return get_method("guft", kernels=SDDMM_ROWS.get(name), **kw)
     if name == "guft_dense":
         return get_method("guft", sparse=False, **kw)
     return registered(name)
@@ -151,7 +132,7 @@ def synthetic_inputs(model_name: str, *, image_size: int, batch: int, remat: boo
     return model, params, x, y
 
 
-def step_case(key, model, method, params, x, y, *, lr, state=None, kernels=None, info=None):
+def step_case(key, model, method, params, x, y, *, lr, state=None, info=None):
     """A :class:`harness.Case` timing the engine's train step of ``method`` on ``(x, y)``.
 
     Args:
@@ -164,7 +145,6 @@ def step_case(key, model, method, params, x, y, *, lr, state=None, kernels=None,
       lr: the optimizer's learning rate.
       state: a train state to start from (its optimizer state re-initialised); None: a fresh
         one, with the method's first ``epoch_start`` run on the batch.
-      kernels: GUFT's kernel choices (:func:`kernel_choice`).
       info: extra fields for the row.
     """
 
@@ -179,11 +159,12 @@ def step_case(key, model, method, params, x, y, *, lr, state=None, kernels=None,
             st = jax.tree.map(jnp.copy, state)
             st = st._replace(opt_state=tx.init(st.trainable))
         step = train.make_train_step(model, method, tx)
-        with kernel_choice(kernels):  # the kernels are chosen while tracing
-            run = harness.jit_run(key, step, (st, base, x, y, train.mask_of(method, st)))
+        run = harness.jit_run(key, step, (st, base, x, y, train.mask_of(method, st)))
         st = run.args[0]
         n = sum(train.trained_counts(method, base, st.trainable, st.method_state).values())
         run.info.update(trainable=int(n), opt_state_bytes=harness.tree_bytes(st.opt_state))
+        if "kernels" in method.hparams:  # the resolved kernel choices the step was traced with
+            run.info["kernels"] = dict(method.hparams["kernels"])
         run.info.update(info or {})
         return run
 
@@ -211,17 +192,8 @@ def _method_cases(model, params, x, y, *, methods, precisions):
             info = dict(
                 precision=precision_lib.resolve(prec), full_key=f"full@{prec}" if multi else "full"
             )
-            yield step_case(
-                key,
-                pmodel,
-                _method_row(name),
-                params,
-                x,
-                y,
-                lr=TrainConfig().lr,
-                kernels=SDDMM_ROWS.get(name),
-                info=info,
-            )
+            m = _method_row(name)
+            yield step_case(key, pmodel, m, params, x, y, lr=TrainConfig().lr, info=info)
 
 
 def _peer_cases(model_name, *, image_size, batch, precisions, peer):
@@ -316,7 +288,7 @@ def bench_methods(
 def _saliency_vs_plain(model, params, x, y, reps):
     """GUFT's saliency pass vs the same number of plain fwd+bwd passes (and one global top-k)."""
     loss = jax.jit(
-        lambda theta, xx, yy: train.optax.softmax_cross_entropy_with_integer_labels(
+        lambda theta, xx, yy: optax.softmax_cross_entropy_with_integer_labels(
             model.apply({"params": theta}, xx), yy
         )
     )
@@ -480,19 +452,11 @@ def trained_guft(model, params, source, *, image_size, batch, epochs, log):
     d = spec("guft").defaults
     kw = dict(d.kwargs or {})
     kw["recompute_epochs"] = list(range(1, len(kw.get("ratios", [0.001] * 3)) + 1))
-    r = train.fit(
-        model=model,
-        params=params,
-        method=get_method("guft", **kw),
-        source=source,
-        image_size=image_size,
-        batch_size=batch,
-        epochs=max(epochs, len(kw["recompute_epochs"])),
-        lr=d.lr,
-        head_lr=d.head_lr,
-        progress=False,
-        log=log,
+    epochs = max(epochs, len(kw["recompute_epochs"]))
+    config = TrainConfig(
+        image_size=image_size, batch_size=batch, epochs=epochs, lr=d.lr, head_lr=d.head_lr
     )
+    r, _ = harness.timed_fit(model, params, get_method("guft", **kw), source, config, log=log)
     return kw, r.state
 
 
@@ -516,21 +480,11 @@ def block_coverage(params, state) -> dict:
 
 def _real_cases(model, params, x, y, rows, guft_kw, gstate):
     for name in rows:
-        if name in BLOCK_ROWS:
-            m = get_method("guft", **guft_kw)
-            yield step_case(
-                name,
-                model,
-                m,
-                params,
-                x,
-                y,
-                lr=TrainConfig().lr,
-                state=gstate,
-                kernels=BLOCK_ROWS[name],
-            )
+        if name in BLOCK_ROWS:  # the trained state, stepped with each kernel choice
+            m, state = get_method("guft", kernels=BLOCK_ROWS[name], **guft_kw), gstate
         else:
-            yield step_case(name, model, registered(name), params, x, y, lr=TrainConfig().lr)
+            m, state = registered(name), None
+        yield step_case(name, model, m, params, x, y, lr=TrainConfig().lr, state=state)
 
 
 def run_guft_real(a, log) -> dict:
@@ -546,7 +500,8 @@ def run_guft_real(a, log) -> dict:
     )
     cover = block_coverage(params, gstate)
     log(f"blocks: {cover}")
-    x, y = next(iter(source.batches("train800val200", batch_size=a.batch, image_size=a.image_size)))
+    split = TrainConfig().train_split
+    x, y = next(iter(source.batches(split, batch_size=a.batch, image_size=a.image_size)))
     x, y = jnp.asarray(x), jnp.asarray(y.astype(np.int32))
     failed = {}
     runs = harness.prepare(
