@@ -44,8 +44,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.configs.common import PRETRAINED, validate
+from experiments.configs.common import PRETRAINED, train_config, validate
 from guft_jax import checkpoint_import, compile_cache, distributed, rundir, sharding, train, vit
+from guft_jax.config import Hooks
 from guft_jax.data import get_source
 from guft_jax.errors import InputError, Interrupted, one_line, os_error_line
 from guft_jax.methods import get_method
@@ -222,34 +223,14 @@ def fit_config(
             mesh = sharding.make_mesh(n, fsdp=fsdp)
         rules = sharding.FSDP_RULES if fsdp > 1 else ()
         return train.fit(
-            model=model,
-            params=params,
-            method=method,
-            source=source if source is not None else src,
-            image_size=c.image_size,
-            batch_size=c.batch_size,
-            epochs=c.epochs,
-            lr=c.lr,
-            head_lr=c.head_lr,
-            weight_decay=c.weight_decay,
-            warmup_epochs=c.warmup_epochs,
-            clip_norm=c.clip_norm or None,
-            seed=c.seed,
-            normalization=c.normalization,
-            train_split=c.train_split,
-            eval_split=c.eval_split,
+            model,
+            params,
+            method,
+            source if source is not None else src,
+            train_config(c, param_rules=rules, lock=False, fresh=fresh),  # lock: held here
             workdir=workdir,
-            stop_after_epoch=c.stop_after_epoch or None,
             mesh=mesh,
-            param_rules=rules,
-            progress=c.progress,
-            log=log,
-            config=c.to_dict(),
-            lock=False,  # held here
-            fresh=fresh,
-            precision=c.get("precision", "auto"),
-            input=c.get("input", "auto"),
-            stop=stop,
+            hooks=Hooks(log=log, stop=stop),
         )
     finally:
         if lock is not None:

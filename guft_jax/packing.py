@@ -26,6 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import optim, train
+from guft_jax.config import TrainConfig
+from guft_jax.epochs import (
+    RunParts,
+    epoch_record,
+    evaluate_into,
+    run_epoch_start,
+    run_steps,
+    steps_per_epoch,
+)
+from guft_jax.epochs import results as run_results
 from guft_jax.methods import base as mbase
 from guft_jax.methods.base import Method
 from guft_jax.vit import count_params
@@ -56,19 +66,20 @@ def make_packed_step(model, method: Method, tx, labels, *, total_steps: int, on_
     return jax.jit(step, donate_argnums=(0,))
 
 
-def _epoch_batches(sources, data, epoch):
+def _epoch_batches(runs: Sequence[RunParts], epoch: int):
+    """The runs' shuffled training batches of ``epoch``, stacked over a leading run axis."""
     its = [
-        s.batches(
-            data["train_split"],
-            batch_size=data["batch_size"],
-            image_size=data["image_size"],
-            normalization=data["normalization"],
+        r.source.batches(
+            r.config.train_split,
+            batch_size=r.config.batch_size,
+            image_size=r.config.image_size,
+            normalization=r.config.normalization,
             shuffle=True,
-            seed=seed,
+            seed=r.config.seed,
             epoch=epoch,
             drop_remainder=True,
         )
-        for s, seed in zip(sources, data["seeds"], strict=True)
+        for r in runs
     ]
     for batch in zip(*its, strict=True):
         xs = np.stack([b[0] for b in batch])
@@ -76,153 +87,114 @@ def _epoch_batches(sources, data, epoch):
         yield xs, ys
 
 
-def _epoch_start_each(model, method, params, states, epoch, sources, data, epochs, log):
-    if method.hooks.epoch_start is None:
-        return states
-    runs = unstack(states, len(sources))
-    out = []
-    for st, src in zip(runs, sources, strict=True):
-
-        def batches(src=src):
-            return src.batches(
-                data["train_split"],
-                batch_size=data["batch_size"],
-                image_size=data["image_size"],
-                normalization=data["normalization"],
-            )
-
-        out.append(
-            train.epoch_start(
-                model, method, params, st, epoch, batches=batches, epochs=epochs, log=log
-            )
-        )
-    return stack(out)
-
-
-def fit_packed(
-    *,
-    model,
-    params,
-    method: Method,
-    sources: Sequence[Any],
-    lrs: Sequence[float],
-    head_lrs: Sequence[float],
-    seeds: Sequence[int],
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    weight_decay: float = 1e-4,
-    warmup_epochs: float = 0,
-    clip_norm: float | None = None,
-    normalization: str = "imagenet",
-    train_split: str = "train800val200",
-    eval_split: str | None = "test",
-    log: Callable[[str], None] = lambda s: None,
-) -> tuple[Any, list[dict]]:
-    """Trains ``len(seeds)`` runs of ``method`` at once; returns ``(stacked state, results)``,
-    one results dict per run with :func:`guft_jax.train.fit`'s keys.
-
-    Raises:
-      ValueError: the lists differ in length, or the runs' training splits differ in size.
-    """
+def _check_runs(sources, lrs, head_lrs, seeds, split: str) -> int:
     n = len(seeds)
     if not (len(sources) == len(lrs) == len(head_lrs) == n) or n < 1:
         raise ValueError("fit_packed: sources, lrs, head_lrs and seeds need one entry per run")
-    sizes = {s.size(train_split) for s in sources}
+    sizes = {s.size(split) for s in sources}
     if len(sizes) != 1:
-        raise ValueError(f"fit_packed: runs' {train_split} sizes differ: {sorted(sizes)}")
-    t_start = time.time()
-    steps = sizes.pop() // batch_size
-    backbone = count_params({k: v for k, v in params.items() if k != "head"})
-    params = mbase.prepare_base(method, params)  # (may quantise: the backbone is counted before)
+        raise ValueError(f"fit_packed: runs' {split} sizes differ: {sorted(sizes)}")
+    return n
+
+
+def _packed_init(method: Method, params, seeds, config: TrainConfig, steps: int):
+    """``(tx, stacked states, labels)``: AdamW at peak lr 1 (each run scales its updates)."""
     labels: list = []
     runs = [train.init_state(method, params, None, seed=s, labels_out=labels) for s in seeds]
     tx = optim.make_optimizer(
         labels=labels[0],
         lr=1.0,
         head_lr=1.0,
-        weight_decay=weight_decay,
-        warmup_steps=int(round(warmup_epochs * steps)),
-        total_steps=steps * epochs,
-        clip_norm=clip_norm,
+        weight_decay=config.weight_decay,
+        warmup_steps=int(round(config.warmup_epochs * steps)),
+        total_steps=steps * config.epochs,
+        clip_norm=config.clip_norm,
     )
-    states = stack([r._replace(opt_state=tx.init(r.trainable)) for r in runs])
+    return tx, stack([r._replace(opt_state=tx.init(r.trainable)) for r in runs]), labels[0]
+
+
+def fit_packed(
+    model,
+    params,
+    method: Method,
+    sources: Sequence[Any],
+    config: TrainConfig,
+    *,
+    lrs: Sequence[float],
+    head_lrs: Sequence[float],
+    seeds: Sequence[int],
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[Any, list[dict]]:
+    """Trains ``len(seeds)`` runs of ``method`` at once; returns ``(stacked state, results)``,
+    one results dict per run with :func:`guft_jax.train.fit`'s keys.
+
+    ``config`` holds the runs' common settings (its ``lr``, ``head_lr`` and ``seed`` are
+    replaced by each run's ``lrs``, ``head_lrs`` and ``seeds``); the epoch loop, records and
+    results are the engine's (:mod:`guft_jax.epochs`).
+
+    Raises:
+      ValueError: the lists differ in length, or the runs' training splits differ in size.
+    """
+    n = _check_runs(sources, lrs, head_lrs, seeds, config.train_split)
+    t_start = time.time()
+    steps = steps_per_epoch(config, None, sources[0].size(config.train_split))
+    backbone = count_params({k: v for k, v in params.items() if k != "head"})
+    params = mbase.prepare_base(method, params)  # (may quantise: the backbone is counted before)
+    tx, states, labels = _packed_init(method, params, seeds, config, steps)
     traces = [0]
     step = make_packed_step(
         model,
         method,
         tx,
-        labels[0],
-        total_steps=steps * epochs,
+        labels,
+        total_steps=steps * config.epochs,
         on_trace=lambda: traces.__setitem__(0, traces[0] + 1),
     )
-    data = dict(
-        train_split=train_split,
-        batch_size=batch_size,
-        image_size=image_size,
-        normalization=normalization,
-        seeds=list(seeds),
-    )
+    eval_fn = train.make_eval_step(model, method)
+    runs = [
+        RunParts(
+            model,
+            method,
+            src,
+            params,
+            step,
+            eval_fn,
+            None,
+            None,
+            traces,
+            config.replace(seed=s, lr=lr, head_lr=h),
+            {},
+            steps,
+            backbone,
+            log,
+        )  # fmt: skip
+        for src, s, lr, h in zip(sources, seeds, lrs, head_lrs, strict=True)
+    ]
     lr_arr, head_arr = jnp.asarray(lrs, jnp.float32), jnp.asarray(head_lrs, jnp.float32)
     history: list[list[dict]] = [[] for _ in range(n)]
-    for epoch in range(1, epochs + 1):
-        states = _epoch_start_each(model, method, params, states, epoch, sources, data, epochs, log)
-        t0, losses = time.time(), []
-        for x, y in _epoch_batches(sources, data, epoch):
-            states, loss = step(states, params, x, y, lr_arr, head_arr)
-            losses.append(loss)
-        losses = np.asarray(jax.device_get(losses), np.float64)  # (steps, runs)
-        dt = time.time() - t0
+    for epoch in range(1, config.epochs + 1):
+        if method.hooks.epoch_start is not None:
+            each = zip(runs, unstack(states, n), strict=True)
+            states = stack([run_epoch_start(r, epoch, st) for r, st in each])
+        states, losses, timing = run_steps(
+            states,
+            _epoch_batches(runs, epoch),
+            lambda st, x, y: step(st, params, x, y, lr_arr, head_arr),
+            desc=f"epoch {epoch}/{config.epochs}",
+            total=steps,
+            batch_size=config.batch_size * n,
+            progress=False,
+        )
+        images = len(losses) * config.batch_size * n
         for r in range(n):
+            loss = float(losses[:, r].mean())
             history[r].append(
-                {
-                    "epoch": epoch,
-                    "step": int(states.step[r]),
-                    "train_loss": float(losses[:, r].mean()),
-                    "images_per_s": len(losses) * batch_size * n / dt,
-                    "epoch_seconds": dt,
-                    "traces": traces[0],
-                }
+                epoch_record(epoch, int(states.step[r]), loss, images, timing, traces[0])
             )
         log(f"epoch {epoch}: losses {np.round(losses.mean(0), 4).tolist()}")
-    data["backbone"] = backbone
-    results = _results(model, method, params, states, sources, data, history, traces, eval_split)
-    for r in results:
-        r["wall_seconds"] = time.time() - t_start
-        r["packed_runs"] = n
-    return states, results
-
-
-def _results(model, method, params, states, sources, data, history, traces, eval_split):
-    eval_fn = train.make_eval_step(model, method)
-    backbone = data["backbone"]
     out = []
-    for r, (st, src) in enumerate(zip(unstack(states, len(sources)), sources, strict=True)):
-        trained = mbase.trained_counts(method, params, st.trainable, st.method_state)
-        res = {
-            "method": method.name,
-            "hparams": method.hparams or {},
-            "trainable_params": int(sum(trained.values())),
-            "head_params": mbase.head_count(st.trainable),
-            "backbone_params": backbone,
-            "epochs": len(history[r]),
-            "traces": traces[0],
-            "history": history[r],
-            "trained_per_tensor": trained,
-        }
-        if eval_split is not None:
-            ev = train.evaluate(
-                eval_fn,
-                params,
-                st,
-                src,
-                eval_split,
-                batch_size=data["batch_size"],
-                image_size=data["image_size"],
-                normalization=data["normalization"],
-            )
-            res[f"{eval_split}_accuracy"] = ev["accuracy"]
-            res[f"{eval_split}_loss"] = ev["loss"]
-            res[f"{eval_split}_examples"] = ev["num_examples"]
-        out.append(res)
-    return out
+    for r, st in zip(runs, unstack(states, n), strict=True):
+        res = run_results(r, st, history[len(out)], None)
+        evaluate_into(r, st, config.eval_split, res)
+        out.append(dict(res, wall_seconds=time.time() - t_start, packed_runs=n))
+    return states, out

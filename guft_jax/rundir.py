@@ -68,6 +68,9 @@ CHECKPOINTS_NAME = "checkpoints"
 PATH_RESERVE = 256
 # Config fields a resume may change: the length of the run and what is printed.
 RESUMABLE_FIELDS = ("epochs", "progress", "stop_after_epoch")
+# Fields added to the fingerprint after checkpoints without them were written: such a checkpoint
+# resumes (the field's value then was the only one there was: the per-backend default).
+ADDED_FIELDS = ("kernels",)
 
 
 # ----------------------------------------------------------------------------- lock
@@ -239,7 +242,11 @@ def check_resume_config(
     """
     if saved is None:
         return
-    changes = config_changes(saved, fingerprint(config, ignore=ignore))
+    current = fingerprint(config, ignore=ignore)
+    for added in ADDED_FIELDS:
+        if not any(k.split(".")[0] == added for k in saved):
+            current = {k: v for k, v in current.items() if k.split(".")[0] != added}
+    changes = config_changes(saved, current)
     if changes:
         shown = "; ".join(changes[:8]) + (
             f"; and {len(changes) - 8} more" if len(changes) > 8 else ""

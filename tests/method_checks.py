@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import artifacts, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import Method, get_method
 from guft_jax.methods.base import forward, init_state, prepare_base
 from guft_jax.methods.report import count_trainable
@@ -78,17 +79,20 @@ def trains_in_one_trace(model, params, m: Method, source, *, lr: float = 1e-2, e
     are bitwise unchanged (the engine never writes them). Returns the ``FitResult``."""
     before = jax.tree.map(np.array, params)
     r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=epochs,
-        lr=lr,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        m,
+        source,
+        TrainConfig(
+            image_size=16,
+            batch_size=16,
+            epochs=epochs,
+            lr=lr,
+            head_lr=1e-2,
+            progress=False,
+            warmup_epochs=0,
+        ),
+        hooks=lambda s: None,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

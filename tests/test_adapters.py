@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from guft_jax import artifacts, paths, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import forward, get_method, spec
 from guft_jax.methods.adapters import kron_sum
 from guft_jax.methods.base import default_load
@@ -215,17 +216,20 @@ def test_trains_through_the_engine_in_one_trace(name, tiny, source):
     m = get_method(name, **{**(d.kwargs or {}), **(d.dry_kwargs or {})})  # the registered dry run
     before = jax.tree.map(np.array, params)
     r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=1e-2,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        m,
+        source,
+        TrainConfig(
+            image_size=16,
+            batch_size=16,
+            epochs=3,
+            lr=1e-2,
+            head_lr=1e-2,
+            progress=False,
+            warmup_epochs=0,
+        ),
+        hooks=lambda s: None,
     )
     losses = [h["train_loss"] for h in r.results["history"]]
     assert r.results["traces"] == 1

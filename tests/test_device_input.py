@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from guft_jax import device_input
+from guft_jax.config import TrainConfig
 from guft_jax.data import ArraySource, resize_matrix
 
 
@@ -112,18 +113,21 @@ def test_fit_with_device_input_trains_like_the_host_pipeline(tiny):
     logs = []
     runs = {
         kind: train.fit(
-            model=model,
-            params=params,
-            method=get_method("lora", rank=2, alpha=4.0),
-            source=src,
-            image_size=16,
-            batch_size=16,
-            epochs=2,
-            lr=1e-2,
-            progress=False,
-            log=logs.append,
-            precision="fp32",
-            input=kind,
+            model,
+            params,
+            get_method("lora", rank=2, alpha=4.0),
+            src,
+            TrainConfig(
+                image_size=16,
+                batch_size=16,
+                epochs=2,
+                lr=1e-2,
+                progress=False,
+                precision="fp32",
+                input=kind,
+                warmup_epochs=0,
+            ),
+            hooks=logs.append,
         )
         for kind in ("host", "device")
     }

@@ -25,6 +25,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, tests_dir)
     from conftest import make_source
     from guft_jax import checkpoint, guft, sharding, train, vit
+    from guft_jax.config import TrainConfig
     from guft_jax.data import ArraySource
     from guft_jax.methods import get_method
 
@@ -59,10 +60,10 @@ WORKER = textwrap.dedent(
         object.__setattr__(src, "__class__", RecordedSource)  # a frozen dataclass
         LOADED.clear()
         wd = os.path.join(out_dir, f"{name}{nproc}")
-        r = train.fit(model=model, params=params, method=method(name), source=src,
-                      image_size=16, batch_size=16, epochs=2, lr=1e-2, progress=False,
-                      log=lambda s: None, mesh=sharding.make_mesh(fsdp=4), param_rules=rules,
-                      workdir=wd)
+        cfg = TrainConfig(image_size=16, batch_size=16, epochs=2, lr=1e-2, progress=False,
+                          warmup_epochs=0, param_rules=tuple(rules))
+        r = train.fit(model, params, method(name), src, cfg, workdir=wd,
+                      mesh=sharding.make_mesh(fsdp=4), hooks=lambda s: None)
         state = distributed.gather(r["state"])
         out[name] = dict(
             loss=[h["train_loss"] for h in r["history"]],

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from guft_jax import artifacts, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import dylora as dy
 from guft_jax.methods import get_method
 from guft_jax.methods.report import count_trainable
@@ -113,16 +114,14 @@ def test_identity_at_init_and_counts_on_vit_b16(tiny):
 def test_trains_through_the_engine_one_trace_loss_falls(tiny, source):
     model, params = tiny
     r = train.fit(
-        model=model,
-        params=params,
-        method=get_method("dylora", rank=R, alpha=ALPHA),
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        get_method("dylora", rank=R, alpha=ALPHA),
+        source,
+        TrainConfig(
+            image_size=16, batch_size=16, epochs=3, lr=1e-2, progress=False, warmup_epochs=0
+        ),
+        hooks=lambda s: None,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

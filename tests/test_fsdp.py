@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from conftest import make_source
     from guft_jax import guft, sharding, train, vit
+    from guft_jax.config import TrainConfig
     from guft_jax.methods import get_method
 
     def methods():
@@ -41,7 +42,7 @@ SCRIPT = textwrap.dedent(
     big = {}
     for name, m in methods().items():
         tx, state = train.optimizer_for(m, wparams, steps_per_epoch=2, epochs=2, lr=1e-3)
-        state, params, sh = train._place(state, wparams, mesh, sharding.FSDP_RULES,
+        state, params, sh = train.place(state, wparams, mesh, sharding.FSDP_RULES,
                                          sharding.FSDP_RULES)
         step = train.make_train_step(wide, m, tx, total_steps=4, shardings=sh)
         x, y = sharding.put_batch((np.zeros((16, 16, 16, 3), np.float32),
@@ -68,10 +69,10 @@ SCRIPT = textwrap.dedent(
     for name in ("full", "lora", "guft"):
         for shape in ((8, 1), (2, 4)):
             rules = sharding.fsdp_rules(0) if shape[1] > 1 else ()
-            r = train.fit(model=model, params=params, method=methods()[name],
-                          source=make_source(), image_size=16, batch_size=16, epochs=2,
-                          lr=1e-2, progress=False, log=lambda s: None,
-                          mesh=sharding.make_mesh(8, fsdp=shape[1]), param_rules=rules)
+            cfg = TrainConfig(image_size=16, batch_size=16, epochs=2, lr=1e-2, progress=False,
+                              warmup_epochs=0, param_rules=tuple(rules))
+            r = train.fit(model, params, methods()[name], make_source(), cfg,
+                          mesh=sharding.make_mesh(8, fsdp=shape[1]), hooks=lambda s: None)
             specs = sorted({str(a.sharding.spec) for a in jax.tree.leaves(r["state"])})
             out[f"{name}{shape}"] = dict(
                 loss=[h["train_loss"] for h in r["history"]],

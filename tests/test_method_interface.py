@@ -13,6 +13,7 @@ from experiments.configs import tiny as tiny_cfg
 from experiments.configs.common import validate
 from experiments.run import fit_config
 from guft_jax import artifacts, paths, train
+from guft_jax.config import TrainConfig
 from guft_jax.methods import (
     Defaults,
     Method,
@@ -91,16 +92,14 @@ def test_toy_method_trains_reports_saves_and_configures(registered, tiny, source
     m = get_method("outscale")
     PREPARED.clear()
     r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=2,
-        lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        m,
+        source,
+        TrainConfig(
+            image_size=16, batch_size=16, epochs=2, lr=1e-2, progress=False, warmup_epochs=0
+        ),
+        hooks=lambda s: None,
     )
     steps = r.results["history"][-1]["step"]
     assert r.results["traces"] == 1 and PREPARED == [1]

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_source
 
 from guft_jax import artifacts, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import METHODS, get_method
 from guft_jax.methods.base import flat_arrays
 from guft_jax.methods.base import init_state as method_state
@@ -167,17 +168,20 @@ def test_each_method_trains_through_the_engine_and_the_loss_falls(name, tiny, so
     m = build(name)
     lr = 0.2 if name.startswith("fourierft") else 1e-2
     r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=lr,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        m,
+        source,
+        TrainConfig(
+            image_size=16,
+            batch_size=16,
+            epochs=3,
+            lr=lr,
+            head_lr=1e-2,
+            progress=False,
+            warmup_epochs=0,
+        ),
+        hooks=lambda s: None,
     )
     losses = [h["train_loss"] for h in r["history"]]
     assert losses[-1] < losses[0], losses

@@ -6,6 +6,7 @@ import pytest
 from conftest import make_source
 
 from guft_jax import packing, paths, train
+from guft_jax.config import TrainConfig
 from guft_jax.methods import get_method
 
 RUNS = [(1e-2, 0), (3e-3, 0), (1e-2, 1), (3e-3, 1)]  # (lr, seed): 2 lrs x 2 seeds
@@ -26,29 +27,19 @@ def test_packed_runs_equal_runs_alone(name, hp, lr_scale, tiny):
     runs = [(lr * lr_scale, seed) for lr, seed in RUNS]
     sources = [make_source(seed=s) for _, s in runs]
     states, packed = packing.fit_packed(
-        model=model,
-        params=params,
-        method=m,
-        sources=sources,
+        model,
+        params,
+        m,
+        sources,
+        TrainConfig(progress=False, **KW),
         lrs=[lr for lr, _ in runs],
         head_lrs=[2 * lr for lr, _ in runs],
         seeds=[s for _, s in runs],
-        **KW,
     )
     assert packed[0]["traces"] == 1
     for r, ((lr, seed), src) in enumerate(zip(runs, sources, strict=True)):
-        alone = train.fit(
-            model=model,
-            params=params,
-            method=m,
-            source=src,
-            lr=lr,
-            head_lr=2 * lr,
-            seed=seed,
-            progress=False,
-            log=lambda s: None,
-            **KW,
-        )
+        cfg = TrainConfig(lr=lr, head_lr=2 * lr, seed=seed, progress=False, **KW)
+        alone = train.fit(model, params, m, src, cfg, hooks=lambda s: None)
         np.testing.assert_allclose(
             [h["train_loss"] for h in packed[r]["history"]],
             [h["train_loss"] for h in alone.results["history"]],
@@ -71,12 +62,12 @@ def test_mismatched_lists_are_refused(tiny):
     model, params = tiny
     with pytest.raises(ValueError, match="one entry per run"):
         packing.fit_packed(
-            model=model,
-            params=params,
-            method=get_method("linear"),
-            sources=[make_source()],
+            model,
+            params,
+            get_method("linear"),
+            [make_source()],
+            TrainConfig(**KW),
             lrs=[1e-2, 1e-3],
             head_lrs=[1e-2],
             seeds=[0],
-            **KW,
         )

@@ -16,6 +16,7 @@ from conftest import make_source
 from fault_rows import record
 
 from guft_jax import rundir, train
+from guft_jax.config import Hooks, TrainConfig
 from guft_jax.data import ArraySource, data_identity
 from guft_jax.errors import (
     CheckpointDamagedError,
@@ -28,25 +29,28 @@ from guft_jax.methods import get_method
 CFG = {"lr": 1e-2, "method": "lora", "epochs": 3}
 
 
-def _fit(tiny, wd, *, epochs=3, source=None, **kw):
+def _fit(tiny, wd, *, epochs=3, source=None, method=None, hooks=lambda s: None, **kw):
     model, params = tiny
     args = dict(
-        model=model,
-        params=params,
-        method=get_method("lora", rank=2, alpha=3.0),
-        source=source if source is not None else make_source(),
         image_size=16,
         batch_size=16,
         epochs=epochs,
         lr=1e-2,
         warmup_epochs=1,
         progress=False,
-        log=lambda s: None,
-        workdir=str(wd),
-        config={**CFG, "epochs": epochs},
+        record={**CFG, "epochs": epochs},
+        train_split="train800val200",
     )
     args.update(kw)
-    return train.fit(**args)
+    return train.fit(
+        model,
+        params,
+        method if method is not None else get_method("lora", rank=2, alpha=3.0),
+        source if source is not None else make_source(),
+        TrainConfig(**args),
+        workdir=str(wd),
+        hooks=hooks,
+    )
 
 
 def _records(wd):
@@ -64,13 +68,13 @@ def _leaves(state):
 
 def test_rerun_of_a_finished_run_is_a_no_op_and_fewer_epochs_are_refused(tiny, tmp_path):
     logs = []
-    first = _fit(tiny, tmp_path, log=logs.append)
+    first = _fit(tiny, tmp_path, hooks=logs.append)
     before = _records(tmp_path)
     res = json.loads(before["results.json"])
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3] and res["epochs"] == 3
     assert res["traces"] == 1 and res["wall_seconds"] > 0
     logs.clear()
-    again = _fit(tiny, tmp_path, log=logs.append)
+    again = _fit(tiny, tmp_path, hooks=logs.append)
     assert _records(tmp_path) == before  # results, metrics, events, checkpoints: byte for byte
     assert again.results == res and any("nothing to do" in s for s in logs)
     for a, b in zip(_leaves(first.state), _leaves(again.state), strict=True):
@@ -180,7 +184,7 @@ def test_a_stop_request_ends_after_the_step_and_the_rerun_resumes_bitwise(tiny, 
         return len(asked) >= 1 + 4 + 1 + 2  # asked before each epoch and after each of 4 steps
 
     with pytest.raises(Interrupted) as e:
-        _fit(tiny, wd, stop=stop)
+        _fit(tiny, wd, hooks=Hooks(log=lambda s: None, stop=stop))
     assert isinstance(e.value, KeyboardInterrupt)
     assert str(e.value) == "interrupted at epoch 2 step 2; rerun the same command to resume"
     assert [r["epoch"] for r in rundir.read_jsonl(str(wd / "metrics.jsonl"))] == [1]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from guft_jax import artifacts, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import forward, get_method
 from guft_jax.methods.report import count_trainable
 from guft_jax.methods.ssf import target_layers
@@ -133,17 +134,20 @@ def test_trains_through_the_engine_in_one_trace(tiny, source):
     model, params = tiny
     m = get_method("ssf")
     r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=3e-2,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        m,
+        source,
+        TrainConfig(
+            image_size=16,
+            batch_size=16,
+            epochs=3,
+            lr=3e-2,
+            head_lr=1e-2,
+            progress=False,
+            warmup_epochs=0,
+        ),
+        hooks=lambda s: None,
     )
     losses = [h["train_loss"] for h in r["history"]]
     assert r.results["traces"] == 1 and losses[-1] < losses[0], losses

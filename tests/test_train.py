@@ -13,26 +13,16 @@ import pytest
 from conftest import make_source
 
 from guft_jax import checkpoint, guft, train
+from guft_jax.config import TrainConfig
 from guft_jax.methods import get_method
 
 
-def _fit(tiny, method, **kw):
+def _fit(tiny, method, *, workdir=None, log=lambda s: None, config=None, **kw):
     model, params = tiny
-    args = dict(
-        model=model,
-        params=params,
-        method=method,
-        source=make_source(),
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=1e-2,
-        warmup_epochs=1,
-        progress=False,
-        log=lambda s: None,
-    )
+    args = dict(image_size=16, batch_size=16, epochs=3, lr=1e-2, warmup_epochs=1, progress=False)
     args.update(kw)
-    return train.fit(**args)
+    cfg = TrainConfig(**args, record=config)
+    return train.fit(model, params, method, make_source(), cfg, workdir=workdir, hooks=log)
 
 
 def _leaves(state):
@@ -137,6 +127,7 @@ SHARDED = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from conftest import make_source
     from guft_jax import sharding, train, vit, guft
+    from guft_jax.config import TrainConfig
     from guft_jax.methods import get_method
     from jax.sharding import PartitionSpec as P
     model = vit.build_model("ViT-tiny/4", num_classes=3)
@@ -147,10 +138,10 @@ SHARDED = textwrap.dedent(
             m = (get_method("lora", rank=2, alpha=3.0) if name == "lora"
                  else guft.guft(recompute_epochs=[1, 2], ratios=[0.02, 0.02]))
             mesh = sharding.make_mesh(n)
-            r = train.fit(model=model, params=params, method=m, source=make_source(),
-                          image_size=16, batch_size=16, epochs=3, lr=1e-2, progress=False,
-                          log=lambda s: None, mesh=mesh,
-                          param_rules=[(r"MlpBlock_3/Dense_0/kernel$", P(None, "data"))])
+            cfg = TrainConfig(image_size=16, batch_size=16, epochs=3, lr=1e-2, progress=False,
+                              warmup_epochs=0,
+                              param_rules=((r"MlpBlock_3/Dense_0/kernel$", P(None, "data")),))
+            r = train.fit(model, params, m, make_source(), cfg, mesh=mesh, hooks=lambda s: None)
             out[f"{name}{n}"] = dict(
                 loss=[h["train_loss"] for h in r["history"]],
                 leaves=[np.asarray(x).ravel().tolist()

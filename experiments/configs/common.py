@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from guft_jax import config as config_lib
+from guft_jax.config import TrainConfig
 from guft_jax.data import NORMALIZATIONS, SPLITS
 from guft_jax.methods import method_names
 from guft_jax.vit import CONFIGS
@@ -22,31 +24,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.val_size = 0.0
     c.test_size = 0.0
     c.skip_bad = False  # folder: data: skip unreadable images (counted in results.json)
-    c.image_size = 56
-    c.normalization = "imagenet"
-    c.train_split = "train800val200"
-    c.eval_split = "test"
+    # The training settings: TrainConfig's defaults (guft_jax/config.py, their single source).
+    # On the command line "none" is 0 (clip_norm, stop_after_epoch) and head_lr is a number.
+    t = TrainConfig()
+    c.image_size = t.image_size
+    c.normalization = t.normalization
+    c.train_split = t.train_split
+    c.eval_split = t.eval_split
     c.method = "linear"
     c.method_kwargs = ml_collections.ConfigDict()
-    c.epochs = 10
-    c.batch_size = 50
-    c.lr = 1e-3
-    c.head_lr = 1e-3
-    c.weight_decay = 1e-4
-    c.warmup_epochs = 1.0
-    c.clip_norm = 0.0
-    c.seed = 0
+    c.epochs = t.epochs
+    c.batch_size = t.batch_size
+    c.lr = t.lr
+    c.head_lr = t.head_lr_or_lr
+    c.weight_decay = t.weight_decay
+    c.warmup_epochs = t.warmup_epochs
+    c.clip_norm = t.clip_norm or 0.0
+    c.seed = t.seed
     # 0: no mesh (one process, one device); n: a (n / fsdp, fsdp) ("data", "fsdp") mesh of n
     # devices. A multi-process run (experiments.run --coordinator_address, or JAX_* variables)
     # always meshes all devices of all processes.
     c.num_devices = 0
     c.fsdp = 1  # >1: ZeRO-3 over that many devices (sharding.FSDP_RULES), batches over both axes
-    c.stop_after_epoch = 0  # >0: stop after that epoch (checkpointed) to test resuming
-    c.progress = True
+    c.stop_after_epoch = t.stop_after_epoch or 0  # >0: stop after that epoch (checkpointed)
+    c.progress = t.progress
     # "auto": bf16 compute on GPU/TPU, fp32 on CPU (measured faster there); "fp32" | "bf16".
-    c.precision = "auto"
+    c.precision = t.precision
     # "auto": uint8 splits held on GPU/TPU and resized inside jit; "host" | "device".
-    c.input = "auto"
+    c.input = t.input
     c.remat = False  # rematerialise each encoder block in the backward (less activation memory)
     return c
 
@@ -87,7 +92,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if int(c[f]) < lo:
             bad(f, c[f], f">= {lo}")
     for f in ("lr", "head_lr", "weight_decay", "warmup_epochs", "clip_norm"):
-        if float(c[f]) < 0:
+        if c[f] is not None and float(c[f]) < 0:
             bad(f, c[f], ">= 0")
 
 
@@ -106,4 +111,18 @@ def method_kwargs(method: str, *overrides: dict | None) -> ml_collections.Config
     }
     for o in overrides:
         kw.update(o or {})
+    # Lists as tuples: ml_collections' flags override tuples from the command line
+    # (``--config.method_kwargs.recompute_epochs="(1, 4, 7)"``), not lists.
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
     return ml_collections.ConfigDict(kw)
+
+
+def train_config(c: ml_collections.ConfigDict, **run) -> TrainConfig:
+    """The :class:`~guft_jax.config.TrainConfig` of a validated experiment config (its fields
+    read by name; 0 means "none" for ``clip_norm`` and ``stop_after_epoch``); ``run`` sets the
+    run-control fields (``fresh``, ``lock``, ``param_rules``, ...). The whole config becomes the
+    run's ``record`` (``results.json``, the resume fingerprint)."""
+    kw = {k: c[k] for k in config_lib.field_names() if k in c}
+    kw["clip_norm"] = c.clip_norm or None
+    kw["stop_after_epoch"] = c.stop_after_epoch or None
+    return TrainConfig(**kw, record=c.to_dict(), **run)

@@ -1,0 +1,205 @@
+"""The train step: the loss of a method's trainable tree, its masked optimizer update and the
+method's per-step hook, as pure functions jitted once per run (:func:`make_train_step`).
+
+Only the method's ``trainable`` tree is differentiated: the frozen pretrained ``params`` are an
+argument of the step, receive no gradient and no optimizer state. A method with element-level
+masks (GUFT's reference path) supplies them through ``MethodHooks.update_mask``; the mask is a
+traced argument, so growing it never retraces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from guft_jax import optim
+from guft_jax import sharding as shard_lib
+from guft_jax.methods import base as mbase
+from guft_jax.methods.base import Method, StepInfo, forward
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    method_state: Any
+    rng: jax.Array  # a raw uint32 PRNG key (checkpointable)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
+    """Mean softmax cross-entropy (weighted mean if ``weights`` is given), in float32."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    if weights is None:
+        return jnp.mean(losses)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_loss_fn(model, method: Method) -> Callable:
+    """``loss(trainable, params, method_state, images, labels, rng=None)``: the task loss plus the
+    method's extra term (``MethodHooks.loss``, training only); ``rng=None`` runs the model and the
+    method deterministically (no dropout / drop-path / sampling)."""
+    extra = method.hooks.loss
+
+    def loss(trainable, params, method_state, images, labels, rng=None):
+        logits = forward(model, method, params, trainable, method_state, images, rng=rng)
+        out = cross_entropy(logits, labels)
+        if extra is not None and rng is not None:
+            out = out + extra(params, trainable, method_state, rng)
+        return out
+
+    return loss
+
+
+def _has_leaves(tree: Any) -> bool:
+    return bool(jax.tree_util.tree_leaves(tree))
+
+
+def make_step_body(model, method: Method, tx, *, total_steps: int = 0) -> Callable:
+    """The un-jitted step ``body(state, params, images, labels, mask=(), scale=None) ->
+    (state, loss)``: loss and gradients of the trainable tree, the masked optimizer update
+    (``mask=()``: the method's ``update_mask`` of the traced state; ``scale``: per-leaf update
+    factors, see :func:`guft_jax.optim.masked_step`), then the method's ``MethodHooks.step``.
+    :func:`make_train_step` jits it; :mod:`guft_jax.packing` vmaps it over runs."""
+    loss_fn = make_loss_fn(model, method)
+    hook, mask_fn = method.hooks.step, method.hooks.update_mask
+
+    def body(state: TrainState, params, images, labels, mask=(), scale=None):
+        rng, drop = jax.random.split(state.rng)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state.trainable, params, state.method_state, images, labels, drop
+        )
+        if not _has_leaves(mask) and mask_fn is not None:
+            mask = mask_fn(state.method_state)  # traced: a mask that changes never retraces
+        trainable, opt_state = optim.masked_step(
+            tx, grads, state.opt_state, state.trainable, mask if _has_leaves(mask) else None, scale
+        )
+        mstate = state.method_state
+        if hook is not None:
+            info = StepInfo(
+                state.step,
+                total_steps,
+                trainable,
+                state.trainable,
+                opt_state,
+                mstate,
+                grads,
+                params,
+            )
+            trainable, opt_state, mstate = hook(info)
+        return TrainState(state.step + 1, trainable, opt_state, mstate, rng), loss
+
+    return body
+
+
+def make_train_step(
+    model,
+    method: Method,
+    tx: optax.GradientTransformation,
+    *,
+    total_steps: int = 0,
+    shardings: tuple | None = None,
+    on_trace: Callable[[], None] | None = None,
+) -> Callable:
+    """The jitted train step ``step(state, params, images, labels, mask) -> (state, loss)``.
+
+    ``state`` is donated. ``mask`` is ``()`` (the method's ``update_mask`` of the traced state is
+    used, if it has one) or an element-level bool tree shaped like ``state.trainable`` (see
+    :func:`guft_jax.optim.masked_step`). After the optimizer update the
+    method's ``MethodHooks.step`` (if any) runs inside the same program with a :class:`StepInfo`
+    (``total_steps`` is static). ``shardings`` is ``(state, params, batch, mask)`` NamedShardings
+    for ``jax.jit``; ``state`` may also be a function ``state -> per-leaf shardings`` (rules
+    applied to the state's current shapes: one jitted step per state shape, reachable as
+    ``step.for_state(state)``). ``on_trace`` is called each time the step is traced.
+    """
+    body = make_step_body(model, method, tx, total_steps=total_steps)
+
+    def step(state: TrainState, params, images, labels, mask):
+        if on_trace is not None:
+            on_trace()
+        return body(state, params, images, labels, mask)
+
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    state_sh, params_sh, batch_sh, mask_sh = shardings
+    repl = shard_lib.replicated(batch_sh.mesh)
+
+    def jitted(sh):
+        return jax.jit(
+            step,
+            donate_argnums=(0,),
+            in_shardings=(sh, params_sh, batch_sh, batch_sh, mask_sh),
+            out_shardings=(sh, repl),
+        )
+
+    if not callable(state_sh):
+        return jitted(state_sh)
+    # Per-leaf state shardings depend on the leaves' shapes, which a method may change between
+    # epochs (GUFT's sparse capacities): one jitted step per state shape (each traced once).
+    cache: dict = {}
+
+    def for_state(state):
+        key = (
+            jax.tree_util.tree_structure(state),
+            tuple(np.shape(x) for x in jax.tree_util.tree_leaves(state)),
+        )
+        if key not in cache:
+            cache[key] = jitted(state_sh(state))
+        return cache[key]
+
+    def sharded_step(state, params, images, labels, mask):
+        return for_state(state)(state, params, images, labels, mask)
+
+    sharded_step.for_state = for_state  # the jitted step for a state (``.lower`` it to inspect)
+    return sharded_step
+
+
+def make_eval_step(model, method: Method) -> Callable:
+    """``eval(params, trainable, method_state, images, labels, weights) -> (correct, loss_sum)``."""
+
+    def ev(params, trainable, method_state, images, labels, weights):
+        logits = forward(model, method, params, trainable, method_state, images)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return jnp.sum(correct * weights), jnp.sum(losses * weights)
+
+    return jax.jit(ev)
+
+
+def init_state(method: Method, params, tx=None, *, seed: int, labels_out: list | None = None):
+    """The initial :class:`TrainState` (``method.init`` is called once). With ``tx=None`` the
+    optimizer state is ``()``; ``labels_out`` receives the optimizer labels of the trainable tree.
+    """
+    rng = jax.random.PRNGKey(seed)
+    rng, init_rng = jax.random.split(rng)
+    # A copy: the step donates the state, and a method may start from the very arrays of params.
+    trainable = jax.tree_util.tree_map(jnp.copy, method.init(init_rng, params))
+    mstate = mbase.init_state(method, params, trainable)
+    if labels_out is not None:
+        labels_out.append(mbase.labels_of(method, trainable))
+    opt = tx.init(trainable) if tx is not None else ()
+    return TrainState(jnp.zeros((), jnp.int32), trainable, opt, mstate, rng)
+
+
+def optimizer_for(method: Method, params, *, steps_per_epoch: int, epochs: int, **kw):
+    """``(tx, state_without_optimizer)``: AdamW groups from the method's labels (one init)."""
+    labels: list = []
+    state = init_state(method, params, None, seed=kw.pop("seed", 0), labels_out=labels)
+    warmup = int(round(kw.pop("warmup_epochs", 0) * steps_per_epoch))
+    tx = optim.make_optimizer(
+        labels=labels[0], warmup_steps=warmup, total_steps=steps_per_epoch * epochs, **kw
+    )
+    return tx, state._replace(opt_state=tx.init(state.trainable))
+
+
+def mask_of(method: Method, state: TrainState):
+    """The element-level optimizer mask of the method (``()`` if none), a copy."""
+    if method.hooks.update_mask is None:
+        return ()
+    m = method.hooks.update_mask(state.method_state)
+    # A copy: the mask's arrays live in the state, which the step donates.
+    return () if m is None else jax.tree_util.tree_map(jnp.copy, m)
