@@ -1,5 +1,5 @@
-"""AFLoRA (seed 003): keep-ratio schedule, counts, gradients, adaptive freezing replayed in numpy,
-one trace, artifacts."""
+"""AFLoRA (arXiv:2403.13269): keep-ratio schedule, counts, gradients, adaptive freezing replayed
+in numpy, one trace, artifacts."""
 
 import math
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from guft_jax import artifacts, paths, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import aflora as af
 from guft_jax.methods import get_method
 from guft_jax.methods.base import init_state
@@ -156,16 +157,14 @@ def test_adaptive_freezing_replays_in_numpy_one_trace_loss_falls(tiny, source):
     rec = m._replace(hooks=m.hooks._replace(step=step))
     epochs = 8  # train800val200 = 64 examples / batch 16 = 4 steps per epoch: T = 32
     r = train.fit(
-        model=model,
-        params=params,
-        method=rec,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=epochs,
-        lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        rec,
+        source,
+        TrainConfig(
+            image_size=16, batch_size=16, epochs=epochs, lr=1e-2, progress=False, warmup_epochs=0
+        ),
+        hooks=lambda s: None,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

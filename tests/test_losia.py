@@ -1,4 +1,4 @@
-"""LoSiA and LoSiA-Pro (seed 004, SPEC.md §5, issue 13): greedy subnets, closed-form counts,
+"""LoSiA and LoSiA-Pro (arXiv:2507.04487): greedy subnets, closed-form counts,
 identity at init, LoSiA-Pro's custom VJP, relocalisation (moments, re-warm, importance, the
 retired delta), one trace per run and the artifact round trip."""
 
@@ -12,6 +12,7 @@ import pytest
 
 from guft_jax import artifacts, optim, paths, train, vit
 from guft_jax.checkpoint_import import CheckpointMismatchError
+from guft_jax.config import TrainConfig
 from guft_jax.methods import StepInfo, forward, get_method, method_names
 from guft_jax.methods import losia as L
 from guft_jax.methods.base import labels_of
@@ -324,7 +325,7 @@ def test_relocalisation_resets_exactly_that_layers_moments_and_keeps_the_functio
 
 def test_history_zero_keeps_the_values_at_retained_pairs():
     block = jnp.arange(6.0).reshape(2, 3) + 1
-    out = L._carry_retained(
+    out = L.carry_retained(
         jnp.array([1, 4]), jnp.array([0, 2, 5]), block, jnp.array([4, 7]), jnp.array([2, 3, 5])
     )
     np.testing.assert_array_equal(out, [[5.0, 0.0, 6.0], [0.0, 0.0, 0.0]])
@@ -340,17 +341,20 @@ def runs(tiny, source):
     for name in ("losia", "losia_pro"):
         m = get_method(name, period=T, history=2)
         r = train.fit(
-            model=model,
-            params=params,
-            method=m,
-            source=source,
-            image_size=16,
-            batch_size=8,
-            epochs=2,
-            lr=1e-2,
-            progress=False,
-            log=lambda s: None,
-            eval_split=None,
+            model,
+            params,
+            m,
+            source,
+            TrainConfig(
+                image_size=16,
+                batch_size=8,
+                epochs=2,
+                lr=1e-2,
+                progress=False,
+                eval_split=None,
+                warmup_epochs=0,
+            ),
+            hooks=lambda s: None,
         )
         out[name] = (m, r)
     return out

@@ -1,4 +1,4 @@
-"""UniPELT-style gated hybrid (issue 14): each gated branch equals its closed form, LoRA and
+"""UniPELT-style gated hybrid (arXiv:2110.07577): each gated branch equals its closed form, LoRA and
 adapter branches are exactly zero at init (identity without the prefix branch; the prefix branch
 is not identity at init, as in UniPELT: stated), counts on ViT-B/16, gradients reach every part
 including the gates, artifacts, the engine."""
@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from guft_jax import artifacts, paths, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import forward, get_method, spec
 from guft_jax.methods.base import default_load
 from guft_jax.methods.report import count_trainable
@@ -178,17 +179,20 @@ def test_trains_through_the_engine_in_one_trace(tiny, source):
     t0 = m.init(jax.random.key(0), params)
     before = jax.tree.map(np.array, params)
     r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=1e-2,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        m,
+        source,
+        TrainConfig(
+            image_size=16,
+            batch_size=16,
+            epochs=3,
+            lr=1e-2,
+            head_lr=1e-2,
+            progress=False,
+            warmup_epochs=0,
+        ),
+        hooks=lambda s: None,
     )
     losses = [h["train_loss"] for h in r.results["history"]]
     assert r.results["traces"] == 1

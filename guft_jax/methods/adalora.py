@@ -36,6 +36,7 @@ but nothing is pruned.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -44,6 +45,7 @@ import numpy as np
 
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, StepInfo, register
+from guft_jax.methods.hparams import as_json
 
 GROUP = "adalora"
 FACTORS = ("P", "lambda", "Q")
@@ -133,6 +135,142 @@ def rank_pattern(state: AdaLoRAState) -> dict[str, int]:
     return {ws.path_of(k): int(np.sum(np.asarray(v))) for k, v in state.keep.items()}
 
 
+class AdaLoRAHparams(NamedTuple):
+    """The hyperparameters of :func:`adalora` (validated)."""
+
+    init_rank: int
+    target_rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    t_init: float
+    t_final: float
+    delta_t: int
+    beta1: float
+    beta2: float
+    orth_reg: float
+    init_std: float
+
+
+def _check(hp: AdaLoRAHparams) -> None:
+    """Raises ValueError naming the first hyperparameter out of range."""
+    if hp.init_rank < 1:
+        raise ValueError(f"adalora.init_rank: must be >= 1, got {hp.init_rank}")
+    if not 0 <= hp.target_rank <= hp.init_rank:
+        raise ValueError(
+            f"adalora.target_rank: must be in [0, {hp.init_rank}], got {hp.target_rank}"
+        )
+    if hp.alpha <= 0:
+        raise ValueError(f"adalora.alpha: must be > 0, got {hp.alpha}")
+    if hp.delta_t < 1:
+        raise ValueError(f"adalora.delta_t: must be >= 1, got {hp.delta_t}")
+    for name, b in (("beta1", hp.beta1), ("beta2", hp.beta2)):
+        if not 0 < b < 1:
+            raise ValueError(f"adalora.{name}: must be in (0, 1), got {b}")
+    if hp.orth_reg < 0:
+        raise ValueError(f"adalora.orth_reg: must be >= 0, got {hp.orth_reg}")
+    schedule_steps(1, hp.t_init, hp.t_final, field="adalora")  # validates the values
+
+
+def _init(hp: AdaLoRAHparams, rng, params):
+    out = {}
+    r = hp.init_rank
+    for i, p in enumerate(ws.target_paths(params, hp.targets, field="adalora.targets")):
+        d_in, d_out = ws.matrix(params, p).shape
+        kp, kq = jax.random.split(jax.random.fold_in(rng, i))
+        out[ws.key(p)] = {
+            "P": hp.init_std * jax.random.normal(kp, (d_out, r), jnp.float32),
+            "lambda": jnp.zeros((r,), jnp.float32),
+            "Q": hp.init_std * jax.random.normal(kq, (r, d_in), jnp.float32),
+        }
+    return {"head": params["head"], GROUP: out}
+
+
+def _merge(hp: AdaLoRAHparams, params, trainable):
+    scale = hp.alpha / hp.init_rank
+    deltas = {
+        ws.path_of(k): scale * ((f["Q"].T * f["lambda"]) @ f["P"].T)
+        for k, f in trainable[GROUP].items()
+    }
+    return ws.add_deltas(params, deltas, trainable["head"])
+
+
+def _init_state(hp: AdaLoRAHparams, params, trainable) -> AdaLoRAState:
+    del params
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable[GROUP])
+    keep = {k: jnp.ones((hp.init_rank,), bool) for k in trainable[GROUP]}
+    return AdaLoRAState(zeros, jax.tree_util.tree_map(jnp.zeros_like, zeros), keep)
+
+
+def _loss(hp: AdaLoRAHparams, params, trainable, state, rng):
+    del params, state, rng
+    fs = trainable[GROUP]
+    return hp.orth_reg * sum(orthogonality(f["P"], f["Q"]) for f in fs.values()) / len(fs)
+
+
+def _smoothed(hp: AdaLoRAHparams, st: AdaLoRAState, tr: dict, g: dict) -> tuple[dict, dict]:
+    """``(Ī, Ū)`` after one :func:`sensitivity_ema` step of ``I = |θ·g|`` (θ after this step's
+    update, as the official code)."""
+    ib_new, ub_new = {}, {}
+    for k in tr:
+        ib_new[k], ub_new[k] = {}, {}
+        for f in FACTORS:
+            ipt = jnp.abs(tr[k][f] * g[k][f])
+            ib_new[k][f], ub_new[k][f] = sensitivity_ema(
+                st.ipt_bar[k][f], st.unc_bar[k][f], ipt, hp.beta1, hp.beta2
+            )
+    return ib_new, ub_new
+
+
+def _budget_table(hp: AdaLoRAHparams, total_steps: int, num_kernels: int) -> np.ndarray:
+    """:func:`budget` at every step of the run, int32."""
+    return np.asarray(
+        [
+            budget(
+                s,
+                total_steps=total_steps,
+                init_budget=num_kernels * hp.init_rank,
+                target_budget=num_kernels * hp.target_rank,
+                t_init=hp.t_init,
+                t_final=hp.t_final,
+            )
+            for s in range(total_steps)
+        ],
+        np.int32,
+    )
+
+
+def _kept(scores: jax.Array, k_prune) -> jax.Array:
+    """``(L, r)`` bool: the triplets scoring above the ``k_prune``-th smallest (all if < 1)."""
+    flat = jnp.sort(scores.reshape(-1))
+    thr = flat[jnp.clip(k_prune - 1, 0, flat.shape[0] - 1)]
+    return jnp.where(k_prune >= 1, scores > thr, True)
+
+
+def _step(hp: AdaLoRAHparams, info: StepInfo):
+    st: AdaLoRAState = info.state
+    tr = info.trainable[GROUP]
+    ib_new, ub_new = _smoothed(hp, st, tr, info.grads[GROUP])
+    T, t = info.total_steps, info.step
+    if T < 1:  # static: unknown run length, no budget schedule
+        return info.trainable, info.opt_state, st._replace(ipt_bar=ib_new, unc_bar=ub_new)
+    ti, tf = schedule_steps(T, hp.t_init, hp.t_final, field="adalora")
+    keys = sorted(tr)
+    table = _budget_table(hp, T, len(keys))
+    scheduling = t < T - tf  # the scores are updated only before the final phase
+    pick = lambda a, b: jnp.where(scheduling, a, b)  # noqa: E731
+    ib = jax.tree_util.tree_map(pick, ib_new, st.ipt_bar)
+    ub = jax.tree_util.tree_map(pick, ub_new, st.unc_bar)
+    do_mask = (scheduling & (t > ti) & (t % hp.delta_t == 0)) | (t == T - tf)
+    b = jnp.asarray(table)[jnp.minimum(t, T - 1)]
+    scores = jnp.stack([triplet_scores(ib[k], ub[k]) for k in keys])  # (L, r)
+    fresh = _kept(scores, len(keys) * hp.init_rank - b)
+    keep = {k: jnp.where(do_mask, fresh[i], st.keep[k]) for i, k in enumerate(keys)}
+    zero = do_mask | (t > T - tf)
+    group = {k: {**tr[k], "lambda": jnp.where(zero & ~keep[k], 0.0, tr[k]["lambda"])} for k in keys}
+    trainable = {**info.trainable, GROUP: group}
+    return trainable, info.opt_state, AdaLoRAState(ib, ub, keep)
+
+
 @register(
     "adalora",
     info=Info(
@@ -179,120 +317,29 @@ def adalora(
     Raises:
       ValueError: a rank, a schedule value, an EMA factor or the coefficient is out of range.
     """
-    if init_rank < 1:
-        raise ValueError(f"adalora.init_rank: must be >= 1, got {init_rank}")
-    if not 0 <= target_rank <= init_rank:
-        raise ValueError(f"adalora.target_rank: must be in [0, {init_rank}], got {target_rank}")
-    if alpha <= 0:
-        raise ValueError(f"adalora.alpha: must be > 0, got {alpha}")
-    if delta_t < 1:
-        raise ValueError(f"adalora.delta_t: must be >= 1, got {delta_t}")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0 < b < 1:
-            raise ValueError(f"adalora.{name}: must be in (0, 1), got {b}")
-    if orth_reg < 0:
-        raise ValueError(f"adalora.orth_reg: must be >= 0, got {orth_reg}")
-    schedule_steps(1, t_init, t_final, field="adalora")  # validates the values
-    scale = alpha / init_rank
-
-    def init_fn(rng, params):
-        out = {}
-        for i, p in enumerate(ws.target_paths(params, targets, field="adalora.targets")):
-            d_in, d_out = ws.matrix(params, p).shape
-            kp, kq = jax.random.split(jax.random.fold_in(rng, i))
-            out[ws.key(p)] = {
-                "P": init_std * jax.random.normal(kp, (d_out, init_rank), jnp.float32),
-                "lambda": jnp.zeros((init_rank,), jnp.float32),
-                "Q": init_std * jax.random.normal(kq, (init_rank, d_in), jnp.float32),
-            }
-        return {"head": params["head"], GROUP: out}
-
-    def merge(params, trainable):
-        deltas = {
-            ws.path_of(k): scale * ((f["Q"].T * f["lambda"]) @ f["P"].T)
-            for k, f in trainable[GROUP].items()
-        }
-        return ws.add_deltas(params, deltas, trainable["head"])
-
-    def init_state(params, trainable):
-        del params
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable[GROUP])
-        keep = {k: jnp.ones((init_rank,), bool) for k in trainable[GROUP]}
-        return AdaLoRAState(zeros, jax.tree_util.tree_map(jnp.zeros_like, zeros), keep)
-
-    def loss(params, trainable, state, rng):
-        del params, state, rng
-        fs = trainable[GROUP]
-        return orth_reg * sum(orthogonality(f["P"], f["Q"]) for f in fs.values()) / len(fs)
-
-    def step(info: StepInfo):
-        st: AdaLoRAState = info.state
-        tr, g = info.trainable[GROUP], info.grads[GROUP]
-        ib_new, ub_new = {}, {}
-        for k in tr:
-            ib_new[k], ub_new[k] = {}, {}
-            for f in FACTORS:  # I = |θ·g| with θ after this step's update (the official code)
-                ipt = jnp.abs(tr[k][f] * g[k][f])
-                ib_new[k][f], ub_new[k][f] = sensitivity_ema(
-                    st.ipt_bar[k][f], st.unc_bar[k][f], ipt, beta1, beta2
-                )
-        T, t = info.total_steps, info.step
-        if T < 1:  # static: unknown run length, no budget schedule
-            return info.trainable, info.opt_state, st._replace(ipt_bar=ib_new, unc_bar=ub_new)
-        ti, tf = schedule_steps(T, t_init, t_final, field="adalora")
-        keys = sorted(tr)
-        init_bgt, target_bgt = len(keys) * init_rank, len(keys) * target_rank
-        table = np.asarray(
-            [
-                budget(
-                    s,
-                    total_steps=T,
-                    init_budget=init_bgt,
-                    target_budget=target_bgt,
-                    t_init=t_init,
-                    t_final=t_final,
-                )
-                for s in range(T)
-            ],
-            np.int32,
-        )
-        scheduling = t < T - tf  # the scores are updated only before the final phase
-        pick = lambda a, b: jnp.where(scheduling, a, b)  # noqa: E731
-        ib = jax.tree_util.tree_map(pick, ib_new, st.ipt_bar)
-        ub = jax.tree_util.tree_map(pick, ub_new, st.unc_bar)
-        do_mask = (scheduling & (t > ti) & (t % delta_t == 0)) | (t == T - tf)
-        b = jnp.asarray(table)[jnp.minimum(t, T - 1)]
-        scores = jnp.stack([triplet_scores(ib[k], ub[k]) for k in keys])  # (L, r)
-        k_prune = init_bgt - b
-        flat = jnp.sort(scores.reshape(-1))
-        thr = flat[jnp.clip(k_prune - 1, 0, flat.shape[0] - 1)]
-        fresh = jnp.where(k_prune >= 1, scores > thr, True)
-        keep = {k: jnp.where(do_mask, fresh[i], st.keep[k]) for i, k in enumerate(keys)}
-        zero = do_mask | (t > T - tf)
-        group = {
-            k: {**tr[k], "lambda": jnp.where(zero & ~keep[k], 0.0, tr[k]["lambda"])} for k in keys
-        }
-        trainable = {**info.trainable, GROUP: group}
-        return trainable, info.opt_state, AdaLoRAState(ib, ub, keep)
-
-    hp = dict(
-        init_rank=init_rank,
-        target_rank=target_rank,
-        alpha=alpha,
-        targets=list(targets),
-        t_init=t_init,
-        t_final=t_final,
-        delta_t=delta_t,
-        beta1=beta1,
-        beta2=beta2,
-        orth_reg=orth_reg,
-        init_std=init_std,
+    hp = AdaLoRAHparams(
+        init_rank,
+        target_rank,
+        alpha,
+        tuple(targets),
+        t_init,
+        t_final,
+        delta_t,
+        beta1,
+        beta2,
+        orth_reg,
+        init_std,
     )
-    hooks = MethodHooks(init_state=init_state, step=step, loss=loss)
-    return ws.method("adalora", init=init_fn, merge=merge, hparams=hp, hooks=hooks)
+    _check(hp)
+    f = functools.partial
+    hooks = MethodHooks(init_state=f(_init_state, hp), step=f(_step, hp), loss=f(_loss, hp))
+    return ws.method(
+        "adalora", init=f(_init, hp), merge=f(_merge, hp), hparams=as_json(hp), hooks=hooks
+    )
 
 
 __all__ = [
+    "AdaLoRAHparams",
     "AdaLoRAState",
     "adalora",
     "budget",

@@ -1,5 +1,5 @@
 """AFLoRA (Liu et al., arXiv:2403.13269): LoRA with feature-transform vectors and projection
-matrices that freeze adaptively (seed 003; official code zeyuliu1037/AFLoRA).
+matrices that freeze adaptively (official code zeyuliu1037/AFLoRA).
 
 Every adapted kernel gets ``ΔW x = s_b ⊙ B (s_d ⊙ A x)`` with ``A`` ``(r, in)`` and ``B``
 ``(out, r)`` Kaiming-uniform, ``s_d`` ``(r,)`` = 0.1 and ``s_b`` ``(out,)`` = 0, so the model is
@@ -42,6 +42,7 @@ of the run (``< 1``) or step counts (``>= 1``): "one epoch" is ``1/epochs`` (the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -53,6 +54,7 @@ from guft_jax import paths
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.adalora import schedule_steps, sensitivity_ema
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, StepInfo, register
+from guft_jax.methods.hparams import as_json
 
 GROUP = "aflora"
 PROJ = ("A", "B")  # the projection matrices that freeze
@@ -122,6 +124,155 @@ def _zero_moments(opt_state, active: dict):
     return jax.tree_util.tree_map_with_path(fix, opt_state)
 
 
+class AFLoRAHparams(NamedTuple):
+    """The hyperparameters of :func:`aflora` (validated)."""
+
+    rank: int
+    d_init: float
+    targets: tuple[str, ...]
+    t_init: float
+    t_final: float
+    window: int
+    beta1: float
+    beta2: float
+    freeze_square: bool
+
+
+def _check(hp: AFLoRAHparams) -> None:
+    """Raises ValueError naming the first hyperparameter out of range."""
+    if hp.rank < 1:
+        raise ValueError(f"aflora.rank: must be >= 1, got {hp.rank}")
+    if hp.window < 1:
+        raise ValueError(f"aflora.window: must be >= 1, got {hp.window}")
+    for name, b in (("beta1", hp.beta1), ("beta2", hp.beta2)):
+        if not 0 < b < 1:
+            raise ValueError(f"aflora.{name}: must be in (0, 1), got {b}")
+    schedule_steps(1, hp.t_init, hp.t_final, field="aflora")  # validates the values
+
+
+def _init(hp: AFLoRAHparams, rng, params):
+    out = {}
+    for i, p in enumerate(ws.target_paths(params, hp.targets, field="aflora.targets")):
+        d_in, d_out = ws.matrix(params, p).shape
+        ka, kb = jax.random.split(jax.random.fold_in(rng, i))
+        out[ws.key(p)] = {
+            "A": kaiming_uniform(ka, (hp.rank, d_in), d_in),
+            "B": kaiming_uniform(kb, (d_out, hp.rank), hp.rank),
+            "s_d": jnp.full((hp.rank,), hp.d_init, jnp.float32),
+            "s_b": jnp.zeros((d_out,), jnp.float32),
+        }
+    return {"head": params["head"], GROUP: out}
+
+
+def _merge(params, trainable):
+    deltas = {
+        ws.path_of(k): ((f["A"].T * f["s_d"]) @ f["B"].T) * f["s_b"]
+        for k, f in trainable[GROUP].items()
+    }
+    return ws.add_deltas(params, deltas, trainable["head"])
+
+
+def _square(f) -> bool:
+    return f["A"].shape[1] == f["B"].shape[0]
+
+
+def _init_state(hp: AFLoRAHparams, params, trainable) -> AFLoRAState:
+    del params
+    zeros = {k: {x: jnp.zeros_like(f[x]) for x in PROJ} for k, f in trainable[GROUP].items()}
+    active = {
+        k: {x: jnp.asarray(not (hp.freeze_square and _square(f))) for x in PROJ}
+        for k, f in trainable[GROUP].items()
+    }
+    frozen_at = {k: {x: jnp.asarray(-1, jnp.int32) for x in PROJ} for k in active}
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
+    return AFLoRAState(zeros, copy(zeros), copy(zeros), active, frozen_at)
+
+
+def _update_mask(state: AFLoRAState):
+    return {
+        "head": True,
+        GROUP: {k: {**a, "s_d": True, "s_b": True} for k, a in state.active.items()},
+    }
+
+
+def _trained(hp: AFLoRAHparams, params, trainable, state=None):
+    del params, state
+    out = {}
+    for k, f in trainable[GROUP].items():
+        n = math.prod(f["s_d"].shape) + math.prod(f["s_b"].shape)
+        if not (hp.freeze_square and _square(f)):
+            n += math.prod(f["A"].shape) + math.prod(f["B"].shape)
+        out[ws.path_of(k)] = int(n)
+    return out
+
+
+def _scores(hp: AFLoRAHparams, st: AFLoRAState, g: dict, t) -> tuple[dict, dict, dict]:
+    """This step's ``(ipt, Ī, Ū)``: ``|g|`` averaged into the window, the EMAs at its first step;
+    a frozen matrix's scores stop changing (it leaves the ranking for good)."""
+    local = t % hp.window
+    first = local == 0
+    lf = local.astype(jnp.float32)
+    ipt, ib, ub = {}, {}, {}
+    for k in st.active:
+        ipt[k], ib[k], ub[k] = {}, {}, {}
+        for x in PROJ:
+            act, w = st.active[k][x], st.ipt[k][x]
+            i_new, u_new = sensitivity_ema(
+                st.ipt_bar[k][x], st.unc_bar[k][x], w, hp.beta1, hp.beta2
+            )
+            gi = jnp.abs(g[k][x])
+            w_new = jnp.where(first, gi, (w * lf + gi) / (lf + 1.0))
+            ipt[k][x] = jnp.where(act, w_new, w)
+            ib[k][x] = jnp.where(act & first, i_new, st.ipt_bar[k][x])
+            ub[k][x] = jnp.where(act & first, u_new, st.unc_bar[k][x])
+    return ipt, ib, ub
+
+
+def _below_threshold(active: dict, ib: dict, ub: dict, frac) -> dict:
+    """The still-trainable matrices whose mean score is below the ``k``-th smallest element score
+    over them (``k = ⌊N·frac⌋``; nothing when ``k = 0``)."""
+    order = [(k, x) for k in sorted(active) for x in PROJ]
+    score = {kx: ib[kx[0]][kx[1]] * ub[kx[0]][kx[1]] for kx in order}
+    act = {kx: active[kx[0]][kx[1]] for kx in order}
+    n = sum(jnp.where(act[kx], score[kx].size, 0) for kx in order)
+    k_th = jnp.floor(n.astype(jnp.float32) * frac).astype(jnp.int32)
+    flat = jnp.concatenate([jnp.where(act[kx], score[kx].reshape(-1), jnp.inf) for kx in order])
+    thr = jnp.sort(flat)[jnp.clip(k_th - 1, 0, flat.shape[0] - 1)]
+    out = {k: {} for k in active}
+    for k, x in order:
+        out[k][x] = act[k, x] & (k_th >= 1) & (jnp.mean(score[k, x]) < thr)
+    return out
+
+
+def _freeze(hp: AFLoRAHparams, active: dict, ib: dict, ub: dict, t, total_steps: int) -> dict:
+    """The matrices this step's decision freezes (none off the schedule's decision steps, and
+    none at all with an unknown run length)."""
+    none = {k: {x: jnp.zeros((), bool) for x in PROJ} for k in active}
+    T = total_steps
+    if T < 1:  # static: unknown run length, no schedule
+        return none
+    ti, _ = schedule_steps(T, hp.t_init, hp.t_final, field="aflora")
+    kept = [keep_ratio(s, total_steps=T, t_init=hp.t_init, t_final=hp.t_final) for s in range(T)]
+    frac = jnp.asarray(1.0 - np.asarray(kept), jnp.float32)[jnp.minimum(t, T - 1)]
+    first = (t % hp.window) == 0
+    decide = lambda _: _below_threshold(active, ib, ub, frac)  # noqa: E731
+    return jax.lax.cond(first & (t >= ti), decide, lambda _: none, None)
+
+
+def _step(hp: AFLoRAHparams, info: StepInfo):
+    st: AFLoRAState = info.state
+    t = info.step
+    ipt, ib, ub = _scores(hp, st, info.grads[GROUP], t)
+    freeze = _freeze(hp, st.active, ib, ub, t, info.total_steps)
+    active = {k: {x: st.active[k][x] & ~freeze[k][x] for x in PROJ} for k in st.active}
+    frozen_at = {
+        k: {x: jnp.where(freeze[k][x], t, st.frozen_at[k][x]).astype(jnp.int32) for x in PROJ}
+        for k in st.active
+    }
+    opt_state = _zero_moments(info.opt_state, active)
+    return info.trainable, opt_state, AFLoRAState(ipt, ib, ub, active, frozen_at)
+
+
 @register(
     "aflora",
     info=Info(
@@ -164,126 +315,15 @@ def aflora(
     Raises:
       ValueError: a value out of range.
     """
-    if rank < 1:
-        raise ValueError(f"aflora.rank: must be >= 1, got {rank}")
-    if window < 1:
-        raise ValueError(f"aflora.window: must be >= 1, got {window}")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0 < b < 1:
-            raise ValueError(f"aflora.{name}: must be in (0, 1), got {b}")
-    schedule_steps(1, t_init, t_final, field="aflora")  # validates the values
-
-    def init_fn(rng, params):
-        out = {}
-        for i, p in enumerate(ws.target_paths(params, targets, field="aflora.targets")):
-            d_in, d_out = ws.matrix(params, p).shape
-            ka, kb = jax.random.split(jax.random.fold_in(rng, i))
-            out[ws.key(p)] = {
-                "A": kaiming_uniform(ka, (rank, d_in), d_in),
-                "B": kaiming_uniform(kb, (d_out, rank), rank),
-                "s_d": jnp.full((rank,), d_init, jnp.float32),
-                "s_b": jnp.zeros((d_out,), jnp.float32),
-            }
-        return {"head": params["head"], GROUP: out}
-
-    def merge(params, trainable):
-        deltas = {
-            ws.path_of(k): ((f["A"].T * f["s_d"]) @ f["B"].T) * f["s_b"]
-            for k, f in trainable[GROUP].items()
-        }
-        return ws.add_deltas(params, deltas, trainable["head"])
-
-    def square(f) -> bool:
-        return f["A"].shape[1] == f["B"].shape[0]
-
-    def init_state(params, trainable):
-        del params
-        zeros = {k: {x: jnp.zeros_like(f[x]) for x in PROJ} for k, f in trainable[GROUP].items()}
-        active = {
-            k: {x: jnp.asarray(not (freeze_square and square(f))) for x in PROJ}
-            for k, f in trainable[GROUP].items()
-        }
-        frozen_at = {k: {x: jnp.asarray(-1, jnp.int32) for x in PROJ} for k in active}
-        copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
-        return AFLoRAState(zeros, copy(zeros), copy(zeros), active, frozen_at)
-
-    def update_mask(state: AFLoRAState):
-        return {
-            "head": True,
-            GROUP: {k: {**a, "s_d": True, "s_b": True} for k, a in state.active.items()},
-        }
-
-    def trained(params, trainable, state=None):
-        del params, state
-        out = {}
-        for k, f in trainable[GROUP].items():
-            n = math.prod(f["s_d"].shape) + math.prod(f["s_b"].shape)
-            if not (freeze_square and square(f)):
-                n += math.prod(f["A"].shape) + math.prod(f["B"].shape)
-            out[ws.path_of(k)] = int(n)
-        return out
-
-    def step(info: StepInfo):
-        st: AFLoRAState = info.state
-        t, T = info.step, info.total_steps
-        g = info.grads[GROUP]
-        local = t % window
-        first = local == 0
-        lf = local.astype(jnp.float32)
-        ipt, ib, ub = {}, {}, {}
-        for k in st.active:
-            ipt[k], ib[k], ub[k] = {}, {}, {}
-            for x in PROJ:
-                act, w = st.active[k][x], st.ipt[k][x]
-                i_new, u_new = sensitivity_ema(st.ipt_bar[k][x], st.unc_bar[k][x], w, beta1, beta2)
-                gi = jnp.abs(g[k][x])
-                w_new = jnp.where(first, gi, (w * lf + gi) / (lf + 1.0))
-                # a frozen matrix's scores stop changing (it leaves the ranking for good)
-                ipt[k][x] = jnp.where(act, w_new, w)
-                ib[k][x] = jnp.where(act & first, i_new, st.ipt_bar[k][x])
-                ub[k][x] = jnp.where(act & first, u_new, st.unc_bar[k][x])
-        none = {k: {x: jnp.zeros((), bool) for x in PROJ} for k in st.active}
-        if T >= 1:
-            ti, _ = schedule_steps(T, t_init, t_final, field="aflora")
-            kept = [keep_ratio(s, total_steps=T, t_init=t_init, t_final=t_final) for s in range(T)]
-            frac = jnp.asarray(1.0 - np.asarray(kept), jnp.float32)[jnp.minimum(t, T - 1)]
-
-            def decide(_):
-                order = [(k, x) for k in sorted(st.active) for x in PROJ]
-                score = {kx: ib[kx[0]][kx[1]] * ub[kx[0]][kx[1]] for kx in order}
-                act = {kx: st.active[kx[0]][kx[1]] for kx in order}
-                n = sum(jnp.where(act[kx], score[kx].size, 0) for kx in order)
-                k_th = jnp.floor(n.astype(jnp.float32) * frac).astype(jnp.int32)
-                flat = jnp.concatenate(
-                    [jnp.where(act[kx], score[kx].reshape(-1), jnp.inf) for kx in order]
-                )
-                thr = jnp.sort(flat)[jnp.clip(k_th - 1, 0, flat.shape[0] - 1)]
-                out = {k: {} for k in st.active}
-                for k, x in order:
-                    out[k][x] = act[k, x] & (k_th >= 1) & (jnp.mean(score[k, x]) < thr)
-                return out
-
-            freeze = jax.lax.cond(first & (t >= ti), decide, lambda _: none, None)
-        else:  # static: unknown run length, no schedule
-            freeze = none
-        active = {k: {x: st.active[k][x] & ~freeze[k][x] for x in PROJ} for k in st.active}
-        frozen_at = {
-            k: {x: jnp.where(freeze[k][x], t, st.frozen_at[k][x]).astype(jnp.int32) for x in PROJ}
-            for k in st.active
-        }
-        opt_state = _zero_moments(info.opt_state, active)
-        return info.trainable, opt_state, AFLoRAState(ipt, ib, ub, active, frozen_at)
-
-    hp = dict(
-        rank=rank,
-        d_init=d_init,
-        targets=list(targets),
-        t_init=t_init,
-        t_final=t_final,
-        window=window,
-        beta1=beta1,
-        beta2=beta2,
-        freeze_square=freeze_square,
+    hp = AFLoRAHparams(
+        rank, d_init, tuple(targets), t_init, t_final, window, beta1, beta2, freeze_square
     )
-    hooks = MethodHooks(init_state=init_state, update_mask=update_mask, step=step, trained=trained)
-    return ws.method("aflora", init=init_fn, merge=merge, hparams=hp, hooks=hooks)
+    _check(hp)
+    f = functools.partial
+    hooks = MethodHooks(
+        init_state=f(_init_state, hp),
+        update_mask=_update_mask,
+        step=f(_step, hp),
+        trained=f(_trained, hp),
+    )
+    return ws.method("aflora", init=f(_init, hp), merge=_merge, hparams=as_json(hp), hooks=hooks)

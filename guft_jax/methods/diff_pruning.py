@@ -45,6 +45,7 @@ Trained numbers (``trained``): in the L0 phase ``2·N`` (w and log α), after th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -55,6 +56,7 @@ import numpy as np
 from guft_jax import masks as masks_lib
 from guft_jax import paths
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
+from guft_jax.methods.hparams import as_json
 
 BETA, ZETA, GAMMA = 2.0 / 3.0, 1.1, -0.1
 
@@ -127,6 +129,184 @@ def _add(w0: dict, deltas: dict) -> dict:
 _add_jit = jax.jit(_add)
 
 
+class DiffPruningHparams(NamedTuple):
+    """The hyperparameters of :func:`diff_pruning` (validated; ``include``/``exclude`` tuples or
+    None)."""
+
+    ratio: float
+    l0_penalty: float
+    log_alpha_init: float
+    alpha_lr_scale: float
+    prune_epoch: int | None
+    refit_fraction: float
+    eligible: str
+    include: tuple[str, ...] | None
+    exclude: tuple[str, ...] | None
+
+
+def _check(hp: DiffPruningHparams) -> None:
+    """Raises ValueError naming the first hyperparameter out of range."""
+    if not 0 < hp.ratio <= 1:
+        raise ValueError(f"diff_pruning.ratio: must be in (0, 1], got {hp.ratio}")
+    if hp.l0_penalty < 0:
+        raise ValueError(f"diff_pruning.l0_penalty: must be >= 0, got {hp.l0_penalty}")
+    if hp.alpha_lr_scale <= 0:
+        raise ValueError(f"diff_pruning.alpha_lr_scale: must be > 0, got {hp.alpha_lr_scale}")
+    if hp.prune_epoch is not None and hp.prune_epoch < 1:
+        raise ValueError(f"diff_pruning.prune_epoch: must be >= 1, got {hp.prune_epoch}")
+    if not 0 < hp.refit_fraction <= 1:
+        raise ValueError(f"diff_pruning.refit_fraction: must be in (0, 1], got {hp.refit_fraction}")
+
+
+def _leaves(hp: DiffPruningHparams, params) -> dict[str, tuple[int, ...]]:
+    return masks_lib.eligible_leaves(params, hp.include, hp.exclude, preset=hp.eligible)
+
+
+def _budget(hp: DiffPruningHparams, params) -> int:
+    return masks_lib.budget(hp.ratio, sum(math.prod(s) for s in _leaves(hp, params).values()))
+
+
+def _init(hp: DiffPruningHparams, rng, params):
+    del rng
+    e = _leaves(hp, params)
+    return {
+        "head": params["head"],
+        "diff": {k: jnp.zeros(s, jnp.float32) for k, s in e.items()},
+        "log_alpha": {
+            k: jnp.full(s, hp.log_alpha_init / hp.alpha_lr_scale, jnp.float32) for k, s in e.items()
+        },
+    }
+
+
+def _init_state(params, trainable) -> DiffPruningState:
+    mask = {k: jnp.zeros(v.shape, bool) for k, v in trainable["diff"].items()}
+    return DiffPruningState(jnp.zeros((), jnp.int32), mask)
+
+
+def _arrays(trainable, state) -> tuple:
+    """The positional arguments of :func:`_diff` but ``scale``/``rng``."""
+    mask = None if state is None else state.mask
+    return trainable["diff"], trainable["log_alpha"], _phase(state), mask
+
+
+def _with_deltas(params, deltas: dict, head, *, jit: bool = False) -> dict:
+    """``params`` with every eligible leaf plus its δ, and ``head``."""
+    w0 = {k: paths.get(params, paths.path_of(k)) for k in deltas}
+    new = (_add_jit if jit else _add)(w0, deltas)
+    return {
+        **paths.replaced(params, {paths.path_of(k): v for k, v in new.items()}),
+        "head": head,
+    }
+
+
+def _apply(hp: DiffPruningHparams, params, trainable, state=None, rng=None):
+    gate_rng = None if rng is None else jax.random.fold_in(rng, 0x6A7E)
+    d = _diff(*_arrays(trainable, state), scale=hp.alpha_lr_scale, rng=gate_rng)
+    return {"params": _with_deltas(params, d, trainable["head"])}
+
+
+def _merge(hp: DiffPruningHparams, params, trainable, state=None):
+    d = _eval_diff(*_arrays(trainable, state), scale=hp.alpha_lr_scale)
+    return _with_deltas(params, d, trainable["head"], jit=True)
+
+
+def _loss(hp: DiffPruningHparams, params, trainable, state, rng):
+    total = sum(expected_l0(hp.alpha_lr_scale * v) for v in trainable["log_alpha"].values())
+    return hp.l0_penalty * (1 - _phase(state)).astype(jnp.float32) * total
+
+
+def _update_mask(state: DiffPruningState):
+    l0 = state.phase == 0
+    return {
+        "head": True,
+        "diff": {k: jnp.logical_or(m, l0) for k, m in state.mask.items()},
+        "log_alpha": l0,
+    }
+
+
+def _epoch_start(hp: DiffPruningHparams, epoch, ctx):
+    at = hp.prune_epoch
+    if at is None:
+        if not ctx.epochs:
+            raise ValueError("diff_pruning.prune_epoch: None needs the run's epoch count")
+        at = auto_prune_epoch(ctx.epochs, hp.refit_fraction)
+    if epoch != at or int(ctx.state.phase) == 1:
+        return ctx.trainable, ctx.opt_state, ctx.state
+    return _prune(hp, ctx.params, ctx.trainable, ctx.opt_state, ctx.state, log=ctx.log)
+
+
+def _prune(hp: DiffPruningHparams, params, trainable, opt_state, state, *, log=print):
+    """Switches to the re-fit phase: the top-``k`` mask of ``|ẑ ⊙ w|``, gate folded in."""
+    del state
+    d = _eval_diff(trainable["diff"], trainable["log_alpha"], None, None, scale=hp.alpha_lr_scale)
+    k = _budget(hp, params)
+    mask = masks_lib.topk_mask({key: jnp.abs(v) for key, v in d.items()}, k)
+    w = {key: jnp.where(mask[key], v, 0.0) for key, v in d.items()}
+    n = sum(int(v.size) for v in d.values())
+    log(f"diff_pruning: top-{k:,} of {n:,} eligible entries ({100 * k / n:.3f}%); re-fit")
+    new_state = DiffPruningState(jnp.ones((), jnp.int32), mask)
+    return {**trainable, "diff": w}, opt_state, new_state
+
+
+def _trained(params, trainable, state=None):
+    if state is not None and not isinstance(state.phase, jax.ShapeDtypeStruct):
+        if int(state.phase) == 1:
+            counts = jax.device_get({k: jnp.sum(m) for k, m in state.mask.items()})
+            return {paths.path_of(k): int(v) for k, v in counts.items()}
+    return {paths.path_of(k): 2 * int(v.size) for k, v in trainable["diff"].items()}
+
+
+def _export(hp: DiffPruningHparams, params, trainable, state=None):
+    """``head/...`` and per eligible leaf ``diff_pruning/{path}/indices`` and ``values`` of the
+    kept entries (the mask after the switch, the nonzero δ before it)."""
+    out = {
+        f"head/{p}": np.ascontiguousarray(np.asarray(x))
+        for p, x in zip(
+            paths.leaf_paths(trainable["head"]),
+            jax.tree_util.tree_leaves(trainable["head"]),
+            strict=True,
+        )
+    }
+    d = jax.device_get(_eval_diff(*_arrays(trainable, state), scale=hp.alpha_lr_scale))
+    phase1 = state is not None and int(state.phase) == 1
+    for k, v in d.items():
+        keep = np.asarray(state.mask[k]) if phase1 else (v != 0)
+        idx = np.flatnonzero(keep.reshape(-1)).astype(np.int32)
+        if len(idx):
+            out[f"diff_pruning/{paths.path_of(k)}/indices"] = idx
+            out[f"diff_pruning/{paths.path_of(k)}/values"] = np.asarray(
+                v.reshape(-1)[idx], np.float32
+            )
+    return out
+
+
+def _load(hp: DiffPruningHparams, params, arrays):
+    """Plain merged params from an :func:`_export` payload."""
+    tensors: dict = {}
+    for name, v in arrays.items():
+        if name.startswith("diff_pruning/"):
+            path, what = name[len("diff_pruning/") :].rsplit("/", 1)
+            tensors.setdefault(path, {})[what] = v
+    allowed = {paths.path_of(k) for k in _leaves(hp, params)}
+    deltas = {}
+    for path, t in sorted(tensors.items()):
+        if set(t) != {"indices", "values"} or path not in allowed:
+            raise ValueError(
+                f"diff_pruning artifact: {path} needs indices and values of an eligible "
+                f"leaf, has {sorted(t)}"
+            )
+        w0 = paths.get(params, path)
+        dense = (
+            jnp.zeros((w0.size,), jnp.float32)
+            .at[jnp.asarray(t["indices"])]
+            .set(jnp.asarray(t["values"]))
+        )
+        deltas[paths.key_of(path)] = dense.reshape(w0.shape)
+    head = {k[5:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("head/")}
+    zero = {k: jnp.zeros(s, jnp.float32) for k, s in _leaves(hp, params).items()}
+    return _with_deltas(params, {**zero, **deltas}, paths.unflatten(head, params["head"]))
+
+
 @register(
     "diff_pruning",
     info=Info(
@@ -174,171 +354,32 @@ def diff_pruning(
 
     >>> m = diff_pruning(ratio=0.005)
     """
-    if not 0 < ratio <= 1:
-        raise ValueError(f"diff_pruning.ratio: must be in (0, 1], got {ratio}")
-    if l0_penalty < 0:
-        raise ValueError(f"diff_pruning.l0_penalty: must be >= 0, got {l0_penalty}")
-    if alpha_lr_scale <= 0:
-        raise ValueError(f"diff_pruning.alpha_lr_scale: must be > 0, got {alpha_lr_scale}")
-    if prune_epoch is not None and prune_epoch < 1:
-        raise ValueError(f"diff_pruning.prune_epoch: must be >= 1, got {prune_epoch}")
-    if not 0 < refit_fraction <= 1:
-        raise ValueError(f"diff_pruning.refit_fraction: must be in (0, 1], got {refit_fraction}")
-    inc = tuple(include) if include else None
-    exc = tuple(exclude) if exclude else None
-
-    def leaves(params) -> dict[str, tuple[int, ...]]:
-        return masks_lib.eligible_leaves(params, inc, exc, preset=eligible)
-
-    def budget(params) -> int:
-        return masks_lib.budget(ratio, sum(math.prod(s) for s in leaves(params).values()))
-
-    def init(rng, params):
-        del rng
-        e = leaves(params)
-        return {
-            "head": params["head"],
-            "diff": {k: jnp.zeros(s, jnp.float32) for k, s in e.items()},
-            "log_alpha": {
-                k: jnp.full(s, log_alpha_init / alpha_lr_scale, jnp.float32) for k, s in e.items()
-            },
-        }
-
-    def init_state(params, trainable):
-        mask = {k: jnp.zeros(v.shape, bool) for k, v in trainable["diff"].items()}
-        return DiffPruningState(jnp.zeros((), jnp.int32), mask)
-
-    def arrays(trainable, state):
-        mask = None if state is None else state.mask
-        return trainable["diff"], trainable["log_alpha"], _phase(state), mask
-
-    def add(params, deltas: dict, head, *, jit: bool = False) -> dict:
-        w0 = {k: paths.get(params, paths.path_of(k)) for k in deltas}
-        new = (_add_jit if jit else _add)(w0, deltas)
-        return {
-            **paths.replaced(params, {paths.path_of(k): v for k, v in new.items()}),
-            "head": head,
-        }
-
-    def apply(params, trainable, state=None, rng=None):
-        gate_rng = None if rng is None else jax.random.fold_in(rng, 0x6A7E)
-        d = _diff(*arrays(trainable, state), scale=alpha_lr_scale, rng=gate_rng)
-        return {"params": add(params, d, trainable["head"])}
-
-    def merge(params, trainable, state=None):
-        d = _eval_diff(*arrays(trainable, state), scale=alpha_lr_scale)
-        return add(params, d, trainable["head"], jit=True)
-
-    def loss(params, trainable, state, rng):
-        total = sum(expected_l0(alpha_lr_scale * v) for v in trainable["log_alpha"].values())
-        return l0_penalty * (1 - _phase(state)).astype(jnp.float32) * total
-
-    def update_mask(state):
-        l0 = state.phase == 0
-        return {
-            "head": True,
-            "diff": {k: jnp.logical_or(m, l0) for k, m in state.mask.items()},
-            "log_alpha": l0,
-        }
-
-    def epoch_start(epoch, ctx):
-        at = prune_epoch
-        if at is None:
-            if not ctx.epochs:
-                raise ValueError("diff_pruning.prune_epoch: None needs the run's epoch count")
-            at = auto_prune_epoch(ctx.epochs, refit_fraction)
-        if epoch != at or int(ctx.state.phase) == 1:
-            return ctx.trainable, ctx.opt_state, ctx.state
-        return prune(ctx.params, ctx.trainable, ctx.opt_state, ctx.state, log=ctx.log)
-
-    def prune(params, trainable, opt_state, state, *, log=print):
-        """Switches to the re-fit phase: the top-``k`` mask of ``|ẑ ⊙ w|``, gate folded in."""
-        d = _eval_diff(trainable["diff"], trainable["log_alpha"], None, None, scale=alpha_lr_scale)
-        k = budget(params)
-        mask = masks_lib.topk_mask({key: jnp.abs(v) for key, v in d.items()}, k)
-        w = {key: jnp.where(mask[key], v, 0.0) for key, v in d.items()}
-        n = sum(int(v.size) for v in d.values())
-        log(f"diff_pruning: top-{k:,} of {n:,} eligible entries ({100 * k / n:.3f}%); re-fit")
-        new_state = DiffPruningState(jnp.ones((), jnp.int32), mask)
-        return {**trainable, "diff": w}, opt_state, new_state
-
-    def trained(params, trainable, state=None):
-        if state is not None and not isinstance(state.phase, jax.ShapeDtypeStruct):
-            if int(state.phase) == 1:
-                counts = jax.device_get({k: jnp.sum(m) for k, m in state.mask.items()})
-                return {paths.path_of(k): int(v) for k, v in counts.items()}
-        return {paths.path_of(k): 2 * int(v.size) for k, v in trainable["diff"].items()}
-
-    def export(params, trainable, state=None):
-        out = {
-            f"head/{p}": np.ascontiguousarray(np.asarray(x))
-            for p, x in zip(
-                paths.leaf_paths(trainable["head"]),
-                jax.tree_util.tree_leaves(trainable["head"]),
-                strict=True,
-            )
-        }
-        d = jax.device_get(_eval_diff(*arrays(trainable, state), scale=alpha_lr_scale))
-        phase1 = state is not None and int(state.phase) == 1
-        for k, v in d.items():
-            keep = np.asarray(state.mask[k]) if phase1 else (v != 0)
-            idx = np.flatnonzero(keep.reshape(-1)).astype(np.int32)
-            if len(idx):
-                out[f"diff_pruning/{paths.path_of(k)}/indices"] = idx
-                out[f"diff_pruning/{paths.path_of(k)}/values"] = np.asarray(
-                    v.reshape(-1)[idx], np.float32
-                )
-        return out
-
-    def load(params, arrays):
-        tensors: dict = {}
-        for name, v in arrays.items():
-            if name.startswith("diff_pruning/"):
-                path, what = name[len("diff_pruning/") :].rsplit("/", 1)
-                tensors.setdefault(path, {})[what] = v
-        allowed = {paths.path_of(k) for k in leaves(params)}
-        deltas = {}
-        for path, t in sorted(tensors.items()):
-            if set(t) != {"indices", "values"} or path not in allowed:
-                raise ValueError(
-                    f"diff_pruning artifact: {path} needs indices and values of an eligible "
-                    f"leaf, has {sorted(t)}"
-                )
-            w0 = paths.get(params, path)
-            dense = (
-                jnp.zeros((w0.size,), jnp.float32)
-                .at[jnp.asarray(t["indices"])]
-                .set(jnp.asarray(t["values"]))
-            )
-            deltas[paths.key_of(path)] = dense.reshape(w0.shape)
-        head = {k[5:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("head/")}
-        zero = {k: jnp.zeros(s, jnp.float32) for k, s in leaves(params).items()}
-        return add(params, {**zero, **deltas}, paths.unflatten(head, params["head"]))
-
-    hp = dict(
-        ratio=ratio,
-        l0_penalty=l0_penalty,
-        log_alpha_init=log_alpha_init,
-        alpha_lr_scale=alpha_lr_scale,
-        prune_epoch=prune_epoch,
-        refit_fraction=refit_fraction,
-        eligible=eligible,
-        include=list(inc) if inc else None,
-        exclude=list(exc) if exc else None,
+    hp = DiffPruningHparams(
+        ratio,
+        l0_penalty,
+        log_alpha_init,
+        alpha_lr_scale,
+        prune_epoch,
+        refit_fraction,
+        eligible,
+        tuple(include) if include else None,
+        tuple(exclude) if exclude else None,
     )
+    _check(hp)
+    f = functools.partial
     return Method(
         name="diff_pruning",
-        init=init,
-        apply=apply,
-        hparams=hp,
-        merge=merge,
+        init=f(_init, hp),
+        apply=f(_apply, hp),
+        hparams=as_json(hp),
+        merge=f(_merge, hp),
         hooks=MethodHooks(
-            init_state=init_state,
-            epoch_start=epoch_start,
-            update_mask=update_mask,
-            loss=loss,
-            trained=trained,
-            export=export,
-            load=load,
+            init_state=_init_state,
+            epoch_start=f(_epoch_start, hp),
+            update_mask=_update_mask,
+            loss=f(_loss, hp),
+            trained=_trained,
+            export=f(_export, hp),
+            load=f(_load, hp),
         ),
     )

@@ -23,7 +23,7 @@ numbers (0.22M on VTAB) are of the same size.
 
 Gradients go through a head fitted on the frozen backbone while the task head is still zero
 (GUFT's ``head_warmup``). The paper scores with a supervised-contrastive loss on the pretrained
-features; here the task's cross-entropy through that fitted head (SPEC: GPS-style batch saliency).
+features; here the task's cross-entropy through that fitted head (a GPS-style batch saliency).
 Training, merge and the artifact are GUFT's sparse store (:func:`guft_jax.guft.quota_oneshot`).
 
 Registry defaults: ``k=3`` (above), lr 1e-3 (GUFT's, the same ``W0 + δ`` parametrisation) with a

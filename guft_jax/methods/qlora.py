@@ -35,8 +35,10 @@ artifact loads onto the original fp32 checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,7 @@ from guft_jax import paths
 from guft_jax.methods import nf4
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
+from guft_jax.methods.hparams import as_json
 from guft_jax.vit import kernel_as_matrix
 
 QUANT_KEY = "nf4"
@@ -91,6 +94,104 @@ def _as_matrix_shape(path: str, shape) -> tuple[int, int]:
     return int(out.shape[0]), int(out.shape[1])
 
 
+class QLoRAHparams(NamedTuple):
+    """The hyperparameters of :func:`qlora` (validated)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    quantize: tuple[str, ...]
+    block_size: int
+    absmax_block_size: int
+
+    def blocks(self) -> dict:
+        """The NF4 block sizes as keyword arguments of ``nf4.quantize``/``nf4.dequantize``."""
+        return dict(block_size=self.block_size, absmax_block_size=self.absmax_block_size)
+
+
+def _check(hp: QLoRAHparams) -> None:
+    """Raises ValueError naming the first hyperparameter out of range."""
+    if hp.rank < 1:
+        raise ValueError(f"qlora.rank: must be >= 1, got {hp.rank}")
+    if hp.alpha <= 0:
+        raise ValueError(f"qlora.alpha: must be > 0, got {hp.alpha}")
+    if hp.block_size < 2 or hp.block_size % 2 or hp.absmax_block_size < 1:
+        raise ValueError(
+            f"qlora.block_size: need an even block_size >= 2 and absmax_block_size >= 1, got "
+            f"{hp.block_size}, {hp.absmax_block_size}"
+        )
+
+
+def _prepare_base(hp: QLoRAHparams, params):
+    """The base with every ``quantize`` kernel moved, as NF4, under :data:`QUANT_KEY`
+    (idempotent: a prepared base is checked against the block sizes and returned)."""
+    blocks = hp.blocks()
+    if is_prepared(params):
+        for q in params[QUANT_KEY].values():  # fail early on foreign block sizes
+            jax.eval_shape(lambda q: nf4.dequantize(q, **blocks), q)
+        return params
+    shapes = kernel_shapes(params)
+    chosen = _match(shapes, hp.quantize, "qlora.quantize")
+    out = paths.merge(params, {})
+    quant = {}
+    for p in chosen:
+        quant[paths.key_of(p)] = nf4.quantize(paths.get(params, p), **blocks)
+        parent = paths.get(out, p.rsplit("/", 1)[0])
+        del parent[p.rsplit("/", 1)[1]]
+    out[QUANT_KEY] = quant
+    return out
+
+
+def _dequantized(hp: QLoRAHparams, params):
+    """Plain fp32 params with every quantised kernel dequantised into its place."""
+    return dequantize_base(_prepare_base(hp, params), **hp.blocks())
+
+
+def _init(hp: QLoRAHparams, rng, params):
+    shapes = kernel_shapes(params)
+    chosen = _match(shapes, hp.targets, "qlora.targets")
+    factors = {}
+    for i, p in enumerate(chosen):
+        d_in, d_out = _as_matrix_shape(p, shapes[p])
+        a = ws.kaiming_uniform(jax.random.fold_in(rng, i), (hp.rank, d_in), d_in)
+        factors[paths.key_of(p)] = {"A": a, "B": jnp.zeros((d_out, hp.rank), jnp.float32)}
+    return {"head": params["head"], "qlora": factors}
+
+
+def _apply(hp: QLoRAHparams, params, trainable, state=None, rng=None):
+    return {"params": {**_dequantized(hp, params), "head": trainable["head"]}}
+
+
+def _low_rank_matmul(scale: float, table: dict, next_fun, args, kwargs, context):
+    """The interceptor: ``vit.Linear.matmul`` of a module in ``table`` plus ``scale·(x Aᵀ) Bᵀ``."""
+    y = next_fun(*args, **kwargs)
+    if context.method_name != "matmul":
+        return y
+    f = table.get(tuple(context.module.path))
+    if f is None:
+        return y
+    x = args[0]
+    low = (x @ f["A"].T.astype(x.dtype)) @ f["B"].T.astype(x.dtype)
+    return y + (scale * low).astype(y.dtype)
+
+
+def _intercept(hp: QLoRAHparams, trainable, state=None, rng=None):
+    table = {tuple(paths.path_of(k).split("/")[:-1]): f for k, f in trainable["qlora"].items()}
+    return functools.partial(_low_rank_matmul, hp.alpha / hp.rank, table)
+
+
+def _merge(hp: QLoRAHparams, params, trainable, state=None):
+    scale = hp.alpha / hp.rank
+    base = _dequantized(hp, params)
+    upd = {}
+    for k, f in trainable["qlora"].items():
+        p = paths.path_of(k)
+        w = paths.get(base, p)
+        delta = scale * (f["A"].T @ f["B"].T)
+        upd[p] = w + delta.reshape(w.shape).astype(w.dtype)
+    return {**paths.replaced(base, upd), "head": trainable["head"]}
+
+
 @register(
     "qlora",
     info=Info(
@@ -126,97 +227,18 @@ def qlora(
     >>> base = m.hooks.prepare_base(params)  # doctest: +SKIP
     >>> tr = m.init(jax.random.key(0), base)  # doctest: +SKIP
     """
-    if rank < 1:
-        raise ValueError(f"qlora.rank: must be >= 1, got {rank}")
-    if alpha <= 0:
-        raise ValueError(f"qlora.alpha: must be > 0, got {alpha}")
-    if block_size < 2 or block_size % 2 or absmax_block_size < 1:
-        raise ValueError(
-            f"qlora.block_size: need an even block_size >= 2 and absmax_block_size >= 1, got "
-            f"{block_size}, {absmax_block_size}"
-        )
-    scale = alpha / rank
-    blocks = dict(block_size=block_size, absmax_block_size=absmax_block_size)
-
-    def prepare_base(params):
-        if is_prepared(params):
-            for q in params[QUANT_KEY].values():  # fail early on foreign block sizes
-                jax.eval_shape(lambda q: nf4.dequantize(q, **blocks), q)
-            return params
-        shapes = kernel_shapes(params)
-        chosen = _match(shapes, quantize, "qlora.quantize")
-        out = paths.merge(params, {})
-        quant = {}
-        for p in chosen:
-            quant[paths.key_of(p)] = nf4.quantize(paths.get(params, p), **blocks)
-            parent = paths.get(out, p.rsplit("/", 1)[0])
-            del parent[p.rsplit("/", 1)[1]]
-        out[QUANT_KEY] = quant
-        return out
-
-    def dequantized(params):
-        """Plain fp32 params with every quantised kernel dequantised into its place."""
-        params = prepare_base(params)
-        rest = {k: v for k, v in params.items() if k != QUANT_KEY}
-        upd = {paths.path_of(k): nf4.dequantize(q, **blocks) for k, q in params[QUANT_KEY].items()}
-        return paths.replaced(rest, upd)
-
-    def init(rng, params):
-        shapes = kernel_shapes(params)
-        chosen = _match(shapes, targets, "qlora.targets")
-        factors = {}
-        for i, p in enumerate(chosen):
-            d_in, d_out = _as_matrix_shape(p, shapes[p])
-            a = ws.kaiming_uniform(jax.random.fold_in(rng, i), (rank, d_in), d_in)
-            factors[paths.key_of(p)] = {"A": a, "B": jnp.zeros((d_out, rank), jnp.float32)}
-        return {"head": params["head"], "qlora": factors}
-
-    def apply(params, trainable, state=None, rng=None):
-        return {"params": {**dequantized(params), "head": trainable["head"]}}
-
-    def intercept(trainable, state=None, rng=None):
-        table = {tuple(paths.path_of(k).split("/")[:-1]): f for k, f in trainable["qlora"].items()}
-
-        def icpt(next_fun, args, kwargs, context):
-            y = next_fun(*args, **kwargs)
-            if context.method_name != "matmul":
-                return y
-            f = table.get(tuple(context.module.path))
-            if f is None:
-                return y
-            x = args[0]
-            low = (x @ f["A"].T.astype(x.dtype)) @ f["B"].T.astype(x.dtype)
-            return y + (scale * low).astype(y.dtype)
-
-        return icpt
-
-    def merge(params, trainable, state=None):
-        base = dequantized(params)
-        upd = {}
-        for k, f in trainable["qlora"].items():
-            p = paths.path_of(k)
-            w = paths.get(base, p)
-            delta = scale * (f["A"].T @ f["B"].T)
-            upd[p] = w + delta.reshape(w.shape).astype(w.dtype)
-        return {**paths.replaced(base, upd), "head": trainable["head"]}
-
-    hp = dict(
-        rank=rank,
-        alpha=alpha,
-        targets=list(targets),
-        quantize=list(quantize),
-        block_size=block_size,
-        absmax_block_size=absmax_block_size,
-    )
+    hp = QLoRAHparams(rank, alpha, tuple(targets), tuple(quantize), block_size, absmax_block_size)
+    _check(hp)
+    f = functools.partial
     return Method(
         name="qlora",
-        init=init,
-        apply=apply,
-        hparams=hp,
-        merge=merge,
+        init=f(_init, hp),
+        apply=f(_apply, hp),
+        hparams=as_json(hp),
+        merge=f(_merge, hp),
         hooks=MethodHooks(
-            prepare_base=prepare_base,
-            intercept=intercept,
+            prepare_base=f(_prepare_base, hp),
+            intercept=f(_intercept, hp),
             trained=ws.trained_per_kernel("qlora"),
         ),
     )

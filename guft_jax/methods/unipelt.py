@@ -24,6 +24,9 @@ gates ``2L(d + 1)``; prefix ``2Lpd`` + gates ``L(2d + 2)``; adapter ``L(2dm + m 
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,7 @@ from guft_jax.methods.adapters import (
     width,
 )
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
+from guft_jax.methods.hparams import as_json
 from guft_jax.methods.prompts import is_attend, prefix_init, with_prefix
 from guft_jax.vit import Linear
 
@@ -61,6 +65,115 @@ def gate(z: jax.Array, g: dict) -> jax.Array:
     """``mean over tokens of σ(z W + b)``: ``(B, outputs)`` for ``z`` (B, T, d), in float32."""
     logits = z.astype(jnp.float32) @ g["kernel"] + g["bias"]
     return jnp.mean(jax.nn.sigmoid(logits), axis=-2)
+
+
+class UniPELTHparams(NamedTuple):
+    """The hyperparameters of :func:`unipelt` (validated)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    prefix_tokens: int
+    prefix_init_std: float
+    reduction: float
+    bottleneck: int | None
+
+
+def _check(hp: UniPELTHparams) -> None:
+    """Raises ValueError naming the first hyperparameter out of range."""
+    if hp.rank < 1:
+        raise ValueError(f"unipelt.rank: must be >= 1, got {hp.rank}")
+    if hp.alpha <= 0:
+        raise ValueError(f"unipelt.alpha: must be > 0, got {hp.alpha}")
+    if hp.prefix_tokens < 0:
+        raise ValueError(f"unipelt.prefix_tokens: must be >= 0, got {hp.prefix_tokens}")
+
+
+def _gated_lora(params, tps: list[str], rank: int, k_lora, k_gate) -> dict:
+    """LoRA factors (Kaiming ``A``, zero ``B``) and a gate per target kernel."""
+    out = {}
+    for i, p in enumerate(tps):
+        d_in, d_out = ws.matrix(params, p).shape
+        k = jax.random.fold_in(k_lora, i)
+        out[ws.key(p)] = {
+            **lora_lib.lora_factor(k, d_in, d_out, rank=rank, init="kaiming"),
+            "gate": gate_init(jax.random.fold_in(k_gate, i), d_in),
+        }
+    return out
+
+
+def _init(hp: UniPELTHparams, rng, params):
+    d = width(params)
+    m = bottleneck_size(d, hp.reduction, hp.bottleneck, "unipelt.bottleneck")
+    k_lora, k_lg, k_pre, k_pg, k_ad, k_ag = jax.random.split(rng, 6)
+    tps = ws.target_paths(params, hp.targets, field="unipelt.targets")
+    blocks = encoder_blocks(params)
+    out = {"head": params["head"], "lora": _gated_lora(params, tps, hp.rank, k_lora, k_lg)}
+    if hp.prefix_tokens:
+        pre = prefix_init(k_pre, params, hp.prefix_tokens, hp.prefix_init_std)
+        for i, blk in enumerate(blocks):
+            pre[blk]["gate"] = gate_init(jax.random.fold_in(k_pg, i), d, 2)
+        out["prefix"] = pre
+    out["adapter"] = {
+        blk: {
+            **bottleneck_init(jax.random.fold_in(k_ad, i), d, m),
+            "gate": gate_init(jax.random.fold_in(k_ag, i), d),
+        }
+        for i, blk in enumerate(blocks)
+    }
+    return out
+
+
+def _gated_prefix(f: dict, g: jax.Array, next_fun, args, kwargs, context):
+    """The interceptor inside one attention sub-layer: ``attend`` gets the gated prefixes."""
+    if is_attend(context):
+        q, k, v = args
+        pk = g[:, 0, None, None] * f["key"]
+        pv = g[:, 1, None, None] * f["value"]
+        args = (q, with_prefix(k, pk), with_prefix(v, pv))
+    return next_fun(*args, **kwargs)
+
+
+def _lora_out(scale: float, f: dict, x: jax.Array, out: jax.Array) -> jax.Array:
+    """``out + G_L(x)·scale·x Aᵀ Bᵀ`` for one ``vit.Linear`` call."""
+    x = x.reshape(x.shape[0], -1, f["A"].shape[1])  # (B, T, in)
+    g = gate(x, f["gate"])  # (B, 1)
+    delta = (x @ f["A"].T.astype(x.dtype)) @ f["B"].T.astype(x.dtype)
+    delta = (scale * g[:, :, None] * delta).reshape(out.shape)
+    return out + delta.astype(out.dtype)
+
+
+def _adapter_out(f: dict, out: jax.Array) -> jax.Array:
+    """``y + G_A(y)·up(ReLU(down(y)))`` after the MLP (``y = out``)."""
+    g = gate(out, f["gate"])[:, None, :]  # (B, 1, 1)
+    y = bottleneck_apply(out, dense_weights(f), jax.nn.relu)
+    return out + (g * y).astype(out.dtype)
+
+
+def _branches(scale: float, lora: dict, pre: dict, ad: dict, next_fun, args, kwargs, context):
+    """The interceptor: the prefix branch around attention, the adapter after the MLP and LoRA
+    on every adapted ``vit.Linear``."""
+    mod, blk = context.module, block_of(context)
+    pos = position_of(context)
+    if pos == "attn" and blk in pre:
+        # the prefix gate reads this sub-layer's input; attend (called inside) uses it
+        g = gate(args[0], pre[blk]["gate"])
+        with nn.intercept_methods(functools.partial(_gated_prefix, pre[blk], g)):
+            return next_fun(*args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    if pos == "mlp" and blk in ad:
+        return _adapter_out(ad[blk], out)
+    if context.method_name == "__call__" and isinstance(mod, Linear):
+        f = lora.get(paths.key_of("/".join(mod.path) + "/kernel"))
+        if f is not None:
+            return _lora_out(scale, f, args[0], out)
+    return out
+
+
+def _intercept(hp: UniPELTHparams, trainable, state=None, rng=None):
+    del state, rng
+    lora, pre, ad = trainable["lora"], trainable.get("prefix", {}), trainable["adapter"]
+    return functools.partial(_branches, hp.alpha / hp.rank, lora, pre, ad)
 
 
 @register(
@@ -99,91 +212,15 @@ def unipelt(
       ValueError: ``rank < 1``, ``alpha <= 0``, ``prefix_tokens < 0`` or a ``targets`` regex that
         matches no kernel (at init).
     """
-    lora_lib._validate(rank, alpha, "kaiming", "unipelt")
-    if prefix_tokens < 0:
-        raise ValueError(f"unipelt.prefix_tokens: must be >= 0, got {prefix_tokens}")
-    scale = alpha / rank
-
-    def init(rng, params):
-        d = width(params)
-        m = bottleneck_size(d, reduction, bottleneck, "unipelt.bottleneck")
-        k_lora, k_lg, k_pre, k_pg, k_ad, k_ag = jax.random.split(rng, 6)
-        tps = ws.target_paths(params, targets, field="unipelt.targets")
-        lora = lora_lib._lora_factors(k_lora, params, tps, rank, "kaiming")
-        for i, p in enumerate(tps):
-            d_in = ws.matrix(params, p).shape[0]
-            lora[ws.key(p)]["gate"] = gate_init(jax.random.fold_in(k_lg, i), d_in)
-        blocks = encoder_blocks(params)
-        out = {"head": params["head"], "lora": lora}
-        if prefix_tokens:
-            pre = prefix_init(k_pre, params, prefix_tokens, prefix_init_std)
-            for i, blk in enumerate(blocks):
-                pre[blk]["gate"] = gate_init(jax.random.fold_in(k_pg, i), d, 2)
-            out["prefix"] = pre
-        out["adapter"] = {
-            blk: {
-                **bottleneck_init(jax.random.fold_in(k_ad, i), d, m),
-                "gate": gate_init(jax.random.fold_in(k_ag, i), d),
-            }
-            for i, blk in enumerate(blocks)
-        }
-        return out
-
-    def intercept(trainable, state=None, rng=None):
-        del state, rng
-        lora, pre, ad = trainable["lora"], trainable.get("prefix", {}), trainable["adapter"]
-
-        def attend_with(f, g):
-            def icpt(next_fun, args, kwargs, context):
-                if is_attend(context):
-                    q, k, v = args
-                    pk = g[:, 0, None, None] * f["key"]
-                    pv = g[:, 1, None, None] * f["value"]
-                    args = (q, with_prefix(k, pk), with_prefix(v, pv))
-                return next_fun(*args, **kwargs)
-
-            return icpt
-
-        def icpt(next_fun, args, kwargs, context):
-            mod, blk = context.module, block_of(context)
-            pos = position_of(context)
-            if pos == "attn" and blk in pre:
-                # the prefix gate reads this sub-layer's input; attend (called inside) uses it
-                g = gate(args[0], pre[blk]["gate"])
-                with nn.intercept_methods(attend_with(pre[blk], g)):
-                    return next_fun(*args, **kwargs)
-            out = next_fun(*args, **kwargs)
-            if pos == "mlp" and blk in ad:
-                f = ad[blk]
-                g = gate(out, f["gate"])[:, None, :]  # (B, 1, 1)
-                y = bottleneck_apply(out, dense_weights(f), jax.nn.relu)
-                return out + (g * y).astype(out.dtype)
-            if context.method_name == "__call__" and isinstance(mod, Linear):
-                f = lora.get(paths.key_of("/".join(mod.path) + "/kernel"))
-                if f is not None:
-                    x = args[0].reshape(args[0].shape[0], -1, f["A"].shape[1])  # (B, T, in)
-                    g = gate(x, f["gate"])  # (B, 1)
-                    delta = (x @ f["A"].T.astype(x.dtype)) @ f["B"].T.astype(x.dtype)
-                    delta = (scale * g[:, :, None] * delta).reshape(out.shape)
-                    return out + delta.astype(out.dtype)
-            return out
-
-        return icpt
-
-    hp = dict(
-        rank=rank,
-        alpha=alpha,
-        targets=list(targets),
-        prefix_tokens=prefix_tokens,
-        prefix_init_std=prefix_init_std,
-        reduction=reduction,
-        bottleneck=bottleneck,
+    hp = UniPELTHparams(
+        rank, alpha, tuple(targets), prefix_tokens, prefix_init_std, reduction, bottleneck
     )
+    _check(hp)
     return Method(
         name="unipelt",
-        init=init,
+        init=functools.partial(_init, hp),
         apply=head_only_apply,
-        hparams=hp,
+        hparams=as_json(hp),
         merge=None,
-        hooks=MethodHooks(intercept=intercept),
+        hooks=MethodHooks(intercept=functools.partial(_intercept, hp)),
     )
