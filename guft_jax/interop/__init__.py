@@ -4,7 +4,8 @@
   :func:`export_timm` / :func:`export_hf` (merged guft_jax params as PyTorch state dicts).
 - :mod:`guft_jax.interop.peft_io`: :func:`save_peft` / :func:`load_peft` (PEFT 0.17 adapters for
   LoRA, DoRA, VeRA, FourierFT, AdaLoRA, (IA)³, LN tuning, LoHa, LoKr, OFT, BOFT, HRA, and GUFT /
-  one-shot masks as SHiRA), one table entry per method (:data:`CONVERTERS`).
+  one-shot masks as SHiRA), one table entry per method (:data:`CONVERTERS`), the entries in one
+  module per family (``peft_lowrank``, ``peft_seeded``, ``peft_sparse``, ``peft_scaling``).
 
 Nothing here imports torch: arrays cross to PyTorch as safetensors files.
 """
