@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from guft_jax import checkpoint as ckpt_lib
+from guft_jax import kernels, resume, rundir
 from guft_jax import precision as precision_lib
-from guft_jax import resume, rundir
 from guft_jax import sharding as shard_lib
 from guft_jax.config import INPUTS, Hooks, TrainConfig
 from guft_jax.data import data_identity, describe_source, summary_line
@@ -104,12 +104,13 @@ def place(state, params, mesh, param_rules, state_rules):
 
 def kernel_choices(model, method: Method) -> dict:
     """The resolved kernel choices a run traces with (recorded in ``results.json`` and in the
-    resume fingerprint): the method's (GUFT's SDDMM and block forward) and the model's
-    attention implementation."""
-    out = dict(method.hparams.get("kernels") or {}) if method.hparams else {}
-    attention = getattr(model, "resolved_attention", None)
-    if callable(attention):
-        out["attention"] = attention()
+    resume fingerprint): the method's (``hparams["kernels"]``: GUFT's SDDMM, block forward and
+    block fraction) and the model's attention implementation (``attention_impl``), each
+    ``"auto"`` resolved for this backend (:func:`guft_jax.kernels.resolve`)."""
+    out = dict((method.hparams or {}).get("kernels") or {})
+    impl = getattr(model, "attention_impl", None)
+    if impl is not None:
+        out["attention"] = kernels.resolve({"attention": impl}).attention
     return out
 
 
