@@ -11,8 +11,7 @@ GUFT itself is ``guft_jax.guft.guft(...)`` (or ``get_method("guft", ...)``): the
 re-exported here, so that ``guft_jax.guft`` stays the module.
 """
 
-__version__ = "0.1.0"
-
+from guft_jax.version import __version__  # noqa: F401  isort: skip
 from guft_jax.artifacts import load_artifact, save_artifact
 from guft_jax.checkpoint_import import (
     CheckpointMismatchError,

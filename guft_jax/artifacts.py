@@ -27,13 +27,13 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-import guft_jax
 from guft_jax import paths
 from guft_jax.checkpoint_import import CheckpointMismatchError
 from guft_jax.errors import InputError, one_line
 from guft_jax.methods import base as mbase
 from guft_jax.methods import get_method, spec
 from guft_jax.methods.base import Method, export_arrays, load_arrays
+from guft_jax.version import __version__
 
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
 
@@ -102,7 +102,7 @@ def save_artifact(
         "hparams": method.hparams or {},
         "base_id": base_id,
         "base_sha256": backbone_hash(params),
-        "guft_jax_version": guft_jax.__version__,
+        "guft_jax_version": __version__,
         "numbers": int(sum(v.size for v in arrays.values()) - head),
         "head_numbers": int(head),
         **(extra or {}),

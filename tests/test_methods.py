@@ -1,4 +1,4 @@
-"""One table of methods drives the property tests (STYLE.md 14)."""
+"""One table of methods drives the property tests."""
 
 import jax
 import jax.numpy as jnp
