@@ -107,9 +107,6 @@ def read_fashion_mnist(data_dir: str | None = None):
     return out["train"], out["test"]
 
 
-_fashion_mnist = read_fashion_mnist  # the name benchmarks/run_bench.py still calls
-
-
 def _animal_mnist_files() -> tuple[str, str]:
     # find_spec locates the wheel without importing it (its __init__ pulls tensorflow.keras).
     spec = importlib.util.find_spec("animal_mnist")
