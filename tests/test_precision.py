@@ -7,6 +7,7 @@ import pytest
 from conftest import make_source
 
 from guft_jax import guft, paths, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import get_method
 
 
@@ -16,18 +17,21 @@ def _model(**kw):
 
 def _fit(model, params, method, epochs=3, precision=None):
     return train.fit(
-        precision=precision,
-        model=model,
-        params=params,
-        method=method,
-        source=make_source(),
-        image_size=16,
-        batch_size=16,
-        epochs=epochs,
-        lr=1e-2,
-        weight_decay=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        method,
+        make_source(),
+        TrainConfig(
+            precision=precision,
+            image_size=16,
+            batch_size=16,
+            epochs=epochs,
+            lr=1e-2,
+            weight_decay=1e-2,
+            progress=False,
+            warmup_epochs=0,
+        ),
+        hooks=lambda s: None,
     )
 
 
