@@ -1,12 +1,11 @@
 """Split names and split rules: the one split system of every data source.
 
-Names. Every source has the splits ``train``, ``val``, ``trainval`` (``train`` + ``val``) and
-``test`` (:data:`SPLIT_NAMES`). VTAB-1K tasks and the packaged VTAB-1K-style datasets
-(``fashion_mnist``, ``animal_mnist``, ``digits``) also accept the protocol's names ``train800``,
-``val200`` and ``train800val200`` as aliases (:data:`VTAB_ALIASES`), which their records keep
-using. Users' own data (``npz:`` / ``folder:``) does not: its splits follow the data's size (a
-30-image folder gives 21 / 3 / 6), so a ``train800`` would name 21 images; asking for one is an
-error naming the allowed names. :data:`SPLITS` lists every name some source accepts.
+Names. Every source has ``train``, ``val``, ``trainval`` (train + val) and ``test``
+(:data:`SPLIT_NAMES`); VTAB-1K tasks and the packaged datasets (``fashion_mnist``,
+``animal_mnist``, ``digits``) also take VTAB-1K's ``train800``, ``val200``, ``train800val200``
+(:data:`VTAB_ALIASES`, kept in their records). Users' data (``npz:`` / ``folder:``) refuses them,
+naming the allowed ones: a 30-image folder splits 21 / 3 / 6, its ``train800`` would be 21
+images. :data:`SPLITS` lists every name some source accepts.
 
 Two rules draw the splits, both deterministic for a ``seed``; test is drawn with the fixed
 :data:`TEST_SEED` (the same test images for every run seed). The VTAB-1K rule
