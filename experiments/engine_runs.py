@@ -46,17 +46,21 @@ def step_peak_bytes(c) -> int | None:
     """XLA's peak-memory estimate of the run's compiled train step (arguments + outputs +
     temporaries - aliased, as ``benchmarks/step_bench.py``), at the run's batch and image size,
     after the method's epoch-1 hook (masks selected); ``None`` where the backend gives none."""
+    from experiments.configs.common import train_config
     from experiments.run import build
     from guft_jax import memory_plan, train
+    from guft_jax import precision as precision_lib
     from guft_jax.methods import base as mbase
 
     model, params, src, method = build(c)
+    t = train_config(c)
+    model = precision_lib.with_precision(model, t.precision)  # as the run's step
     params = mbase.prepare_base(method, params)
     x, y = next(iter(src.batches(c.train_split, **_eval_kw(c))))
     y = y.astype(np.int32)
     steps = src.size(c.train_split) // c.batch_size
-    kw = dict(lr=c.lr, head_lr=c.head_lr, weight_decay=c.weight_decay, seed=c.seed,
-              warmup_epochs=c.warmup_epochs, clip_norm=c.clip_norm or None)  # fmt: skip
+    kw = dict(lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay, seed=t.seed,
+              warmup_epochs=t.warmup_epochs, clip_norm=t.clip_norm)  # fmt: skip
     tx, state = train.optimizer_for(method, params, steps_per_epoch=steps, epochs=c.epochs, **kw)
     state = train.epoch_start(model, method, params, state, 1, batches=lambda: [(x, y)],
                               epochs=c.epochs, log=lambda s: None)  # fmt: skip
@@ -86,6 +90,7 @@ def fit_one(c, final: bool) -> dict:
 
 def fit_group(configs: list, final: bool) -> list[dict]:
     """The results of runs of one (kind, task, row): alone, or packed into one program."""
+    from experiments.configs.common import train_config
     from experiments.run import build, source_for
     from guft_jax.packing import fit_packed
 
@@ -94,22 +99,14 @@ def fit_group(configs: list, final: bool) -> list[dict]:
     c0 = configs[0]
     model, params, _, method = build(c0)
     _, results = fit_packed(
-        model=model,
-        params=params,
-        method=method,
-        sources=[source_for(c) for c in configs],
+        model,
+        params,
+        method,
+        [source_for(c) for c in configs],
+        train_config(c0, progress=False),
         lrs=[c.lr for c in configs],
         head_lrs=[c.head_lr for c in configs],
         seeds=[c.seed for c in configs],
-        image_size=c0.image_size,
-        batch_size=c0.batch_size,
-        epochs=c0.epochs,
-        weight_decay=c0.weight_decay,
-        warmup_epochs=c0.warmup_epochs,
-        clip_norm=c0.clip_norm or None,
-        normalization=c0.normalization,
-        train_split=c0.train_split,
-        eval_split=c0.eval_split,
     )
     return results
 

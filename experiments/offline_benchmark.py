@@ -41,9 +41,9 @@ from absl import flags
 from tqdm import tqdm
 
 from experiments import cli, report
-from experiments.configs.common import base_config
 from experiments.presets import GUFT_PATHS, PRESETS, QUESTIONS, TASKS, Preset, out_dir
 from experiments.rows import Job, central, every_row, extensions, row, table_rows
+from guft_jax.config import TrainConfig
 
 # Training images of a selection run (train800) and of a final run (train800val200).
 TRAIN_IMAGES = {"select": 800, "final": 1000}
@@ -186,7 +186,7 @@ def token_scale(image_size: int, patch: int = 14) -> float:
 
 def work(kind: str, name: str, epochs: int, image_size: int) -> float:
     """A run's training work in steps of full fine-tuning at 28 px (the row's step cost)."""
-    steps = TRAIN_IMAGES[kind] // base_config().batch_size * epochs
+    steps = TRAIN_IMAGES[kind] // TrainConfig().batch_size * epochs
     return steps * row(name).step_cost * token_scale(image_size)
 
 

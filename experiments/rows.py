@@ -175,8 +175,7 @@ class EngineRow:
         if guft_path == "dense" and self.has_sparse_path:
             c.method_kwargs.sparse = False
         c.test_size = float(TASKS[job.task].test_size if job.task in TASKS else 0)
-        if job.kind == "select":
-            c.train_split, c.eval_split = SPLITS["select"]
+        c.train_split, c.eval_split = SPLITS[job.kind]
         return c
 
     def tuned_lr(self, c) -> float:

@@ -300,13 +300,14 @@ def test_dylora_ranks_are_truncations_of_the_one_run(tiny, source):
     run's own test accuracy, below it the run's deterministic pass at ``eval_rank=b`` (which
     tests/test_dylora.py shows equals LoRA of rank b with the first b factors)."""
     from guft_jax import train
+    from guft_jax.config import TrainConfig
     from guft_jax.methods import get_method
 
     model, params = tiny
     m = get_method("dylora", rank=4, alpha=6.0)
     kw = dict(batch_size=16, image_size=16, normalization="imagenet")
-    r = train.fit(model=model, params=params, method=m, source=source, epochs=2, lr=1e-2,
-                  progress=False, log=lambda s: None, **kw)  # fmt: skip
+    cfg = TrainConfig(epochs=2, lr=1e-2, progress=False, warmup_epochs=0, **kw)
+    r = train.fit(model, params, m, source, cfg, hooks=lambda s: None)
     rank_eval = spec("dylora").rank_eval
     assert rank_eval.ranks == (1, 2, 4, 8)
     ranks = engine_runs.rank_accuracies(model, params, m, r.state, source, rank_eval,
