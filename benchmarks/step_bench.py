@@ -454,8 +454,13 @@ def trained_guft(model, params, source, *, image_size, batch, epochs, log):
     kw["recompute_epochs"] = list(range(1, len(kw.get("ratios", [0.001] * 3)) + 1))
     epochs = max(epochs, len(kw["recompute_epochs"]))
     config = TrainConfig(
-        image_size=image_size, batch_size=batch, epochs=epochs, lr=d.lr, head_lr=d.head_lr
-    )
+        image_size=image_size,
+        batch_size=batch,
+        epochs=epochs,
+        lr=d.lr,
+        head_lr=d.head_lr,
+        eval_split=None,
+    )  # the selection is what is used
     r, _ = harness.timed_fit(model, params, get_method("guft", **kw), source, config, log=log)
     return kw, r.state
 
