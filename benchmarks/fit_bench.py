@@ -334,14 +334,10 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    t0 = time.time()
     log = lambda s: print(s, flush=True)
-    res = {}
-    for res in (compare_bare if a.compare == "bare" else compare_runs)(a, log):
-        res["wall_s"] = time.time() - t0
-        common.write_json(a.out, res)
-    log(f"wrote {a.out} ({res.get('wall_s', 0):.0f} s)")
-    return res
+    return harness.write_each(
+        (compare_bare if a.compare == "bare" else compare_runs)(a, log), a.out, log
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from benchmarks import common
 from guft_jax import memory_plan, train
 
 
@@ -241,3 +242,15 @@ def apply_defaults(ns, defaults: dict) -> None:
     for k, v in defaults.items():
         if getattr(ns, k) is None:
             setattr(ns, k, v)
+
+
+def write_each(results: Iterable[dict], out: str, log: Callable[[str], None] = print) -> dict:
+    """Writes each result a benchmark yields to ``out`` (JSON, with ``wall_s`` since the first
+    was asked for), so a long run keeps what it measured so far; returns the last one."""
+    t0 = time.time()
+    res = {}
+    for res in results:
+        res["wall_s"] = time.time() - t0
+        common.write_json(out, res)
+        log(f"wrote {out} ({res['wall_s']:.0f} s)")
+    return res

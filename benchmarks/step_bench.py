@@ -494,7 +494,6 @@ def _real_cases(model, params, x, y, rows, guft_kw, gstate):
 
 def run_guft_real(a, log) -> dict:
     """The ``guft_real`` group: GUFT trained on ``--dataset``, then timed beside the others."""
-    t0 = time.time()
     source = get_source(a.dataset, seed=0)
     model, params = load_pretrained(
         a.models, num_classes=source.num_classes, image_size=a.image_size
@@ -535,7 +534,6 @@ def run_guft_real(a, log) -> dict:
         blocks=cover,
         methods=out,
         failed=failed,
-        wall_s=time.time() - t0,
     )
 
 
@@ -605,14 +603,8 @@ RUNNERS = {"methods": run_methods, "losia": run_losia, "guft_real": run_guft_rea
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    t0 = time.time()
     log = lambda s: print(s, flush=True)
-    res = {}
-    for res in RUNNERS[a.group](a, log):
-        res["wall_s"] = time.time() - t0
-        common.write_json(a.out, res)
-        log(f"wrote {a.out} ({res['wall_s']:.0f} s)")
-    return res
+    return harness.write_each(RUNNERS[a.group](a, log), a.out, log)
 
 
 if __name__ == "__main__":
