@@ -9,13 +9,13 @@ bfloat16 for ``precision="bf16"`` (TF32 matmuls allowed for ``"fp32"``), optiona
 fused ``qkv``, the head trained in full), ``bitfit`` (biases and head).
 
 ``step_bench`` builds one :class:`PeerRun` per method and times its ``step()`` in the same
-round-robin as its own methods, so both sides see the same machine noise.
+round-robin as its own methods (:func:`benchmarks.harness.round_robin`), so both sides see the
+same machine noise.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,9 +107,3 @@ def build(model_name, method, *, image_size, batch, precision, compile_model=Fal
         total=sum(p.numel() for p in net.parameters()),
         peak_bytes=peak,
     )
-
-
-def timed(run: PeerRun) -> float:
-    t = time.perf_counter()
-    run.step()
-    return time.perf_counter() - t
