@@ -61,7 +61,8 @@ WORKER = textwrap.dedent(
         LOADED.clear()
         wd = os.path.join(out_dir, f"{name}{nproc}")
         cfg = TrainConfig(image_size=16, batch_size=16, epochs=2, lr=1e-2, progress=False,
-                          warmup_epochs=0, param_rules=tuple(rules))
+                          warmup_epochs=0, param_rules=tuple(rules),
+                          train_split="train800val200")
         r = train.fit(model, params, method(name), src, cfg, workdir=wd,
                       mesh=sharding.make_mesh(fsdp=4), hooks=lambda s: None)
         state = distributed.gather(r["state"])
