@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from guft_jax import artifacts, paths, train, vit
+from guft_jax.config import TrainConfig
 from guft_jax.methods import adalora as ada
 from guft_jax.methods import get_method
 from guft_jax.methods.report import count_trainable
@@ -89,16 +90,14 @@ def test_pruning_follows_the_budget_one_trace_loss_falls(tiny, source):
 
     rec = m._replace(hooks=m.hooks._replace(step=step))
     r = train.fit(
-        model=model,
-        params=params,
-        method=rec,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=8,
-        lr=1e-2,
-        progress=False,
-        log=lambda s: None,
+        model,
+        params,
+        rec,
+        source,
+        TrainConfig(
+            image_size=16, batch_size=16, epochs=8, lr=1e-2, progress=False, warmup_epochs=0
+        ),
+        hooks=lambda s: None,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

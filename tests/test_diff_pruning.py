@@ -4,6 +4,7 @@ bitwise unchanged), merge == forward, gradients, the sparse artifact."""
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
@@ -154,19 +155,7 @@ def test_trains_through_the_engine_with_one_trace_and_the_budget(tiny, source):
         return out
 
     m = m._replace(hooks=m.hooks._replace(epoch_start=spy))
-    r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=1e-3,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
-    )
+    r = mc.trains_in_one_trace(model, params, m, source, lr=1e-3)
     losses = [h["train_loss"] for h in r["history"]]
     assert r.results["traces"] == 1 and losses[-1] < losses[0], losses
     st, tr = r.state.method_state, jax.device_get(r.state.trainable)

@@ -5,11 +5,12 @@ merge into the dequantised base, gradients, artifacts, the engine."""
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 from scipy.stats import norm
 
-from guft_jax import artifacts, paths, train, vit
+from guft_jax import artifacts, paths, vit
 from guft_jax.methods import forward, get_method, nf4
 from guft_jax.methods import qlora as ql
 from guft_jax.methods.report import count_trainable
@@ -214,19 +215,7 @@ def test_merge_gradients_and_artifact(tiny, tmp_path):
 def test_trains_through_the_engine_in_one_trace(tiny, source):
     model, params = tiny
     m = get_method("qlora", rank=2, alpha=4.0)
-    r = train.fit(
-        model=model,
-        params=params,
-        method=m,
-        source=source,
-        image_size=16,
-        batch_size=16,
-        epochs=3,
-        lr=1e-2,
-        head_lr=1e-2,
-        progress=False,
-        log=lambda s: None,
-    )
+    r = mc.trains_in_one_trace(model, params, m, source)
     losses = [h["train_loss"] for h in r["history"]]
     assert r.results["traces"] == 1 and losses[-1] < losses[0], losses
     assert any(np.any(f["B"] != 0) for f in jax.device_get(r.state.trainable["qlora"]).values())

@@ -8,12 +8,12 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from guft_jax import artifacts, paths, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import forward, get_method, spec
 from guft_jax.methods.base import default_load
 from guft_jax.methods.report import count_trainable
@@ -178,22 +178,7 @@ def test_trains_through_the_engine_in_one_trace(tiny, source):
     m = get_method("unipelt", **{**d.kwargs, **d.dry_kwargs})  # the registered dry run
     t0 = m.init(jax.random.key(0), params)
     before = jax.tree.map(np.array, params)
-    r = train.fit(
-        model,
-        params,
-        m,
-        source,
-        TrainConfig(
-            image_size=16,
-            batch_size=16,
-            epochs=3,
-            lr=1e-2,
-            head_lr=1e-2,
-            progress=False,
-            warmup_epochs=0,
-        ),
-        hooks=lambda s: None,
-    )
+    r = mc.trains_in_one_trace(model, params, m, source)
     losses = [h["train_loss"] for h in r.results["history"]]
     assert r.results["traces"] == 1
     assert losses[-1] < losses[0], losses

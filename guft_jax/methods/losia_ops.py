@@ -16,7 +16,7 @@ The effective matrix is rebuilt by one scatter in the forward and again in the b
 dense copy is held between them). A custom VJP rather than autodiff through merged kernels for
 LoSiA too: with the latter, XLA:CPU wrote each MLP gradient transposed (a slow strided copy per
 layer), and the step cost 1.27× full fine-tuning's; with the custom VJP it costs less than full
-fine-tuning's (``benchmarks/losia_bench.py``).
+fine-tuning's (``python -m benchmarks.step_bench --group losia``, docs/speed.md).
 """
 
 from __future__ import annotations
