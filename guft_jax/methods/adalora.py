@@ -80,6 +80,17 @@ def schedule_steps(total_steps: int, t_init: float, t_final: float, *, field: st
     return steps(t_init, "t_init"), steps(t_final, "t_final")
 
 
+def check_betas(beta1: float, beta2: float, *, field: str) -> None:
+    """Checks the EMA factors of :func:`sensitivity_ema`.
+
+    Raises:
+      ValueError: ``beta1`` or ``beta2`` outside (0, 1), named as ``{field}.beta1``/``beta2``.
+    """
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0 < b < 1:
+            raise ValueError(f"{field}.{name}: must be in (0, 1), got {b}")
+
+
 def budget(
     t: int,
     *,
@@ -163,9 +174,7 @@ def _check(hp: AdaLoRAHparams) -> None:
         raise ValueError(f"adalora.alpha: must be > 0, got {hp.alpha}")
     if hp.delta_t < 1:
         raise ValueError(f"adalora.delta_t: must be >= 1, got {hp.delta_t}")
-    for name, b in (("beta1", hp.beta1), ("beta2", hp.beta2)):
-        if not 0 < b < 1:
-            raise ValueError(f"adalora.{name}: must be in (0, 1), got {b}")
+    check_betas(hp.beta1, hp.beta2, field="adalora")
     if hp.orth_reg < 0:
         raise ValueError(f"adalora.orth_reg: must be >= 0, got {hp.orth_reg}")
     schedule_steps(1, hp.t_init, hp.t_final, field="adalora")  # validates the values
@@ -343,6 +352,7 @@ __all__ = [
     "AdaLoRAState",
     "adalora",
     "budget",
+    "check_betas",
     "orthogonality",
     "rank_pattern",
     "schedule_steps",

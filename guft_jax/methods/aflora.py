@@ -52,7 +52,7 @@ import numpy as np
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.adalora import schedule_steps, sensitivity_ema
+from guft_jax.methods.adalora import check_betas, schedule_steps, sensitivity_ema
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, StepInfo, register
 from guft_jax.methods.hparams import as_json
 
@@ -144,9 +144,7 @@ def _check(hp: AFLoRAHparams) -> None:
         raise ValueError(f"aflora.rank: must be >= 1, got {hp.rank}")
     if hp.window < 1:
         raise ValueError(f"aflora.window: must be >= 1, got {hp.window}")
-    for name, b in (("beta1", hp.beta1), ("beta2", hp.beta2)):
-        if not 0 < b < 1:
-            raise ValueError(f"aflora.{name}: must be in (0, 1), got {b}")
+    check_betas(hp.beta1, hp.beta2, field="aflora")
     schedule_steps(1, hp.t_init, hp.t_final, field="aflora")  # validates the values
 
 
