@@ -103,7 +103,7 @@ def fit_group(configs: list, final: bool) -> list[dict]:
         params,
         method,
         [source_for(c) for c in configs],
-        train_config(c0, progress=False),
+        train_config(c0),  # progress off: the row config sets it
         lrs=[c.lr for c in configs],
         head_lrs=[c.head_lr for c in configs],
         seeds=[c.seed for c in configs],
