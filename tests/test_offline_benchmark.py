@@ -360,3 +360,24 @@ def test_run_group_marks_the_preset_and_extended_jobs():
     (rec,) = ob.run_group(jobs, p)
     assert rec["preset"] == "demo" and rec["extended"] and rec["C"] == 1.0
     assert 0.5 < rec["val_accuracy"] <= 1.0
+
+
+def test_packed_group_trains_each_run_at_its_own_lr():
+    """A group of selection runs packed into one program (tiny ViT on digits): one result per
+    run, each scored on val200, at its own lr; records name the candidate's factor."""
+    from experiments.configs import tiny
+
+    configs = []
+    for lr in (1e-2, 3e-2):
+        c = tiny.get_config("digits,lora")
+        c.epochs, c.lr, c.train_split, c.eval_split = 1, lr, *rows.SPLITS["select"]
+        configs.append(c)
+    results = engine_runs.fit_group(configs, final=False)
+    assert [r["packed_runs"] for r in results] == [2, 2]
+    assert all(0.0 <= r["val200_accuracy"] <= 1.0 for r in results)
+    losses = [r["history"][-1]["train_loss"] for r in results]
+    assert losses[0] != losses[1]  # same seed and data: only the lr differs
+    job = Job("select", "digits", "lora", 0, 3.0)
+    rec = engine_runs.record(job, rows.row("lora"), configs[1], results[1], 1.0)
+    assert (rec["lr_factor"], rec["lr"], rec["val_accuracy"]) == (
+        3.0, 3e-2, results[1]["val200_accuracy"])  # fmt: skip
