@@ -202,7 +202,7 @@ def seconds_per_work(records: list[dict]) -> float | None:
     return wall / units if units else None
 
 
-def _groups(jobs: list[Job], pack: int, pack_masks: bool = True) -> list[list[Job]]:
+def pack_groups(jobs: list[Job], pack: int, pack_masks: bool = True) -> list[list[Job]]:
     """Jobs grouped by (kind, task, row), each group cut into packs of at most ``pack``; rows
     with a sparse path stay unpacked (on it) unless ``pack_masks``."""
     by: dict = {}
@@ -244,7 +244,7 @@ def run_jobs(jobs: list[Job], o: Options, desc: str) -> None:
     appends each record as its group finishes: an interrupted benchmark resumes where it
     stopped."""
     paths, p = _paths(o.out), o.preset
-    groups = _groups(jobs, p.pack, p.pack_masks)
+    groups = pack_groups(jobs, p.pack, p.pack_masks)
     bar = tqdm(total=len(jobs), desc=desc)
 
     def done(g: list[Job], recs: list[dict]) -> None:

@@ -248,9 +248,9 @@ def test_central_grid_and_final_jobs_at_the_chosen_factor():
 
 def test_groups_pack_runs_of_one_row_only():
     jobs = [Job("select", "a", "lora", 0, f) for f in (1, 2, 3)] + [Job("select", "a", "full")]
-    assert ob._groups(jobs, 2) == [jobs[:2], jobs[2:3], jobs[3:]]
+    assert ob.pack_groups(jobs, 2) == [jobs[:2], jobs[2:3], jobs[3:]]
     masks = [Job("select", "a", "guft", 0, f) for f in (1, 2)]
-    assert ob._groups(masks, 2, pack_masks=False) == [masks[:1], masks[1:]]
+    assert ob.pack_groups(masks, 2, pack_masks=False) == [masks[:1], masks[1:]]
 
 
 def test_budget_verdicts_need_both_accuracy_and_budget():
