@@ -125,21 +125,6 @@ def parse_options(argv) -> Options:
 
 # Used by tests/test_method_interface.py until it calls experiments.rows (row(...).config,
 # row(...).grid, every_row) directly.
-def all_methods() -> list[str]:
-    """The rows of presets that list every row (:func:`experiments.rows.every_row`)."""
-    return every_row()
-
-
-def lr_factors(name: str) -> tuple[float, ...]:
-    """The val200 grid of row ``name``."""
-    return row(name).grid
-
-
-def _config(task, name, *, seed, epochs, image_size, lr_factor=1.0, guft_path="sparse"):
-    return row(name).config(Job("final", task, name, seed, lr_factor), epochs=epochs,
-                            image_size=image_size, guft_path=guft_path)  # fmt: skip
-
-
 def selection_jobs(o: Options, done: set) -> list[Job]:
     """The val200 candidates not in ``done`` (``(task, row, factor)``), row by row."""
     p = o.preset

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import offline_benchmark as ob
+from experiments import rows
 from experiments.configs import tiny as tiny_cfg
 from experiments.configs.common import validate
 from experiments.run import fit_config
@@ -126,12 +126,13 @@ def test_toy_method_trains_reports_saves_and_configures(registered, tiny, source
     ):
         np.testing.assert_array_equal(u, v)
     # the configs and the offline benchmark's config path know it from its registration
-    c = ob._config("digits", "outscale", seed=0, epochs=2, image_size=28, lr_factor=3.0)
+    job = rows.Job("final", "digits", "outscale", 0, 3.0)
+    c = rows.row("outscale").config(job, epochs=2, image_size=28)
     assert (
         c.method == "outscale" and c.lr == pytest.approx(3e-2) and c.method_kwargs.penalty == 1e-3
     )
-    assert ob.lr_factors("outscale") == Defaults().lr_grid
-    assert "outscale" in ob.all_methods()
+    assert rows.row("outscale").grid == Defaults().lr_grid
+    assert "outscale" in rows.every_row()
     tc = tiny_cfg.get_config("digits,outscale")
     tc.epochs = 1
     validate(tc)
@@ -145,7 +146,7 @@ def test_unknown_method_fails_loudly_everywhere():
     with pytest.raises(ValueError, match="allowed"):
         tiny_cfg.get_config("digits,nope")
     with pytest.raises(ValueError, match="allowed"):
-        ob._config("digits", "nope", seed=0, epochs=1, image_size=28)
+        rows.row("nope")
 
 
 def test_combine_composes_weight_space_parts(tiny):
