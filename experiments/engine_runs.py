@@ -59,9 +59,7 @@ def step_peak_bytes(c) -> int | None:
     x, y = next(iter(src.batches(c.train_split, **_eval_kw(c))))
     y = y.astype(np.int32)
     steps = src.size(c.train_split) // c.batch_size
-    kw = dict(lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay, seed=t.seed,
-              warmup_epochs=t.warmup_epochs, clip_norm=t.clip_norm)  # fmt: skip
-    tx, state = train.optimizer_for(method, params, steps_per_epoch=steps, epochs=c.epochs, **kw)
+    tx, state = train.optimizer_from(method, params, t, steps)
     state = train.epoch_start(model, method, params, state, 1, batches=lambda: [(x, y)],
                               epochs=c.epochs, log=lambda s: None)  # fmt: skip
     step = train.make_train_step(model, method, tx, total_steps=steps * c.epochs)

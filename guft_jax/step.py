@@ -196,6 +196,23 @@ def optimizer_for(method: Method, params, *, steps_per_epoch: int, epochs: int, 
     return tx, state._replace(opt_state=tx.init(state.trainable))
 
 
+def optimizer_from(method: Method, params, config, steps_per_epoch: int):
+    """:func:`optimizer_for` with a :class:`~guft_jax.config.TrainConfig`'s optimizer settings
+    (lr, head lr, weight decay, warm-up, clipping, seed, epochs)."""
+    return optimizer_for(
+        method,
+        params,
+        steps_per_epoch=steps_per_epoch,
+        epochs=config.epochs,
+        lr=config.lr,
+        head_lr=config.head_lr,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        clip_norm=config.clip_norm,
+        seed=config.seed,
+    )
+
+
 def mask_of(method: Method, state: TrainState):
     """The element-level optimizer mask of the method (``()`` if none), a copy."""
     if method.hooks.update_mask is None:

@@ -65,6 +65,7 @@ from guft_jax.step import (
     make_train_step,
     mask_of,
     optimizer_for,
+    optimizer_from,
 )
 from guft_jax.vit import count_params
 
@@ -132,18 +133,7 @@ def _build(model, params, method, source, config: TrainConfig, mesh, log):
     log(f"precision: {jnp.dtype(dtype).name} compute, float32 weights; input: {input_kind}")
     backbone = count_params({k: v for k, v in params.items() if k != "head"})
     params = mbase.prepare_base(method, params)  # (may quantise: count the backbone before)
-    tx, state = optimizer_for(
-        method,
-        params,
-        steps_per_epoch=steps,
-        epochs=config.epochs,
-        lr=config.lr,
-        head_lr=config.head_lr,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        clip_norm=config.clip_norm,
-        seed=config.seed,
-    )
+    tx, state = optimizer_from(method, params, config, steps)
     log(trainable_report(method, params, state.trainable, state.method_state, backbone=backbone))
     state_rules = config.param_rules if config.state_rules is None else config.state_rules
     state, params, shardings = place(state, params, mesh, config.param_rules, state_rules)
@@ -383,6 +373,7 @@ __all__ = [
     "make_train_step",
     "mask_of",
     "optimizer_for",
+    "optimizer_from",
     "place",
     "resolve_input",
     "trained_counts",

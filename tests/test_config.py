@@ -116,3 +116,50 @@ def test_a_fingerprint_from_before_kernel_choices_were_recorded_still_resumes():
         rundir.check_resume_config(saved, changed, workdir="W")
     with pytest.raises(ConfigChangedError, match=r"lr: 0.01 -> 0.1"):
         rundir.check_resume_config(old, dict(now, lr=0.1), workdir="W")
+
+
+PROBE = """
+import inspect, json
+from benchmarks import fit_bench, step_bench
+from experiments import rows
+from experiments.configs.common import base_config, train_config
+from guft_jax import config, packing
+c = base_config()
+job = rows.Job("final", "digits", "lora", 0, 1.0)
+row = rows.row("lora").config(job, epochs=1, image_size=28)
+fit_params = set(inspect.signature(packing.fit_packed).parameters)
+print(json.dumps(dict(
+    train_config=config.TrainConfig().batch_size,
+    cli=c.batch_size, cli_warmup=c.warmup_epochs, cli_built=train_config(c).batch_size,
+    offline=row.batch_size, offline_warmup=row.warmup_epochs,
+    step_bench=int(step_bench.parse(["--group", "guft_real"]).batch),
+    fit_bench=fit_bench.parse([]).batch,
+    packing_own_defaults=sorted(fit_params & set(config.field_names())),
+)))
+"""
+
+
+def test_a_default_changed_in_one_place_is_seen_everywhere(tmp_path):
+    """Change TrainConfig's defaults in guft_jax/config.py (a copy of the repository) and the
+    command line, the offline benchmark, packing and the benchmarks all follow."""
+    import shutil
+
+    for d in ("guft_jax", "experiments", "benchmarks"):
+        shutil.copytree(
+            os.path.join(ROOT, d), tmp_path / d, ignore=shutil.ignore_patterns("results")
+        )
+    cfg = tmp_path / "guft_jax" / "config.py"
+    text = cfg.read_text()
+    for old, new in (("batch_size: int = 50", "batch_size: int = 37"),
+                     ("warmup_epochs: float = 1.0", "warmup_epochs: float = 0.25")):  # fmt: skip
+        assert old in text
+        text = text.replace(old, new)
+    cfg.write_text(text)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads(p.stdout.strip().splitlines()[-1])
+    assert seen.pop("packing_own_defaults") == []  # fit_packed takes a TrainConfig, no defaults
+    assert seen.pop("cli_warmup") == seen.pop("offline_warmup") == 0.25
+    assert set(seen.values()) == {37}, seen
