@@ -74,26 +74,32 @@ def gradients_reach_every_trained_leaf(model, params, m: Method) -> dict:
     return g
 
 
+def print_nothing(line: str) -> None:
+    """A run's ``log`` that drops every line."""
+
+
+TINY = dict(
+    image_size=16,
+    batch_size=16,
+    epochs=3,
+    lr=1e-2,
+    head_lr=1e-2,
+    progress=False,
+    warmup_epochs=0,
+)
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """The tests' :class:`~guft_jax.config.TrainConfig` for the tiny ViT at 16 px: 3 epochs of
+    batch 16, lr and head lr 1e-2, no warm-up, no progress bars; ``changes`` override."""
+    return TrainConfig(**{**TINY, **changes})
+
+
 def trains_in_one_trace(model, params, m: Method, source, *, lr: float = 1e-2, epochs: int = 3):
     """``train.fit`` (AdamW) on the tiny task: one trace, the loss falls, the frozen base params
     are bitwise unchanged (the engine never writes them). Returns the ``FitResult``."""
     before = jax.tree.map(np.array, params)
-    r = train.fit(
-        model,
-        params,
-        m,
-        source,
-        TrainConfig(
-            image_size=16,
-            batch_size=16,
-            epochs=epochs,
-            lr=lr,
-            head_lr=1e-2,
-            progress=False,
-            warmup_epochs=0,
-        ),
-        hooks=lambda s: None,
-    )
+    r = train.fit(model, params, m, source, tiny_config(epochs=epochs, lr=lr), hooks=print_nothing)
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]
     assert losses[-1] < losses[0], losses

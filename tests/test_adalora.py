@@ -3,11 +3,11 @@ inside the jitted step (one trace), artifacts."""
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
 from guft_jax import artifacts, paths, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import adalora as ada
 from guft_jax.methods import get_method
 from guft_jax.methods.report import count_trainable
@@ -94,10 +94,8 @@ def test_pruning_follows_the_budget_one_trace_loss_falls(tiny, source):
         params,
         rec,
         source,
-        TrainConfig(
-            image_size=16, batch_size=16, epochs=8, lr=1e-2, progress=False, warmup_epochs=0
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(epochs=8, head_lr=None),
+        hooks=mc.print_nothing,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

@@ -5,11 +5,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
 from guft_jax import artifacts, paths, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import aflora as af
 from guft_jax.methods import get_method
 from guft_jax.methods.base import init_state
@@ -161,10 +161,8 @@ def test_adaptive_freezing_replays_in_numpy_one_trace_loss_falls(tiny, source):
         params,
         rec,
         source,
-        TrainConfig(
-            image_size=16, batch_size=16, epochs=epochs, lr=1e-2, progress=False, warmup_epochs=0
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(epochs=epochs, head_lr=None),
+        hooks=mc.print_nothing,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

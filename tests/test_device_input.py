@@ -4,11 +4,11 @@ methods, grey images and mixed native sizes."""
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
 from guft_jax import device_input
-from guft_jax.config import TrainConfig
 from guft_jax.data import ArraySource, resize_matrix
 
 
@@ -117,16 +117,7 @@ def test_fit_with_device_input_trains_like_the_host_pipeline(tiny):
             params,
             get_method("lora", rank=2, alpha=4.0),
             src,
-            TrainConfig(
-                image_size=16,
-                batch_size=16,
-                epochs=2,
-                lr=1e-2,
-                progress=False,
-                precision="fp32",
-                input=kind,
-                warmup_epochs=0,
-            ),
+            mc.tiny_config(epochs=2, precision="fp32", input=kind, head_lr=None),
             hooks=logs.append,
         )
         for kind in ("host", "device")

@@ -3,11 +3,11 @@ ranks only, counts, one trace, artifacts."""
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
 from guft_jax import artifacts, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import dylora as dy
 from guft_jax.methods import get_method
 from guft_jax.methods.report import count_trainable
@@ -118,10 +118,8 @@ def test_trains_through_the_engine_one_trace_loss_falls(tiny, source):
         params,
         get_method("dylora", rank=R, alpha=ALPHA),
         source,
-        TrainConfig(
-            image_size=16, batch_size=16, epochs=3, lr=1e-2, progress=False, warmup_epochs=0
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(head_lr=None),
+        hooks=mc.print_nothing,
     )
     assert r.results["traces"] == 1
     losses = [h["train_loss"] for h in r.results["history"]]

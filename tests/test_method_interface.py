@@ -5,6 +5,7 @@ without any package file naming it. Also ``combine``."""
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
@@ -13,7 +14,6 @@ from experiments.configs import tiny as tiny_cfg
 from experiments.configs.common import validate
 from experiments.run import fit_config
 from guft_jax import artifacts, paths, train
-from guft_jax.config import TrainConfig
 from guft_jax.methods import (
     Defaults,
     Method,
@@ -96,10 +96,8 @@ def test_toy_method_trains_reports_saves_and_configures(registered, tiny, source
         params,
         m,
         source,
-        TrainConfig(
-            image_size=16, batch_size=16, epochs=2, lr=1e-2, progress=False, warmup_epochs=0
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(epochs=2, head_lr=None),
+        hooks=mc.print_nothing,
     )
     steps = r.results["history"][-1]["step"]
     assert r.results["traces"] == 1 and PREPARED == [1]

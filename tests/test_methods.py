@@ -2,13 +2,13 @@
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import optax
 import pytest
 from conftest import make_source
 
 from guft_jax import artifacts, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import METHODS, get_method
 from guft_jax.methods.base import flat_arrays
 from guft_jax.methods.base import init_state as method_state
@@ -172,16 +172,8 @@ def test_each_method_trains_through_the_engine_and_the_loss_falls(name, tiny, so
         params,
         m,
         source,
-        TrainConfig(
-            image_size=16,
-            batch_size=16,
-            epochs=3,
-            lr=lr,
-            head_lr=1e-2,
-            progress=False,
-            warmup_epochs=0,
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(lr=lr),
+        hooks=mc.print_nothing,
     )
     losses = [h["train_loss"] for h in r["history"]]
     assert losses[-1] < losses[0], losses

@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 from conftest import make_source
 
 from guft_jax import guft, paths, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import get_method
 
 
@@ -21,17 +21,8 @@ def _fit(model, params, method, epochs=3, precision=None):
         params,
         method,
         make_source(),
-        TrainConfig(
-            precision=precision,
-            image_size=16,
-            batch_size=16,
-            epochs=epochs,
-            lr=1e-2,
-            weight_decay=1e-2,
-            progress=False,
-            warmup_epochs=0,
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(precision=precision, epochs=epochs, weight_decay=1e-2, head_lr=None),
+        hooks=mc.print_nothing,
     )
 
 

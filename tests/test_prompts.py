@@ -8,12 +8,12 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from guft_jax import artifacts, paths, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import forward, get_method, spec
 from guft_jax.methods.base import default_load
 from guft_jax.methods.prompts import prompt_bound
@@ -211,16 +211,8 @@ def test_trains_through_the_engine_in_one_trace(case, tiny, source):
         params,
         m,
         source,
-        TrainConfig(
-            image_size=16,
-            batch_size=16,
-            epochs=3,
-            lr=1e-2,
-            head_lr=1e-2,
-            progress=False,
-            warmup_epochs=0,
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(),
+        hooks=mc.print_nothing,
     )
     losses = [h["train_loss"] for h in r.results["history"]]
     assert r.results["traces"] == 1

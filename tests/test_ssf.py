@@ -3,11 +3,11 @@ acts, closed-form counts, merge == intercepted forward, gradients, artifacts, th
 
 import jax
 import jax.numpy as jnp
+import method_checks as mc
 import numpy as np
 import pytest
 
 from guft_jax import artifacts, train, vit
-from guft_jax.config import TrainConfig
 from guft_jax.methods import forward, get_method
 from guft_jax.methods.report import count_trainable
 from guft_jax.methods.ssf import target_layers
@@ -138,16 +138,8 @@ def test_trains_through_the_engine_in_one_trace(tiny, source):
         params,
         m,
         source,
-        TrainConfig(
-            image_size=16,
-            batch_size=16,
-            epochs=3,
-            lr=3e-2,
-            head_lr=1e-2,
-            progress=False,
-            warmup_epochs=0,
-        ),
-        hooks=lambda s: None,
+        mc.tiny_config(lr=3e-2),
+        hooks=mc.print_nothing,
     )
     losses = [h["train_loss"] for h in r["history"]]
     assert r.results["traces"] == 1 and losses[-1] < losses[0], losses
