@@ -16,6 +16,7 @@ The SDDMM kernels (``sddmm``, ``block_sddmm``, ``block_covers``, ``block_of``) a
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ GATHER_MAX_DENSITY = kernels.GATHER_MAX_DENSITY
 
 
 def kernel_arguments(
-    options: kernels.KernelOptions | None = None, backend: str | None = None
+    options: kernels.KernelOptions | Mapping[str, Any] | None = None, backend: str | None = None
 ) -> dict[str, Any]:
     """The keyword arguments of :func:`sparse_delta_matmul` that ``options`` stand for.
 
