@@ -8,8 +8,10 @@ import optax
 import pytest
 from conftest import make_source
 
-from guft_jax import guft, masks, saliency, train, vit
-from guft_jax.methods.base import EpochContext
+from guft_jax import guft, masks, paths, saliency, train, vit
+from guft_jax import kernels as kernels_lib
+from guft_jax.config import TrainConfig
+from guft_jax.methods.base import EpochContext, forward
 
 
 def _scores(seed, ties=False):
@@ -18,6 +20,21 @@ def _scores(seed, ties=False):
     if ties:
         return {k: jnp.asarray(rng.integers(0, 4, s).astype(np.float32)) for k, s in shapes.items()}
     return {k: jnp.asarray(rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
+
+
+def _leaf(params, key):
+    return paths.get(params, paths.path_of(key))
+
+
+def _kernel_calls(tiny, m, state, name):
+    """Calls of the jitted op ``name`` in the jaxpr of the method's gradient at a run's state."""
+    model, params = tiny
+    x = jnp.zeros((2, 16, 16, 3), jnp.float32)
+
+    def loss(tr):
+        return jnp.sum(forward(model, m, params, tr, state.method_state, x))
+
+    return kernels_lib.count_calls(jax.make_jaxpr(jax.grad(loss))(state.trainable), name)
 
 
 def _numpy_topk(scores, k, exclude=None):
@@ -57,14 +74,14 @@ def test_round_selection_equals_topk_mask_merge(k, ties, exclude_selected):
     s = {key: v - 1.5 for key, v in _scores(k + 100, ties).items()}
     s["b.bias"] = s["b.bias"].at[:3].set(jnp.array([-0.0, 0.0, jnp.nan]))
     prev = masks.topk_mask(_scores(7), 20)
-    got, nonzero = guft._topk_merge_global(s, prev, k=k, exclude_selected=exclude_selected)
+    got, nonzero = guft.topk_merge_global(s, prev, k=k, exclude_selected=exclude_selected)
     new = masks.topk_mask(s, k, exclude=prev if exclude_selected else None)
     ref = masks.merge_masks(prev, new)
     assert bool(nonzero)
     for key in s:
         np.testing.assert_array_equal(got[key], ref[key])
     zeros = {key: jnp.zeros_like(v) for key, v in s.items()}
-    assert not bool(guft._topk_merge_global(zeros, prev, k=k, exclude_selected=False)[1])
+    assert not bool(guft.topk_merge_global(zeros, prev, k=k, exclude_selected=False)[1])
 
 
 def test_or_merge_is_monotone_and_exclude_selected_grows_by_exactly_k():
@@ -106,20 +123,9 @@ def test_eligibility_regex_matching_nothing_is_an_error(tiny):
 
 def _fit(tiny, method, epochs=4, wd=1e-2, log=None, **kw):
     model, params = tiny
-    return train.fit(
-        model=model,
-        params=params,
-        method=method,
-        source=make_source(),
-        image_size=16,
-        batch_size=16,
-        epochs=epochs,
-        lr=1e-2,
-        weight_decay=wd,
-        progress=False,
-        log=log or (lambda s: None),
-        **kw,
-    )
+    cfg = dict(image_size=16, batch_size=16, epochs=epochs, lr=1e-2, weight_decay=wd)
+    cfg = TrainConfig(**cfg, progress=False, warmup_epochs=0, **kw)
+    return train.fit(model, params, method, make_source(), cfg, hooks=log or (lambda s: None))
 
 
 def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tiny):
@@ -130,8 +136,8 @@ def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tin
     eff = m.merge(params, st.trainable, st.method_state)
     sel_total = 0
     for key, mask in st.method_state.selected.items():
-        w0 = np.asarray(guft._leaf(params, key))
-        w = np.asarray(guft._leaf(eff, key))
+        w0 = np.asarray(_leaf(params, key))
+        w = np.asarray(_leaf(eff, key))
         mask = np.asarray(mask)
         assert np.array_equal(w[~mask].view(np.uint32), w0[~mask].view(np.uint32)), key
         sel_total += mask.sum()
@@ -139,18 +145,18 @@ def test_unselected_entries_stay_bitwise_equal_under_adamw_with_weight_decay(tin
         assert np.all(np.asarray(st.trainable["delta"][key])[~mask] == 0)
     assert sel_total > 0
     moved = sum(
-        int(np.sum(np.asarray(guft._leaf(eff, k)) != np.asarray(guft._leaf(params, k))))
+        int(np.sum(np.asarray(_leaf(eff, k)) != np.asarray(_leaf(params, k))))
         for k in st.method_state.selected
     )
     assert moved > 0
 
 
 @pytest.mark.parametrize("block_forward", [True, False])
-def test_sparse_path_follows_the_dense_reference_trajectory(tiny, block_forward, monkeypatch):
-    # both forms of the block path (ops.BLOCK_FORWARD); the tiny layers' blocks are taken
-    monkeypatch.setitem(guft.ops.BLOCK_FORWARD, jax.default_backend(), block_forward)
+def test_sparse_path_follows_the_dense_reference_trajectory(tiny, block_forward):
+    # both forms of the block path (kernels.block_forward); the tiny layers' blocks are taken
     kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.01, 0.01, 0.01])
-    md, ms = guft.guft(sparse=False, **kw), guft.guft(sparse=True, **kw)
+    choice = {"block_forward": "on" if block_forward else "off"}
+    md, ms = guft.guft(sparse=False, **kw), guft.guft(sparse=True, kernels=choice, **kw)
     rd, rs = _fit(tiny, md, wd=1e-2), _fit(tiny, ms, wd=1e-2)
     ld = [h["train_loss"] for h in rd["history"]]
     ls = [h["train_loss"] for h in rs["history"]]
@@ -165,36 +171,32 @@ def test_sparse_path_follows_the_dense_reference_trajectory(tiny, block_forward,
     )
 
 
-def test_blocks_are_exactly_the_selected_rows_and_columns_and_are_used(tiny, monkeypatch):
+def test_blocks_are_exactly_the_selected_rows_and_columns_and_are_used(tiny):
     """The sparse path's per-kernel block holds the sorted unique rows / columns of the selected
     entries (padded with in / out), and the step takes the weight gradient through it where it is
     small: the trajectory test above then checks it against the dense reference."""
-    calls = []
-    real = guft.ops.block_sddmm
-    monkeypatch.setattr(
-        guft.ops, "block_sddmm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k)
-    )
     m = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3)
-    st = _fit(tiny, m)["state"].method_state
+    run = _fit(tiny, m)["state"]
+    st = run.method_state
     _, params = tiny
     kernels = [k for k in st.selected if k.endswith(".kernel")]
     assert kernels and sorted(st.blocks) == sorted(kernels)
     for k in kernels:
-        n_in, n_out = guft.matrix_shape(k, guft._leaf(params, k).shape)
+        n_in, n_out = guft.matrix_shape(k, _leaf(params, k).shape)
         idx = np.asarray(st.selected[k])[: int(st.count[k])]
         br, bc = (np.asarray(st.blocks[k][f]) for f in ("rows", "cols"))
         ur, uc = np.unique(idx // n_out), np.unique(idx % n_out)
         assert br[: len(ur)].tolist() == ur.tolist() and np.all(br[len(ur) :] == n_in), k
         assert bc[: len(uc)].tolist() == uc.tolist() and np.all(bc[len(uc) :] == n_out), k
-    assert calls  # traced through the block SDDMM for at least one layer
+    # traced through the block SDDMM for at least one layer
+    assert _kernel_calls(tiny, m, run, "block_sddmm") > 0
 
 
-def test_blocks_off_keeps_no_blocks_and_never_takes_the_block_path(tiny, monkeypatch):
-    calls = []
-    real = guft.ops.block_sddmm
-    monkeypatch.setattr(guft.ops, "block_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_blocks_off_keeps_no_blocks_and_never_takes_the_block_path(tiny):
     kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3)
-    r = _fit(tiny, guft.guft(blocks=False, **kw))
+    m = guft.guft(blocks=False, **kw)
+    r = _fit(tiny, m)
+    calls = _kernel_calls(tiny, m, r["state"], "block_sddmm")
     assert r["state"].method_state.blocks == {} and not calls
     d = _fit(tiny, guft.guft(sparse=False, **kw))
     np.testing.assert_allclose(
@@ -249,7 +251,7 @@ def test_shipped_guft_run_compiles_its_train_step_once(tiny):
     assert r["traces"] == 1 and int(st.round) == 3
     _, params = tiny
     e = masks.eligible_leaves(params, preset="blocks")
-    n = sum(int(np.prod(guft._leaf(params, k).shape)) for k in st.selected)
+    n = sum(int(np.prod(_leaf(params, k).shape)) for k in st.selected)
     ks = [masks.budget(x, n) for x in spec("guft").defaults.kwargs["ratios"]]
     assert sum(int(c) for c in st.count.values()) > ks[0]  # later rounds added entries
     assert len(st.selected) == len(e)
@@ -265,7 +267,7 @@ def test_capacities_hold_the_whole_schedule_from_the_first_round(tiny):
     m3 = guft.guft(recompute_epochs=[1, 2, 3], ratios=[0.01] * 3, capacity_floor=1)
     lines = []
     three = _fit(tiny, m3, log=lines.append)
-    sizes = {k: int(np.prod(guft._leaf(params, k).shape)) for k in one.method_state.selected}
+    sizes = {k: int(np.prod(_leaf(params, k).shape)) for k in one.method_state.selected}
     n = sum(sizes.values())
     k = masks.budget(0.01, n)
     for key, c1 in one.method_state.count.items():
@@ -277,18 +279,16 @@ def test_capacities_hold_the_whole_schedule_from_the_first_round(tiny):
     assert three["traces"] == 1 and not any("one retrace" in s for s in lines)
 
 
-def test_an_outgrown_block_switches_to_the_block_free_sddmm_without_a_retrace(tiny, monkeypatch):
+def test_an_outgrown_block_switches_to_the_block_free_sddmm_without_a_retrace(tiny):
     """Blocks sized to the first round exactly: later rounds outgrow them, the step takes the
     block-free weight gradient there (lax.cond), stays on the dense reference's trajectory and
     traces once."""
-    monkeypatch.setattr(
-        guft, "block_capacity", lambda need, dims, growth, floor=16: tuple(max(n, 1) for n in need)
-    )
-    covers, real = [], guft.ops.block_covers
-    monkeypatch.setattr(guft.ops, "block_covers", lambda *a: covers.append(1) or real(*a))
     kw = dict(recompute_epochs=[1, 2, 3], ratios=[0.02] * 3)
     lines = []
-    rs = _fit(tiny, guft.guft(**kw), log=lines.append)
+    # block_slack=0 and capacity_floor=1: each block holds exactly the first round's rows/columns
+    ms = guft.guft(block_slack=0.0, capacity_floor=1, **kw)
+    rs = _fit(tiny, ms, log=lines.append)
+    covers = _kernel_calls(tiny, ms, rs["state"], "block_covers")
     assert covers  # the run-time switch was traced for at least one layer
     rd = _fit(tiny, guft.guft(sparse=False, **kw))
     assert any("outgrew their blocks" in s for s in lines) and rs["traces"] == 1
@@ -305,7 +305,7 @@ def test_block_capacity_is_sized_for_the_schedule_and_stays_where_the_block_pays
     assert guft.block_capacity((0, 0), (384, 384), 3.0) == (16, 16)
     # (384, 260) would pass half the matrix: both scaled by one factor, not below the need
     r, c = guft.block_capacity((150, 100), (384, 384), 3.0)
-    assert r * c <= guft.ops.BLOCK_MAX_FRACTION * 384 * 384 and r >= 150 and c >= 100
+    assert r * c <= kernels_lib.BLOCK_MAX_FRACTION * 384 * 384 and r >= 150 and c >= 100
     assert abs(r / c - 384 / 260) < 0.02
 
 
@@ -457,8 +457,8 @@ def test_every_selection_option_keeps_unselected_entries_bitwise(kw, tiny):
     n = sum(np.prod(np.shape(v)) for v in st.method_state.selected.values())
     total = 0
     for key, mask in st.method_state.selected.items():
-        w0 = np.asarray(guft._leaf(params, key))
-        w = np.asarray(guft._leaf(eff, key))
+        w0 = np.asarray(_leaf(params, key))
+        w = np.asarray(_leaf(eff, key))
         mask = np.asarray(mask)
         assert np.array_equal(w[~mask].view(np.uint32), w0[~mask].view(np.uint32)), key
         total += int(mask.sum())

@@ -130,15 +130,21 @@ def _saliency_sequence(params, n, ties):
         dict(normalize="mean", exclude_selected=True),
     ],
 )
-def test_gradual_unfreeze_reproduces_the_mask_sequence_of_guft_in_one_trace(kw, tiny, monkeypatch):
+def test_gradual_unfreeze_reproduces_the_mask_sequence_of_guft_in_one_trace(kw, tiny):
     _, params = tiny
     params = _warm(params)
     ratios = [0.05, 0.03, 0.04]
     seq = _saliency_sequence(params, 3, ties=not kw)
     # guft(): its epoch hook, with the saliency it computes replaced by the given sequence
-    m = guft.guft(recompute_epochs=[1, 2, 3], ratios=ratios, sparse=False, eligible="all", **kw)
     calls = iter(seq)
-    monkeypatch.setattr(guft, "saliency_scores", lambda *a, **k: (next(calls), {}))
+    m = guft.guft(
+        recompute_epochs=[1, 2, 3],
+        ratios=ratios,
+        sparse=False,
+        eligible="all",
+        saliency_fn=lambda *a, **k: (next(calls), {}),
+        **kw,
+    )
     tr = m.init(jax.random.PRNGKey(0), params)
     ctx = EpochContext(params, tr, (), m.hooks.init_state(params, tr), None, None, lambda s: None)
     want = []
