@@ -150,26 +150,9 @@ def fit_packed(
         total_steps=steps * config.epochs,
         on_trace=lambda: traces.__setitem__(0, traces[0] + 1),
     )
-    eval_fn = train.make_eval_step(model, method)
-    runs = [
-        RunParts(
-            model,
-            method,
-            src,
-            params,
-            step,
-            eval_fn,
-            None,
-            None,
-            traces,
-            config.replace(seed=s, lr=lr, head_lr=h),
-            {},
-            steps,
-            backbone,
-            log,
-        )  # fmt: skip
-        for src, s, lr, h in zip(sources, seeds, lrs, head_lrs, strict=True)
-    ]
+    common = dict(model=model, method=method, params=params, step_fn=step, traces=traces,
+                  steps_per_epoch=steps, backbone=backbone, log=log)  # fmt: skip
+    runs = _run_parts(common, sources, config, lrs, head_lrs, seeds)
     lr_arr, head_arr = jnp.asarray(lrs, jnp.float32), jnp.asarray(head_lrs, jnp.float32)
     history: list[list[dict]] = [[] for _ in range(n)]
     for epoch in range(1, config.epochs + 1):
@@ -192,9 +175,31 @@ def fit_packed(
                 epoch_record(epoch, int(states.step[r]), loss, images, timing, traces[0])
             )
         log(f"epoch {epoch}: losses {np.round(losses.mean(0), 4).tolist()}")
+    return states, _packed_results(runs, states, history, t_start)
+
+
+def _run_parts(common: dict, sources, config: TrainConfig, lrs, head_lrs, seeds) -> list:
+    """One :class:`~guft_jax.epochs.RunParts` per packed run (its source, seed and lrs)."""
+    eval_fn = train.make_eval_step(common["model"], common["method"])
+    return [
+        RunParts(
+            source=src,
+            eval_fn=eval_fn,
+            mesh=None,
+            shardings=None,
+            config=config.replace(seed=s, lr=lr, head_lr=h),
+            device_splits={},
+            **common,
+        )
+        for src, s, lr, h in zip(sources, seeds, lrs, head_lrs, strict=True)
+    ]
+
+
+def _packed_results(runs: list, states, history, t_start: float) -> list[dict]:
+    """Each run's results (:func:`guft_jax.epochs.results` and its evaluation)."""
     out = []
-    for r, st in zip(runs, unstack(states, n), strict=True):
-        res = run_results(r, st, history[len(out)], None)
-        evaluate_into(r, st, config.eval_split, res)
-        out.append(dict(res, wall_seconds=time.time() - t_start, packed_runs=n))
-    return states, out
+    for r, st, hist in zip(runs, unstack(states, len(runs)), history, strict=True):
+        res = run_results(r, st, hist, None)
+        evaluate_into(r, st, r.config.eval_split, res)
+        out.append(dict(res, wall_seconds=time.time() - t_start, packed_runs=len(runs)))
+    return out
