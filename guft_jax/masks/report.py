@@ -41,7 +41,7 @@ def mask_report(mask: dict, *, top: int | None = None) -> dict:
 def budget_breakdown(mask: dict, eligible_shapes: dict[str, tuple[int, ...]]) -> dict:
     """Where a mask's budget went: selected/eligible counts and density per module type and layer.
 
-    For plots and run reports (issue 12, item 9): the same mask under different eligibility
+    For plots and run reports: the same mask under different eligibility
     presets or allocations is compared by these rows. An eligible key missing from ``mask``
     counts as 0 selected, so every module type and layer of the eligible set appears.
 
