@@ -2,8 +2,9 @@
 
 A run's kernel choices are one frozen :class:`KernelOptions`. ``"auto"`` fields stand for the
 per-backend defaults, read-only tables measured by ``benchmarks/ops_bench.py`` and
-``benchmarks/guft_step_bench.py`` (see ``docs/speed.md``); :func:`resolve` replaces every
-``"auto"`` with the concrete choice for a backend once, so the resolved options can be written
+``python -m benchmarks.step_bench --group guft_real`` (see ``docs/speed.md``); :func:`resolve`
+replaces every ``"auto"`` with the concrete choice for a backend once, so the resolved options
+can be written
 into a run's records (:func:`as_dict`) and compared on resume. The ops in :mod:`guft_jax.ops`
 take these choices as explicit arguments; nothing here is a setting to reassign.
 
@@ -38,7 +39,7 @@ SDDMM_DEFAULTS = types.MappingProxyType({"cpu": "gather", "gpu": "dense", "tpu":
 
 # With a block: "on" computes ``y = x W0 + scatter(x[:, rows] S_block)`` (and ``dx`` likewise),
 # so no densified weight exists in either pass; "off" densifies ``W0 + S`` in each pass and takes
-# only the weight gradient on the block. On 2 CPU cores (benchmarks/guft_step_bench.py,
+# only the weight gradient on the block. On 2 CPU cores (``step_bench --group guft_real``,
 # DINOv2-S/14, 56 px, batch 50) step / full was 0.797 ("on") vs 0.729 ("off"), peak / LoRA's
 # 0.996 vs 1.167: CPU takes the faster one, accelerators the one without weight copies.
 BLOCK_FORWARD_DEFAULTS = types.MappingProxyType({"cpu": "off", "gpu": "on", "tpu": "on"})

@@ -265,7 +265,7 @@ def fourierft(
 
     def rule(w, c, k, kernels):
         d_in, d_out = w.shape
-        ent = fourierft_lib._entries_cached((d_out, d_in), n, **kw)
+        ent = fourierft_lib.entries_cached((d_out, d_in), n, **kw)
         return w + fourierft_lib.delta_w(c, jnp.asarray(ent), (d_out, d_in), alpha).T.astype(
             w.dtype
         )

@@ -49,7 +49,8 @@ def bandpass_probs(shape: tuple[int, int], *, fc: float, bandwidth: float) -> np
 
 
 @functools.lru_cache(maxsize=64)
-def _entries_cached(shape, n, seed, frequency_bias, fc, bandwidth):
+def entries_cached(shape, n, seed, frequency_bias, fc, bandwidth):
+    """:func:`spectral_entries`, computed once per argument set (read-only; the last 64 kept)."""
     e = spectral_entries(
         shape, n, seed=seed, frequency_bias=frequency_bias, fc=fc, bandwidth=bandwidth
     )
@@ -122,7 +123,7 @@ def fourierft(
 
     def entries_for(params, k):
         d_in, d_out = ws.matrix(params, ws.path_of(k)).shape
-        return (d_out, d_in), _entries_cached((d_out, d_in), n, **kw)
+        return (d_out, d_in), entries_cached((d_out, d_in), n, **kw)
 
     def init_fn(rng, params):
         tps = ws.target_paths(params, targets, field="fourierft.targets")
