@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from guft_jax.methods.base import HEAD, METHOD
+# The optimizer groups of a trainable tree: the task head, and everything the method trains.
+HEAD = "head"
+METHOD = "method"
 
 
 def schedule(*, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):

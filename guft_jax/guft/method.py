@@ -18,7 +18,7 @@ from guft_jax.guft.recompute import epoch_start
 from guft_jax.guft.schedule import validate_ratios, validate_schedule
 from guft_jax.guft.state import ALLOCATIONS, ELIGIBLE, GuftConfig, GuftState
 from guft_jax.guft.stores import SparseStore
-from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
+from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, Variant, register
 
 
 def _init(cfg: GuftConfig, rng, params):
@@ -153,6 +153,10 @@ def _schedule(recompute_epochs, ratios) -> tuple[tuple[int, ...] | None, tuple[f
         dry_kwargs=dict(recompute_epochs=[1], ratios=[0.01]),
         step_cost=0.9,
     ),
+    variants={
+        "guft_paper": Variant(dict(eligible="all")),  # the paper's literal rule: every tensor
+        "guft_excl": Variant(dict(exclude_selected=True)),  # exactly 3 x 0.1% of the eligible
+    },
 )
 def guft(
     *,

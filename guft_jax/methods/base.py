@@ -44,8 +44,7 @@ from guft_jax.checkpoint_import import CheckpointMismatchError
 
 PyTree = Any
 
-HEAD = "head"
-METHOD = "method"
+from guft_jax.optim import HEAD, METHOD  # noqa: E402  (re-exported: the optimizer groups)
 
 
 class MethodHooks(NamedTuple):
