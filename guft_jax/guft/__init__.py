@@ -38,7 +38,7 @@ so a run traces its step once. The budget ``K = Σ k_i`` is known up front but n
 tensors. A round ``i`` adds at most ``k_i`` entries (its top-``k_i``, merged), so a tensor holding
 ``c₁`` entries after the first round never holds more than ``c₁ + K − k₁``: a proven bound, but ``K
 − k₁`` slots for every tensor, which the step's scatters and gathers all visit (DINOv2-S/14, 56 px,
-10 epochs, 2 busy CPU cores, ``benchmarks/run_bench.py``: one trace, but train epochs of 126 s and
+10 epochs, 2 busy CPU cores, ``fit_bench --compare runs``: one trace, but train epochs of 126 s and
 compiles of 65 s against 92 s and 52 s with the estimate below, also one trace). So each tensor gets
 ``min(size, c₁ + K − k₁, max(floor, ⌈slack·c₁·K/k₁⌉, ⌈slack·K·size/N⌉))``: the bound where it is the
 smaller (small tensors, biases), else ``slack`` times the first round's split scaled to the budget;
