@@ -57,7 +57,7 @@ and sparse delta stores), :mod:`~guft_jax.guft.indices` (index vectors and the f
 :mod:`~guft_jax.guft.capacity` (quotas and the capacity rule), :mod:`~guft_jax.guft.ranking`
 (a round's selection), :mod:`~guft_jax.guft.recompute` (saliency, head warm-up, the round),
 :mod:`~guft_jax.guft.readout` (what a run selected, the artifact format),
-:mod:`~guft_jax.guft.method` (:func:`guft`) and :mod:`~guft_jax.guft.oneshot` (the one-shot and
+:mod:`~guft_jax.guft.method` (:func:`guft`) and :mod:`~guft_jax.guft.one_shot` (the one-shot and
 quota methods).
 """
 
@@ -74,7 +74,7 @@ from guft_jax.guft.capacity import (
 from guft_jax.guft.method import (
     guft,
 )
-from guft_jax.guft.oneshot import (
+from guft_jax.guft.one_shot import (
     ONESHOT_INFO,
     ONESHOT_SCORES,
     oneshot,
