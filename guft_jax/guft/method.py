@@ -148,9 +148,9 @@ def _schedule(recompute_epochs, ratios) -> tuple[tuple[int, ...] | None, tuple[f
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,
-        kwargs=dict(ratios=[0.001] * 3),
+        kwargs=dict(ratios=(0.001,) * 3),
         lr_grid=(0.1, 0.3, 1.0, 3.0, 10.0),
-        dry_kwargs=dict(recompute_epochs=[1], ratios=[0.01]),
+        dry_kwargs=dict(recompute_epochs=(1,), ratios=(0.01,)),
         step_cost=0.9,
     ),
     variants={
