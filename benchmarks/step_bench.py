@@ -469,7 +469,7 @@ def block_coverage(params, state) -> dict:
     """Per kernel: block capacity area / matrix size, and filled unique rows x cols / size."""
     cap, used = [], []
     for k, b in state.method_state.blocks.items():
-        n_in, n_out = guft_lib.matrix_shape(k, paths.get(params, paths.path_of(k)).shape)
+        n_in, n_out = guft_lib.store_dims(k, paths.get(params, paths.path_of(k)).shape)
         br, bc = np.asarray(b["rows"]), np.asarray(b["cols"])
         cap.append(br.size * bc.size / (n_in * n_out))
         used.append(np.sum(br < n_in) * np.sum(bc < n_out) / (n_in * n_out))

@@ -45,7 +45,7 @@ from guft_jax.methods.simple import bitfit, full, linear
 from guft_jax.methods.vera import vera
 from guft_jax.ops import sparse_delta_matmul
 from guft_jax.optim import make_optimizer, masked_step
-from guft_jax.paths import key_to_str, leaf_paths, path_map, select
+from guft_jax.paths import key_to_str, leaf_paths, path_map, regex_mask
 
 
 def __getattr__(name):
@@ -158,7 +158,7 @@ __all__ = [
     "replace_head",
     "save_artifact",
     "schedule_steps",
-    "select",
+    "regex_mask",
     "selected_indices",
     "selection",
     "sparse_delta_matmul",

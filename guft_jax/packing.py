@@ -100,7 +100,7 @@ def _check_runs(sources, lrs, head_lrs, seeds, split: str) -> int:
 def _packed_init(method: Method, params, seeds, config: TrainConfig, steps: int):
     """``(tx, stacked states, labels)``: AdamW at peak lr 1 (each run scales its updates)."""
     labels: list = []
-    runs = [train.init_state(method, params, None, seed=s, labels_out=labels) for s in seeds]
+    runs = [train.init_train_state(method, params, None, seed=s, labels_out=labels) for s in seeds]
     tx = optim.make_optimizer(
         labels=labels[0],
         lr=1.0,

@@ -53,7 +53,7 @@ def _as_list(patterns: str | Iterable[str] | None) -> list[str]:
     return list(patterns)
 
 
-def select(
+def regex_mask(
     tree: Any,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,

@@ -170,7 +170,7 @@ def make_eval_step(model, method: Method) -> Callable:
     return jax.jit(ev)
 
 
-def init_state(method: Method, params, tx=None, *, seed: int, labels_out: list | None = None):
+def init_train_state(method: Method, params, tx=None, *, seed: int, labels_out: list | None = None):
     """The initial :class:`TrainState` (``method.init`` is called once). With ``tx=None`` the
     optimizer state is ``()``; ``labels_out`` receives the optimizer labels of the trainable tree.
     """
@@ -188,7 +188,7 @@ def init_state(method: Method, params, tx=None, *, seed: int, labels_out: list |
 def optimizer_for(method: Method, params, *, steps_per_epoch: int, epochs: int, **kw):
     """``(tx, state_without_optimizer)``: AdamW groups from the method's labels (one init)."""
     labels: list = []
-    state = init_state(method, params, None, seed=kw.pop("seed", 0), labels_out=labels)
+    state = init_train_state(method, params, None, seed=kw.pop("seed", 0), labels_out=labels)
     warmup = int(round(kw.pop("warmup_epochs", 0) * steps_per_epoch))
     tx = optim.make_optimizer(
         labels=labels[0], warmup_steps=warmup, total_steps=steps_per_epoch * epochs, **kw

@@ -58,7 +58,7 @@ from guft_jax.metrics import MetricsWriter
 from guft_jax.step import (
     TrainState,
     cross_entropy,
-    init_state,
+    init_train_state,
     make_eval_step,
     make_loss_fn,
     make_step_body,
@@ -365,7 +365,7 @@ __all__ = [
     "epoch_start",
     "evaluate",
     "fit",
-    "init_state",
+    "init_train_state",
     "kernel_choices",
     "make_eval_step",
     "make_loss_fn",

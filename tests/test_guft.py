@@ -182,7 +182,7 @@ def test_blocks_are_exactly_the_selected_rows_and_columns_and_are_used(tiny):
     kernels = [k for k in st.selected if k.endswith(".kernel")]
     assert kernels and sorted(st.blocks) == sorted(kernels)
     for k in kernels:
-        n_in, n_out = guft.matrix_shape(k, _leaf(params, k).shape)
+        n_in, n_out = guft.store_dims(k, _leaf(params, k).shape)
         idx = np.asarray(st.selected[k])[: int(st.count[k])]
         br, bc = (np.asarray(st.blocks[k][f]) for f in ("rows", "cols"))
         ur, uc = np.unique(idx // n_out), np.unique(idx % n_out)

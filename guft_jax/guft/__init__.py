@@ -64,7 +64,7 @@ quota methods).
 from guft_jax.guft.blocks import (
     BLOCK_SLACK,
     block_capacity,
-    matrix_shape,
+    store_dims,
 )
 from guft_jax.guft.capacity import (
     QUOTA_RULES,
@@ -86,10 +86,10 @@ from guft_jax.guft.ranking import (
 )
 from guft_jax.guft.readout import (
     apply_arrays,
-    export_arrays,
     selected_counts,
     selected_indices,
     selection,
+    store_payload,
 )
 from guft_jax.guft.recompute import (
     random_scores,
@@ -132,9 +132,9 @@ __all__ = [
     "auto_schedule",
     "block_capacity",
     "capacity_rule",
-    "export_arrays",
+    "store_payload",
     "guft",
-    "matrix_shape",
+    "store_dims",
     "oneshot",
     "quota_budgets",
     "quota_oneshot",

@@ -27,7 +27,7 @@ def is_kernel(key: str) -> bool:
     return paths.path_of(key).endswith("/kernel")
 
 
-def matrix_shape(key: str, shape) -> tuple[int, int]:
+def store_dims(key: str, shape) -> tuple[int, int]:
     """``(in, out)`` of the 2-D matrix a ViT kernel multiplies with (:func:`vit.kernel_as_matrix`),
     which is what the sparse store's flat indices are taken over."""
     return masks_lib.kernel_view(paths.path_of(key), tuple(shape))
@@ -91,7 +91,7 @@ def empty_blocks(eligible: dict, floor: int) -> dict:
     out = {}
     for k, s in eligible.items():
         if is_kernel(k):
-            n_in, n_out = matrix_shape(k, s)
+            n_in, n_out = store_dims(k, s)
             out[k] = {
                 "rows": jnp.full((min(n_in, floor),), n_in, jnp.int32),
                 "cols": jnp.full((min(n_out, floor),), n_out, jnp.int32),

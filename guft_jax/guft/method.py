@@ -13,7 +13,7 @@ from guft_jax import kernels as kernels_lib
 from guft_jax import paths
 from guft_jax import saliency as sal
 from guft_jax.guft.blocks import BLOCK_SLACK
-from guft_jax.guft.readout import apply_arrays, export_arrays
+from guft_jax.guft.readout import apply_arrays, store_payload
 from guft_jax.guft.recompute import epoch_start
 from guft_jax.guft.schedule import validate_ratios, validate_schedule
 from guft_jax.guft.state import ALLOCATIONS, ELIGIBLE, GuftConfig, GuftState
@@ -71,7 +71,7 @@ def _trained(params, trainable, state):
 
 
 def _export(cfg: GuftConfig, params, trainable, state):
-    return export_arrays(cfg.store(params), params, trainable, state)
+    return store_payload(cfg.store(params), params, trainable, state)
 
 
 def _intercept(cfg: GuftConfig, trainable, state, rng=None):

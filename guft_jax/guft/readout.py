@@ -44,7 +44,7 @@ def selection(state: GuftState, params: Any) -> dict:
     return out
 
 
-def export_arrays(store, params, trainable, state) -> dict[str, np.ndarray]:
+def store_payload(store, params, trainable, state) -> dict[str, np.ndarray]:
     """The artifact payload: ``guft/{param path}/indices`` and ``/values`` per tensor with
     selected entries, and ``head/...``."""
     out = {

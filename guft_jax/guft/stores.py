@@ -189,7 +189,7 @@ class SparseStore:
     def _block(self, key, idx, cur, growth=None):
         """The kernel's block of ``idx`` and whether it holds every entry; ``growth``: sized by
         :func:`guft_jax.guft.block_capacity`, else the current capacity stays."""
-        dims = blocks_lib.matrix_shape(key, self.eligible[key])
+        dims = blocks_lib.store_dims(key, self.eligible[key])
         caps = (int(cur["rows"].shape[0]), int(cur["cols"].shape[0]))
         rows, cols = blocks_lib.rows_cols(idx, dims)
         if growth is not None:

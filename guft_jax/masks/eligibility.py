@@ -80,7 +80,7 @@ def eligible_leaves(
         raise ValueError(
             f"guft.eligible: unknown preset {preset!r}; allowed: {sorted(ELIGIBILITY)}"
         )
-    sel = paths.select(params, include, exclude, field="guft.include")
+    sel = paths.regex_mask(params, include, exclude, field="guft.include")
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     all_paths = [paths.key_to_str(p) for p, _ in flat]
     rx = ELIGIBILITY[preset]

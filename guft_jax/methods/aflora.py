@@ -94,12 +94,6 @@ def keep_ratio(t: int, *, total_steps: int, t_init: float, t_final: float) -> fl
     return 0.0
 
 
-def kaiming_uniform(rng: jax.Array, shape: tuple[int, int], fan_in: int) -> jax.Array:
-    """PyTorch's ``kaiming_uniform_(w)`` (``a = 0``): ``U(±sqrt(6 / fan_in))``."""
-    bound = math.sqrt(6.0 / fan_in)
-    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
-
-
 def frozen_matrices(state: AFLoRAState) -> dict[str, int]:
     """``{"<kernel path>/A": step}`` of the matrices the schedule froze (host values)."""
     return {
@@ -154,8 +148,8 @@ def _init(hp: AFLoRAHparams, rng, params):
         d_in, d_out = ws.matrix(params, p).shape
         ka, kb = jax.random.split(jax.random.fold_in(rng, i))
         out[ws.key(p)] = {
-            "A": kaiming_uniform(ka, (hp.rank, d_in), d_in),
-            "B": kaiming_uniform(kb, (d_out, hp.rank), hp.rank),
+            "A": ws.kaiming_uniform(ka, (hp.rank, d_in), d_in, a=0.0),
+            "B": ws.kaiming_uniform(kb, (d_out, hp.rank), hp.rank, a=0.0),
             "s_d": jnp.full((hp.rank,), hp.d_init, jnp.float32),
             "s_b": jnp.zeros((d_out,), jnp.float32),
         }

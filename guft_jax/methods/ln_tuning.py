@@ -54,7 +54,7 @@ def ln_tuning(*, targets: tuple[str, ...] = DEFAULT_TARGETS) -> Method:
     m = subset_method("ln_tuning", list(targets), None)
 
     def init(rng, params):
-        paths.select(params, list(targets), field="ln_tuning.targets")  # names the field
+        paths.regex_mask(params, list(targets), field="ln_tuning.targets")  # names the field
         return m.init(rng, params)
 
     return m._replace(init=init, hparams=dict(targets=list(targets)))

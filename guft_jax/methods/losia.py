@@ -85,7 +85,7 @@ import numpy as np
 
 from guft_jax import paths
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, register
-from guft_jax.methods.losia_artifact import export_arrays, load_arrays
+from guft_jax.methods.losia_artifact import losia_load, losia_payload
 from guft_jax.methods.losia_layout import (
     BLOCK_RE,
     DEFAULT_TARGETS,
@@ -216,11 +216,11 @@ def _merge(cfg: LosiaConfig, params, trainable, state=None):
 
 def _export(cfg: LosiaConfig, params, trainable, state=None) -> dict[str, np.ndarray]:
     _need_state(cfg, state, "export")
-    return export_arrays(cfg.layout(params), trainable, state)
+    return losia_payload(cfg.layout(params), trainable, state)
 
 
 def _load(cfg: LosiaConfig, params, arrays: dict) -> dict:
-    return load_arrays(cfg.name, cfg.layout(params), params, arrays)
+    return losia_load(cfg.name, cfg.layout(params), params, arrays)
 
 
 def _trained(cfg: LosiaConfig, params, trainable, state=None):

@@ -20,7 +20,7 @@ PREFIX = "losia/"  # artifact array names: losia/{kernel path}/{rows,cols,values
 _NEED = {"rows", "cols", "values"}
 
 
-def export_arrays(layout, trainable, state) -> dict[str, np.ndarray]:
+def losia_payload(layout, trainable, state) -> dict[str, np.ndarray]:
     """``head/...`` and per target ``losia/{path}/rows (n, kr)``, ``cols (n, kc)``, ``values
     (n, kr, kc)``: the non-empty retired blocks in ring order, then the current block.
 
@@ -66,8 +66,8 @@ def _problem(path: str, t, a: dict) -> str | None:
     return None
 
 
-def load_arrays(name: str, layout, params, arrays: dict) -> dict:
-    """Plain merged params from an :func:`export_arrays` payload (strict: every target present,
+def losia_load(name: str, layout, params, arrays: dict) -> dict:
+    """Plain merged params from an :func:`losia_payload` payload (strict: every target present,
     nothing unexpected, consistent shapes, indices in range).
 
     Args:

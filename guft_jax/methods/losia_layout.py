@@ -94,7 +94,7 @@ class LosiaConfig:
         """The targets (works on abstract params): kernels matched by ``targets``, each under an
         ``encoderblock_i``, with the same 2-D shape for the same matrix type."""
         field = f"{self.name}.targets"
-        mask = paths.select(params, list(self.targets), [r"^head/"], field=field)
+        mask = paths.regex_mask(params, list(self.targets), [r"^head/"], field=field)
         found = [paths.key_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m]
         bad = [p for p in found if not p.endswith("/kernel") or not BLOCK_RE.search(p)]
         if bad:

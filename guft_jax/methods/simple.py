@@ -24,7 +24,7 @@ def subset_method(name: str, include: list[str] | None, exclude: list[str] | Non
 
     def init(rng, params):
         del rng
-        mask = paths.select(params, include, exclude, field=f"{name}.include")
+        mask = paths.regex_mask(params, include, exclude, field=f"{name}.include")
         sel, _ = paths.split(params, mask)
         sel["head"] = params["head"]
         return jax.tree_util.tree_map(lambda x: x, sel)

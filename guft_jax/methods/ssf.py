@@ -48,7 +48,7 @@ def target_layers(params, targets) -> dict[str, tuple[str, int]]:
       ValueError: a regex matching nothing, a match that is neither a kernel nor a scale, or a
         linear without a bias (β could not be merged).
     """
-    mask = paths.select(params, list(targets), [r"^head/"], field="ssf.targets")
+    mask = paths.regex_mask(params, list(targets), [r"^head/"], field="ssf.targets")
     chosen = [paths.key_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m]
     out = {}
     for p in chosen:

@@ -26,7 +26,7 @@ key, path_of = paths.key_of, paths.path_of  # target keys inside trainable trees
 
 def target_paths(params: Any, targets: tuple[str, ...] | list[str], *, field: str) -> list[str]:
     """Paths of the kernels to adapt; each regex must match at least one kernel."""
-    mask = paths.select(params, list(targets), [r"^head/"], field=field)
+    mask = paths.regex_mask(params, list(targets), [r"^head/"], field=field)
     flat = jax.tree_util.tree_flatten_with_path(mask)[0]
     out = [paths.key_to_str(p) for p, m in flat if m]
     bad = [p for p in out if not p.endswith("kernel")]
@@ -99,9 +99,15 @@ def replace_kernels(params: Any, kernels: dict[str, jax.Array], head: Any) -> di
     return {**paths.replaced(params, upd), "head": head}
 
 
-def kaiming_uniform(rng: jax.Array, shape: tuple[int, int], fan_in: int) -> jax.Array:
-    """PyTorch's default Linear init, ``kaiming_uniform_(a=sqrt(5))``: U(±1/sqrt(fan_in))."""
-    bound = 1.0 / jnp.sqrt(fan_in)
+def kaiming_uniform(
+    rng: jax.Array, shape: tuple[int, int], fan_in: int, *, a: float | None = None
+) -> jax.Array:
+    """PyTorch's ``kaiming_uniform_(w, a)``: U(±sqrt(6 / ((1 + a²)·fan_in))).
+
+    ``a=None`` is PyTorch's default Linear init, ``a = sqrt(5)``: U(±1/sqrt(fan_in)); ``a=0.0``
+    is ``kaiming_uniform_(w)``'s own default, U(±sqrt(6 / fan_in)) (AFLoRA's init).
+    """
+    bound = 1.0 / jnp.sqrt(fan_in) if a is None else math.sqrt(6.0 / ((1.0 + a * a) * fan_in))
     return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
 
 

@@ -122,7 +122,7 @@ class _Plan:
     def rounds(self) -> int:
         return len(self.steps)
 
-    def select(self, tree) -> tuple[Selection, list[int], int]:
+    def budgets(self, tree) -> tuple[Selection, list[int], int]:
         """``(selection, per-round budgets, N eligible)`` over ``tree``'s leaves."""
         sel = eligibility(tree, **self.selection)
         n = sum(math.prod(s) for s in sel.eligible.values())
@@ -168,7 +168,7 @@ def _split(tree, sel: Selection):
 
 
 def _init(plan: _Plan, params):
-    sel, ks, n = plan.select(params)
+    sel, ks, n = plan.budgets(params)
     count, rnd, nxt = (jnp.asarray(v, jnp.int32) for v in (0, 0, plan.steps[0]))
     if not plan.sparse:
         mask = {k: jnp.zeros(s, bool) for k, s in sel.eligible.items()}
@@ -199,7 +199,7 @@ def _round_of(plan: _Plan, updates, state, saliency) -> _Round:
             "saliency: gradual_unfreeze needs saliency=<score pytree> at every update (read "
             "at the scheduled steps only), so that the jitted step is traced once"
         )
-    sel, ks, n = plan.select(updates)
+    sel, ks, n = plan.budgets(updates)
     scores = scores_of(saliency, sel)
     steps_arr = jnp.asarray(np.asarray(list(plan.steps) + [-1], np.int32))
     at = jnp.minimum(state.round, plan.rounds - 1)
