@@ -231,6 +231,57 @@ def epoch_record(epoch: int, step: int, loss: float, images: int, timing: EpochT
     }
 
 
+# The divergence guard (:func:`divergence`): an epoch's mean training loss above FACTOR times the
+# first epoch's for PATIENCE consecutive epochs. Epoch means, not steps: a single step's loss is
+# noisy at small batches, an epoch's mean is not; the first epoch is the reference because it
+# starts from the pretrained model (its mean is near the untrained head's log(num_classes)), and
+# two epochs in a row keep one bad epoch after the warm-up's peak from counting.
+DIVERGE_FACTOR = 1.5
+DIVERGE_PATIENCE = 2
+
+
+def divergence(losses, *, factor: float = DIVERGE_FACTOR, patience: int = DIVERGE_PATIENCE):
+    """The 1-indexed epoch at which a run counts as diverging, or ``None``.
+
+    A run diverges at the first epoch whose mean training loss is non-finite, or that ends
+    ``patience`` consecutive epochs whose mean losses all exceed ``factor`` times the first
+    epoch's (the first epoch itself is never one of them).
+
+    Args:
+      losses: the epochs' mean training losses, in order (epoch 1 first).
+      factor: how far above the first epoch's mean a loss counts as risen.
+      patience: consecutive risen epochs that make a divergence.
+
+    >>> divergence([2.3, 4.6, 1.0, 4.0, 4.1])
+    5
+    >>> divergence([2.3, 1.2, 0.8]) is None
+    True
+    """
+    run = 0
+    for i, loss in enumerate(losses):
+        if not np.isfinite(loss):
+            return i + 1
+        run = run + 1 if i > 0 and loss > factor * losses[0] else 0
+        if run >= patience:
+            return i + 1
+    return None
+
+
+def divergence_line(history: list[dict], lr, head_lr) -> str | None:
+    """The one line that says a run diverges (its lr, the step and the losses), when
+    :func:`divergence` of ``history``'s epoch records fires at its last epoch; else ``None``."""
+    losses = [h["train_loss"] for h in history]
+    at = divergence(losses)
+    if at is None or at != len(losses):
+        return None
+    rec = history[-1]
+    return (
+        f"diverging: lr {lr:g} (head lr {head_lr:g}): training loss {rec['train_loss']:.4g} at "
+        f"step {rec['step']} (epoch {rec['epoch']}), above {DIVERGE_FACTOR:g}x the first epoch's "
+        f"{losses[0]:.4g} for {DIVERGE_PATIENCE} epochs; try a smaller lr or lr='auto'"
+    )
+
+
 def _train_batches(run: RunParts, epoch: int):
     c = run.config
     kw = dict(shuffle=True, seed=c.seed, epoch=epoch, drop_remainder=True)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guft_jax import optim, train
-from guft_jax.config import TrainConfig
+from guft_jax.config import TrainConfig, warmup_steps
 from guft_jax.epochs import (
     RunParts,
     epoch_record,
@@ -106,7 +106,12 @@ def _packed_init(method: Method, params, seeds, config: TrainConfig, steps: int)
         lr=1.0,
         head_lr=1.0,
         weight_decay=config.weight_decay,
-        warmup_steps=int(round(config.warmup_epochs * steps)),
+        warmup_steps=warmup_steps(
+            warmup_epochs=config.warmup_epochs,
+            steps_per_epoch=steps,
+            total_steps=steps * config.epochs,
+            floor=config.warmup_floor,
+        ),
         total_steps=steps * config.epochs,
         clip_norm=config.clip_norm,
     )

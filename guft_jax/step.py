@@ -19,6 +19,7 @@ import optax
 
 from guft_jax import optim
 from guft_jax import sharding as shard_lib
+from guft_jax.config import WARMUP_FLOOR, warmup_steps
 from guft_jax.methods import base as mbase
 from guft_jax.methods.base import Method, StepInfo, forward
 
@@ -59,38 +60,66 @@ def _has_leaves(tree: Any) -> bool:
     return bool(jax.tree_util.tree_leaves(tree))
 
 
+def apply_gradients(
+    method: Method,
+    tx: optax.GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    trainable: Any,
+    method_state: Any,
+    params: Any,
+    *,
+    step: jax.Array,
+    total_steps: int = 0,
+    mask: Any = (),
+    scale: Any | None = None,
+) -> tuple[Any, Any, Any]:
+    """A method's optimizer update and per-step hook: ``(trainable, opt_state, method_state)``.
+
+    The one sequence after the gradients, shared by the engine's step (:func:`make_step_body`)
+    and an own loop (:meth:`guft_jax.peft.Adapter.update`): the element-level mask (``mask``, or
+    when it is ``()`` the method's ``update_mask`` of the traced state) restricts ``tx``
+    (:func:`guft_jax.optim.masked_step`), then ``MethodHooks.step`` runs with a
+    :class:`StepInfo` (``step``: the count before this update; ``params``: the frozen base).
+    """
+    mask_fn, hook = method.hooks.update_mask, method.hooks.step
+    if not _has_leaves(mask) and mask_fn is not None:
+        mask = mask_fn(method_state)  # traced: a mask that changes never retraces
+    new, opt_state = optim.masked_step(
+        tx, grads, opt_state, trainable, mask if _has_leaves(mask) else None, scale
+    )
+    if hook is not None:
+        info = StepInfo(step, total_steps, new, trainable, opt_state, method_state, grads, params)
+        new, opt_state, method_state = hook(info)
+    return new, opt_state, method_state
+
+
 def make_step_body(model, method: Method, tx, *, total_steps: int = 0) -> Callable:
     """The un-jitted step ``body(state, params, images, labels, mask=(), scale=None) ->
-    (state, loss)``: loss and gradients of the trainable tree, the masked optimizer update
+    (state, loss)``: loss and gradients of the trainable tree, then :func:`apply_gradients`
     (``mask=()``: the method's ``update_mask`` of the traced state; ``scale``: per-leaf update
-    factors, see :func:`guft_jax.optim.masked_step`), then the method's ``MethodHooks.step``.
-    :func:`make_train_step` jits it; :mod:`guft_jax.packing` vmaps it over runs."""
+    factors, see :func:`guft_jax.optim.masked_step`). :func:`make_train_step` jits it;
+    :mod:`guft_jax.packing` vmaps it over runs."""
     loss_fn = make_loss_fn(model, method)
-    hook, mask_fn = method.hooks.step, method.hooks.update_mask
 
     def body(state: TrainState, params, images, labels, mask=(), scale=None):
         rng, drop = jax.random.split(state.rng)
         loss, grads = jax.value_and_grad(loss_fn)(
             state.trainable, params, state.method_state, images, labels, drop
         )
-        if not _has_leaves(mask) and mask_fn is not None:
-            mask = mask_fn(state.method_state)  # traced: a mask that changes never retraces
-        trainable, opt_state = optim.masked_step(
-            tx, grads, state.opt_state, state.trainable, mask if _has_leaves(mask) else None, scale
+        trainable, opt_state, mstate = apply_gradients(
+            method,
+            tx,
+            grads,
+            state.opt_state,
+            state.trainable,
+            state.method_state,
+            params,
+            step=state.step,
+            total_steps=total_steps,
+            mask=mask,
+            scale=scale,
         )
-        mstate = state.method_state
-        if hook is not None:
-            info = StepInfo(
-                state.step,
-                total_steps,
-                trainable,
-                state.trainable,
-                opt_state,
-                mstate,
-                grads,
-                params,
-            )
-            trainable, opt_state, mstate = hook(info)
         return TrainState(state.step + 1, trainable, opt_state, mstate, rng), loss
 
     return body
@@ -186,19 +215,33 @@ def init_train_state(method: Method, params, tx=None, *, seed: int, labels_out: 
 
 
 def optimizer_for(method: Method, params, *, steps_per_epoch: int, epochs: int, **kw):
-    """``(tx, state_without_optimizer)``: AdamW groups from the method's labels (one init)."""
+    """``(tx, state_without_optimizer)``: AdamW groups from the method's labels (one init); the
+    warm-up is :func:`guft_jax.config.warmup_steps` of ``warmup_epochs`` and ``warmup_floor``."""
     labels: list = []
     state = init_train_state(method, params, None, seed=kw.pop("seed", 0), labels_out=labels)
-    warmup = int(round(kw.pop("warmup_epochs", 0) * steps_per_epoch))
-    tx = optim.make_optimizer(
-        labels=labels[0], warmup_steps=warmup, total_steps=steps_per_epoch * epochs, **kw
+    total = steps_per_epoch * epochs
+    warmup = warmup_steps(
+        warmup_epochs=kw.pop("warmup_epochs", 0),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        floor=kw.pop("warmup_floor", WARMUP_FLOOR),
     )
+    tx = optim.make_optimizer(labels=labels[0], warmup_steps=warmup, total_steps=total, **kw)
     return tx, state._replace(opt_state=tx.init(state.trainable))
 
 
 def optimizer_from(method: Method, params, config, steps_per_epoch: int):
     """:func:`optimizer_for` with a :class:`~guft_jax.config.TrainConfig`'s optimizer settings
-    (lr, head lr, weight decay, warm-up, clipping, seed, epochs)."""
+    (lr, head lr, weight decay, warm-up and its floor, clipping, seed, epochs).
+
+    Raises:
+      ValueError: ``config.lr`` is ``"auto"`` (resolve it first: :func:`guft_jax.lr_auto.choose`).
+    """
+    if config.lr_is_auto:
+        raise ValueError(
+            "lr: 'auto' must be resolved to a number before the optimizer is built "
+            "(guft_jax.lr_auto.choose, as train.fit does)"
+        )
     return optimizer_for(
         method,
         params,
@@ -208,6 +251,7 @@ def optimizer_from(method: Method, params, config, steps_per_epoch: int):
         head_lr=config.head_lr,
         weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs,
+        warmup_floor=config.warmup_floor,
         clip_norm=config.clip_norm,
         seed=config.seed,
     )

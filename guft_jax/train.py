@@ -41,6 +41,8 @@ from guft_jax.data import data_identity, describe_source, summary_line
 from guft_jax.epochs import (
     RunParts,
     device_splits,
+    divergence,
+    divergence_line,
     epoch_start,
     evaluate,
     evaluate_into,
@@ -220,6 +222,9 @@ def _epochs(run: RunParts, state, start_epoch: int, saver: _Saver, writer, hooks
         history.append(rec)
         writer.write(rec)
         run.log(f"epoch {epoch}: loss {rec['train_loss']:.4f}, {rec['images_per_s']:.1f} img/s")
+        line = divergence_line(history, c.lr, c.head_lr_or_lr)
+        if line is not None:
+            hooks.warn(line)
         saver.save(epoch, state)
         if c.stop_after_epoch is not None and c.stop_after_epoch <= epoch < c.epochs:
             run.log(f"stopping after epoch {epoch} (stop_after_epoch)")
@@ -266,6 +271,12 @@ def fit(
         devices (``config.param_rules`` / ``state_rules`` shard params and state).
       hooks: a :class:`~guft_jax.config.Hooks` (log, warn, stop), or a plain ``log`` callable.
 
+    With ``config.lr == "auto"`` the lr is chosen on the val split first
+    (:mod:`guft_jax.lr_auto`) and ``results.json`` records the candidates as ``lr_auto``. The
+    divergence guard (:func:`guft_jax.epochs.divergence`) says through ``hooks.warn``, in one
+    line with the lr and the step, when the epochs' training loss stays well above the first
+    epoch's; ``results.json``'s ``diverged_at_epoch`` holds the epoch it fired at (or null).
+
     The JSON-able results are also written to ``workdir/results.json``; the run resumes from
     ``workdir``'s newest intact checkpoint (see the module docstring for the run-directory
     rules). ``results.json`` describes the model beside it: ``history`` holds every epoch trained
@@ -291,7 +302,10 @@ def fit(
     with contextlib.ExitStack() as stack:
         resume.open_workdir(stack, workdir, lock=config.lock, fresh=config.fresh, log=hooks.log)
         t_start = time.time()
+        config, auto = _resolve_lr(model, params, method, source, config, workdir, hooks)
         run, state, info = _build(model, params, method, source, config, mesh, hooks.log)
+        if auto is not None:
+            info["lr_auto"] = auto
         info["kernels"] = kernel_choices(run.model, method)
         mgr = None
         if workdir:
@@ -315,6 +329,23 @@ def fit(
         return _train(run, state, meta, _Saver(mgr, saved, t_start), stack, workdir, hooks, info)
 
 
+def _resolve_lr(model, params, method, source, config: TrainConfig, workdir, hooks: Hooks):
+    """``(config, lr_auto record)``: ``lr="auto"`` resolved on the val split
+    (:func:`guft_jax.lr_auto.choose`), or the choice of the finished run the workdir holds;
+    ``(config, None)`` for a numeric lr. A resumed run chooses again (the same choice: the
+    candidates' training is deterministic for a seed)."""
+    if not config.lr_is_auto:
+        return config, None
+    from guft_jax import lr_auto  # lr_auto trains through packing, which imports this module
+
+    path = os.path.join(workdir, rundir.RESULTS_NAME) if workdir else None
+    done = resume.read_results(path, config.epochs) if path and os.path.exists(path) else None
+    if done is not None and isinstance(done.get("lr_auto"), dict):
+        auto = done["lr_auto"]
+        return config.replace(lr=auto["chosen"], head_lr=auto["chosen_head_lr"]), auto
+    return lr_auto.choose(model, params, method, source, config, log=hooks.log, warn=hooks.warn)
+
+
 def _train(run: RunParts, state, meta, saver, stack, workdir, hooks, info):
     """The epochs left, the evaluation and ``results.json`` (the second half of :func:`fit`)."""
     c = run.config
@@ -331,6 +362,8 @@ def _train(run: RunParts, state, meta, saver, stack, workdir, hooks, info):
     if stopped is not None:
         return FitResult(state, {"stopped_after_epoch": stopped, "history": history})
     results = run_results(run, state, history, c.record)
+    at = divergence([h["train_loss"] for h in history])
+    results["diverged_at_epoch"] = at  # the divergence guard (guft_jax.epochs.divergence)
     results["train_config"] = _json_config(c)
     results["data"] = describe_source(run.source)
     results["data_identity"] = saver.meta["data"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
 
 from guft_jax import config as config_lib
-from guft_jax.config import TrainConfig
+from guft_jax.config import LR_AUTO, TrainConfig
 from guft_jax.data import NORMALIZATIONS, SPLITS
 from guft_jax.methods import method_names
 from guft_jax.vit import CONFIGS
@@ -35,10 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.method_kwargs = ml_collections.ConfigDict()
     c.epochs = t.epochs
     c.batch_size = t.batch_size
-    c.lr = t.lr
+    # a number, or "auto" (chosen on the val split, guft_jax.lr_auto): typed `object` so that
+    # both parse from the command line (--config.lr=3e-4, --config.lr=auto)
+    c.lr = ml_collections.FieldReference(t.lr, field_type=object)
     c.head_lr = t.head_lr_or_lr
     c.weight_decay = t.weight_decay
     c.warmup_epochs = t.warmup_epochs
+    c.warmup_floor = t.warmup_floor  # the warm-up's floor in steps (config.warmup_steps)
+    c.lr_auto_budget = t.lr_auto_budget  # lr="auto": the candidates' share of the epochs
     c.clip_norm = t.clip_norm or 0.0
     c.seed = t.seed
     # 0: no mesh (one process, one device); n: a (n / fsdp, fsdp) ("data", "fsdp") mesh of n
@@ -91,8 +97,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for f, lo in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("fsdp", 1)):
         if int(c[f]) < lo:
             bad(f, c[f], f">= {lo}")
-    for f in ("lr", "head_lr", "weight_decay", "warmup_epochs", "clip_norm"):
-        if c[f] is not None and float(c[f]) < 0:
+    if c.lr != LR_AUTO and (isinstance(c.lr, str | bool) or not isinstance(c.lr, numbers.Real)
+                            or c.lr < 0):  # fmt: skip
+        bad("lr", c.lr, f"a number >= 0 or {LR_AUTO!r}")
+    for f in ("head_lr", "weight_decay", "warmup_epochs", "clip_norm", "warmup_floor"):
+        if f in c and c[f] is not None and float(c[f]) < 0:
             bad(f, c[f], ">= 0")
 
 
