@@ -189,3 +189,64 @@ PRESETS = {
 def out_dir(preset: Preset) -> str:
     """The preset's default output folder (``results/offline_<name>`` unless it names one)."""
     return preset.out or f"results/offline_{preset.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SizesPreset:
+    """Shipped defaults vs ``lr="auto"`` over dataset sizes (users' data, ``npz:``).
+
+    Each ``(dataset, size)`` is a stratified subsample of the dataset's pool written as a user's
+    ``npz:`` file, so it is split as users' data is (:mod:`guft_jax.data.splits`: 70/10/20 below
+    1,250 images, 800/200/rest from there); every method trains with its registered defaults
+    (``experiments/configs/offline.py``) once at its shipped lr and once at ``lr="auto"``.
+
+    Attributes:
+      name: the preset's name.
+      datasets: packaged datasets subsampled (their training pools).
+      sizes: images per subsample (capped at the pool: Animal-MNIST has 9,716 unique images).
+      methods: the methods; ``reference`` is the linear probe the others must reach.
+      lr_modes: ``"default"`` (the registered lr) and/or ``"auto"``.
+      seeds: the subsample's and the run's seeds.
+      epochs: training epochs.
+      image_size: input size in pixels.
+      model: the backbone (``experiments.run``'s ``model``: a pretrained name or a ViT config).
+      out: the default output folder.
+    """
+
+    name: str
+    datasets: tuple[str, ...] = ("animal_mnist", "fashion_mnist")
+    sizes: tuple[int, ...] = (30, 100, 300, 1000, 10000)
+    methods: tuple[str, ...] = ("linear", "full", "lora", "guft", "aflora")
+    reference: str = "linear"
+    lr_modes: tuple[str, ...] = ("default", "auto")
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 10
+    image_size: int = 56
+    model: str = "dinov2_s14"
+    out: str = ""
+
+    def replace(self, **changes) -> SizesPreset:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+
+LR_MODES = ("default", "auto")
+
+SIZE_PRESETS = {
+    p.name: p
+    for p in (
+        # issue 31's acceptance table: 2 datasets x 5 sizes x 5 methods x 2 lr modes (linear is
+        # the reference), DINOv2-S/14 at 56 px, 10 epochs.
+        SizesPreset("sizes", out="results/sizes"),
+        # the same pipeline in seconds (CI / a first check): the tiny random ViT at 16 px.
+        SizesPreset(
+            "sizes_dry",
+            datasets=("animal_mnist",),
+            sizes=(30, 100),
+            epochs=3,
+            image_size=16,
+            model="ViT-tiny/4",
+            out="/tmp/guft_jax_sizes_dry",
+        ),
+    )
+}

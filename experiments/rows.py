@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+from typing import NamedTuple
+
+import numpy as np
 
 from experiments import engine_runs
 from experiments.configs.offline import get_config
@@ -244,3 +247,199 @@ def extensions(selection: list[dict], tasks, rows) -> list[Job]:
                 continue
             jobs.append(Job("select", t, name, 0, nxt, extended=True))
     return jobs
+
+
+# ------------------------------------------------------------------------------ sizes preset
+
+
+class SizeRun(NamedTuple):
+    """One run of the sizes preset: a method on a subsample, at its shipped lr or ``"auto"``."""
+
+    dataset: str
+    size: int
+    method: str
+    lr_mode: str
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_{self.size}_{self.method}_{self.lr_mode}_s{self.seed}"
+
+
+def _pool(dataset: str):
+    """``(images, labels)`` of a packaged dataset's training pool."""
+    from guft_jax.data import offline
+
+    if dataset == "animal_mnist":
+        x, y, _ = offline.animal_mnist_deduped()
+        return x, y
+    if dataset == "fashion_mnist":
+        return offline.read_fashion_mnist()[0]
+    raise ValueError(f"dataset: {dataset!r} is not allowed; allowed: animal_mnist, fashion_mnist")
+
+
+def subsample(dataset: str, size: int, seed: int):
+    """A stratified subsample of ``size`` images of the dataset's training pool (the whole pool
+    when it is smaller), drawn with ``seed``: ``(images, labels)``."""
+    from guft_jax.data.splits import stratified_split
+
+    x, y = _pool(dataset)
+    if size >= len(y):
+        return x, y
+    idx, _ = stratified_split(y, {"train": size, "val": 0}, seed=seed, splits=("train", "val"))
+    keep = np.sort(idx["train"])
+    return x[keep], y[keep]
+
+
+def size_runs(p) -> list[SizeRun]:
+    """The preset's runs, smallest sizes first (their results come first)."""
+    for mode in p.lr_modes:
+        if mode not in ("default", "auto"):
+            raise ValueError(f"lr_modes: {mode!r} is not allowed; allowed: ['default', 'auto']")
+    return [
+        SizeRun(d, n, m, mode, s)
+        for n in p.sizes
+        for d in p.datasets
+        for s in p.seeds
+        for m in p.methods
+        for mode in p.lr_modes
+    ]
+
+
+def size_config(p, run: SizeRun, data_path: str):
+    """The ``experiments.run`` config of ``run``: the method's registered defaults on the
+    subsample as users' ``npz:`` data; batch size at most the training split (a 30-image set of
+    10 classes trains on 17); ``lr="auto"`` for the auto runs."""
+    c = get_config(f"npz:{data_path},{run.method}")
+    c.model, c.image_size, c.epochs, c.seed, c.progress = (
+        p.model, p.image_size, p.epochs, run.seed, False
+    )  # fmt: skip
+    # the stratified rule moves images to test and val for small classes: ask the split itself
+    n_train = get_source(f"npz:{data_path}", seed=run.seed).size("train")
+    c.batch_size = min(c.batch_size, n_train)
+    if run.lr_mode == "auto":
+        c.lr = "auto"
+    return c
+
+
+def size_record(run: SizeRun, n_images: int, res: dict, wall_s: float) -> dict:
+    """The record of one sizes run (``records.jsonl``)."""
+    hist = res["history"]
+    auto = res.get("lr_auto")
+    return dict(
+        run._asdict(),
+        n_images=n_images,
+        test_examples=res.get("test_examples"),
+        lr=res["train_config"]["lr"],
+        head_lr=res["train_config"]["head_lr"],
+        lr_auto=auto,
+        test_accuracy=res.get("test_accuracy"),
+        first_loss=hist[0]["train_loss"],
+        last_loss=hist[-1]["train_loss"],
+        diverged_at_epoch=res.get("diverged_at_epoch"),
+        steps=hist[-1]["step"],
+        wall_s=wall_s,
+    )
+
+
+def run_sizes(p, out: str, *, log=print) -> list[dict]:
+    """Runs the preset's runs not yet in ``out/records.jsonl`` (one workdir each under
+    ``out/runs``, resumable), appends their records and writes ``out/table.md``."""
+    import json
+    import os
+
+    from experiments.run import fit_config
+
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    path = os.path.join(out, "records.jsonl")
+    records = _read_records(path)
+    done = {r["name"] for r in records}
+    for run in size_runs(p):
+        if run.name in done:
+            continue
+        data = os.path.join(out, "data", f"{run.dataset}_{run.size}_s{run.seed}.npz")
+        if not os.path.exists(data):
+            x, y = subsample(run.dataset, run.size, run.seed)
+            np.savez(data, images=x, labels=y)
+        n = len(np.load(data)["labels"])
+        t0 = time.time()
+        res = fit_config(size_config(p, run, data), os.path.join(out, "runs", run.name),
+                         log=lambda s: None).results  # fmt: skip
+        rec = dict(size_record(run, n, res, time.time() - t0), name=run.name)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        records.append(rec)
+        log(f"{run.name}: test {rec['test_accuracy']:.4f}, loss {rec['first_loss']:.3f} -> "
+            f"{rec['last_loss']:.3f}, lr {rec['lr']:g}, {rec['wall_s']:.0f} s")  # fmt: skip
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(sizes_table(records, p) + "\n")
+    return records
+
+
+def _read_records(path: str) -> list[dict]:
+    import json
+    import os
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(s) for s in f if s.strip()]
+
+
+def sizes_table(records: list[dict], p) -> str:
+    """The sizes table (test accuracy %, default / auto per method; ``!`` marks a run whose last
+    epoch's loss is above its first's), the acceptance checks and the total wall time."""
+    by = {(r["dataset"], r["size"], r["method"], r["lr_mode"]): r for r in records}
+    modes = [m for m in ("default", "auto") if m in p.lr_modes]
+    head = "| dataset | images | " + " | ".join(f"{m} ({'/'.join(modes)})" for m in p.methods)
+    lines = [head + " |", "|" + "---|" * (2 + len(p.methods))]
+    rising, below = [], []
+    for d in p.datasets:
+        for n in p.sizes:
+            cells = []
+            for m in p.methods:
+                parts = []
+                for mode in modes:
+                    r = by.get((d, n, m, mode))
+                    if r is None:
+                        parts.append("-")
+                        continue
+                    up = r["last_loss"] > r["first_loss"]
+                    if up:
+                        rising.append(r["name"])
+                    parts.append(f"{100 * r['test_accuracy']:.1f}{'!' if up else ''}")
+                    ref = by.get((d, n, p.reference, mode))
+                    if n >= 300 and ref and r["test_accuracy"] < ref["test_accuracy"]:
+                        below.append(r["name"])
+                cells.append(" / ".join(parts))
+            lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
+    wall = sum(r["wall_s"] for r in records)
+    lines += [
+        "",
+        f"Runs whose last epoch's loss is above their first's: {', '.join(rising) or 'none'}.",
+        f"Runs below the linear probe ({p.reference}, same lr mode) at >= 300 images: "
+        f"{', '.join(below) or 'none'}.",
+        f"{len(records)} runs, {wall / 60:.1f} min of training and evaluation wall time.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """``python -m experiments.rows --preset sizes [--out DIR]``: the sizes preset."""
+    import argparse
+
+    from experiments.presets import SIZE_PRESETS
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.rows")
+    ap.add_argument("--preset", choices=sorted(SIZE_PRESETS), default="sizes")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    p = SIZE_PRESETS[a.preset]
+    t0 = time.time()
+    records = run_sizes(p, a.out or p.out)
+    print(sizes_table(records, p))
+    print(f"wall time of this call: {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

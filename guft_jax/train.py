@@ -304,8 +304,7 @@ def fit(
         t_start = time.time()
         config, auto = _resolve_lr(model, params, method, source, config, workdir, hooks)
         run, state, info = _build(model, params, method, source, config, mesh, hooks.log)
-        if auto is not None:
-            info["lr_auto"] = auto
+        info.update({} if auto is None else {"lr_auto": auto})
         info["kernels"] = kernel_choices(run.model, method)
         mgr = None
         if workdir:

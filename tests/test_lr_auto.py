@@ -157,3 +157,29 @@ def test_grid_of_registered_methods():
     g = mbase.spec("linear").defaults.lr_grid
     assert heads == [0.1 * f for f in g]
     assert np.all(np.asarray(lrs) == mbase.spec("linear").defaults.lr)
+
+
+def test_sizes_preset_runs_and_its_table_flags_rising_loss_and_runs_below_the_probe():
+    from experiments import rows
+    from experiments.presets import SIZE_PRESETS
+
+    p = SIZE_PRESETS["sizes"]
+    runs = rows.size_runs(p)
+    assert len(runs) == len(set(runs)) == 2 * 5 * 5 * 2  # datasets x sizes x methods x lr modes
+    assert {r.lr_mode for r in runs} == {"default", "auto"} and p.reference in p.methods
+    q = p.replace(datasets=("d",), sizes=(100, 300), methods=("linear", "full"))
+
+    def rec(n, m, mode, acc, first=2.3, last=1.0):
+        name = f"d_{n}_{m}_{mode}_s0"
+        return dict(name=name, dataset="d", size=n, method=m, lr_mode=mode, test_accuracy=acc,
+                    first_loss=first, last_loss=last, wall_s=60.0)  # fmt: skip
+
+    records = [rec(100, "linear", "default", 0.5), rec(100, "full", "default", 0.2),
+               rec(300, "linear", "default", 0.8), rec(300, "full", "default", 0.3, last=4.0),
+               rec(300, "linear", "auto", 0.8), rec(300, "full", "auto", 0.9)]  # fmt: skip
+    table = rows.sizes_table(records, q)
+    assert "| d | 300 | 80.0 / 80.0 | 30.0! / 90.0 |" in table
+    assert "| d | 100 | 50.0 / - | 20.0 / - |" in table
+    assert "above their first's: d_300_full_default_s0." in table
+    assert "at >= 300 images: d_300_full_default_s0." in table  # 100 images: not checked
+    assert "6 runs, 6.0 min" in table
