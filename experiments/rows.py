@@ -317,8 +317,7 @@ def size_config(p, run: SizeRun, data_path: str):
     # the stratified rule moves images to test and val for small classes: ask the split itself
     n_train = get_source(f"npz:{data_path}", seed=run.seed).size("train")
     c.batch_size = min(c.batch_size, n_train)
-    if run.lr_mode == "auto":
-        c.lr = "auto"
+    c.lr = "auto" if run.lr_mode == "auto" else spec(run.method).defaults.lr
     return c
 
 

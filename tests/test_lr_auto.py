@@ -144,6 +144,8 @@ def test_cli_parses_lr_auto_and_numbers():
         assert fv.config.lr == want
         common.validate(fv.config)
         assert common.train_config(fv.config).lr == want
+    assert common.default_lr("npz:a.npz", 1e-3) == common.default_lr("folder:d", 1e-3) == "auto"
+    assert common.default_lr("animal_mnist", 1e-3) == common.default_lr("vtab/dtd", 1e-3) == 1e-3
     fv.config.lr = "fast"
     with pytest.raises(ValueError, match=r"config\.lr: 'fast' is not allowed"):
         common.validate(fv.config)

@@ -126,6 +126,21 @@ def method_kwargs(method: str, *overrides: dict | None) -> ml_collections.Config
     return ml_collections.ConfigDict(kw)
 
 
+USER_DATA = ("npz:", "folder:")
+
+
+def default_lr(dataset: str, registered: float) -> float | str:
+    """The ``lr`` a config starts from: ``"auto"`` for users' data (``npz:`` / ``folder:``,
+    split with a val split by :mod:`guft_jax.data.splits`), whose size no shipped default fits;
+    the method's ``registered`` lr for the packaged datasets and VTAB, whose benchmarks select
+    their own.
+
+    >>> default_lr("npz:my.npz", 1e-3), default_lr("animal_mnist", 1e-3)
+    ('auto', 0.001)
+    """
+    return LR_AUTO if dataset.startswith(USER_DATA) else registered
+
+
 def train_config(c: ml_collections.ConfigDict, **run) -> TrainConfig:
     """The :class:`~guft_jax.config.TrainConfig` of a validated experiment config (its fields
     read by name; 0 means "none" for ``clip_norm`` and ``stop_after_epoch``); ``run`` sets the
