@@ -16,7 +16,13 @@ from guft_jax.guft.blocks import BLOCK_SLACK
 from guft_jax.guft.readout import apply_arrays, store_payload
 from guft_jax.guft.recompute import epoch_start
 from guft_jax.guft.schedule import validate_ratios, validate_schedule
-from guft_jax.guft.state import ALLOCATIONS, ELIGIBLE, GuftConfig, GuftState
+from guft_jax.guft.state import (
+    ALLOCATIONS,
+    CAPACITY_ESTIMATES,
+    ELIGIBLE,
+    GuftConfig,
+    GuftState,
+)
 from guft_jax.guft.stores import SparseStore
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, Variant, register
 
@@ -108,13 +114,15 @@ def method_of(cfg: GuftConfig) -> Method:
 
 def check_options(name: str, **values) -> None:
     """Raises ValueError naming ``{name}.{field}`` and the allowed values for an unknown
-    ``mode``, ``score``, ``eligible``, ``allocation`` or ``normalize`` (those given)."""
+    ``mode``, ``score``, ``eligible``, ``allocation``, ``normalize`` or ``capacity_estimate``
+    (those given)."""
     allowed = dict(
         mode=sal.MODES,
         score=sal.SCORES,
         eligible=ELIGIBLE,
         allocation=ALLOCATIONS,
         normalize=(None, "mean"),
+        capacity_estimate=CAPACITY_ESTIMATES,
     )
     for field, v in values.items():
         if v not in allowed[field]:
@@ -148,7 +156,9 @@ def _schedule(recompute_epochs, ratios) -> tuple[tuple[int, ...] | None, tuple[f
     defaults=Defaults(
         lr=1e-3,
         head_lr=1e-2,
-        kwargs=dict(ratios=(0.001,) * 3),
+        # "ranking": the first round sizes the store for its ranking of the whole budget, so the
+        # later rounds fit and the run traces its step once (issue 28; docs/guft.md).
+        kwargs=dict(ratios=(0.001,) * 3, capacity_estimate="ranking"),
         lr_grid=(0.1, 0.3, 1.0, 3.0, 10.0),
         dry_kwargs=dict(recompute_epochs=(1,), ratios=(0.01,)),
         step_cost=0.9,
@@ -173,6 +183,7 @@ def guft(
     sparse: bool = True,
     capacity_slack: float = 2.0,
     capacity_floor: int = 16,
+    capacity_estimate: str = "split",
     blocks: bool = True,
     block_slack: float = BLOCK_SLACK,
     chunk: int = 8,
@@ -194,8 +205,11 @@ def guft(
         rule), then regexes over ``/``-joined param paths on top.
       allocation, normalize: :func:`guft_jax.masks.topk_mask`'s budget rule and normalisation.
       sparse: the efficient sparse store (default) or the dense reference store.
-      capacity_slack, capacity_floor: sparse capacities for the whole schedule
-        (:func:`capacity_rule`).
+      capacity_slack, capacity_floor, capacity_estimate: sparse capacities for the whole schedule
+        (:func:`capacity_rule`); ``capacity_estimate="ranking"`` (the registered default) also
+        sizes each tensor for its entries among the top ``K`` of the first round's scores
+        (:func:`guft_jax.guft.capacity.whole_budget_counts`); ``"split"``: for the first
+        round's split only.
       blocks, block_slack: per-kernel row × column blocks of the selection, where the weight
         gradient is taken while they are small (sized by :func:`block_capacity`); ``False``: the
         SDDMM everywhere.
@@ -214,10 +228,11 @@ def guft(
     """
     recompute_epochs, ratios = _schedule(recompute_epochs, ratios)
     opts = dict(mode=mode, score=score, eligible=eligible, allocation=allocation)
-    check_options("guft", normalize=normalize, **opts)
+    check_options("guft", normalize=normalize, capacity_estimate=capacity_estimate, **opts)
     _check_slack(capacity_slack, block_slack)
     opts.update(normalize=normalize, exclude_selected=exclude_selected, sparse=sparse)
     opts.update(capacity_slack=float(capacity_slack), capacity_floor=int(capacity_floor))
+    opts.update(capacity_estimate=capacity_estimate)
     opts.update(blocks=bool(blocks), block_slack=float(block_slack), chunk=int(chunk))
     cfg = GuftConfig(
         recompute_epochs=recompute_epochs,

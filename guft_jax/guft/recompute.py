@@ -17,7 +17,12 @@ import numpy as np
 from guft_jax import masks as masks_lib
 from guft_jax import paths
 from guft_jax import saliency as sal
-from guft_jax.guft.capacity import capacity_rule, exact_capacities, quota_budgets
+from guft_jax.guft.capacity import (
+    capacity_rule,
+    exact_capacities,
+    quota_budgets,
+    whole_budget_counts,
+)
 from guft_jax.guft.ranking import any_nonzero, select, topk_merge_global
 from guft_jax.guft.state import GuftConfig, GuftState
 
@@ -118,9 +123,14 @@ def _saliency_at(cfg: GuftConfig, epoch: int, ctx, eligible: dict):
     """Scores at the current weights (through a fitted head if the head is still all zero)."""
     if cfg.score == "random":
         return random_scores(cfg.seed, eligible), {}
-    leaves = _merged_leaves(cfg, ctx.params, ctx.trainable, ctx.state)
-    dense = paths.replaced(ctx.params, {paths.path_of(k): v for k, v in leaves.items()})
-    dense["head"] = ctx.trainable["head"]
+    if int(ctx.state.round) == 0:
+        # Nothing selected yet: the effective weights are the pretrained ones, bitwise. Skipping
+        # the fold saves a compile for the first round's (floor-sized) store shapes.
+        dense = {**ctx.params, "head": ctx.trainable["head"]}
+    else:
+        leaves = _merged_leaves(cfg, ctx.params, ctx.trainable, ctx.state)
+        dense = paths.replaced(ctx.params, {paths.path_of(k): v for k, v in leaves.items()})
+        dense["head"] = ctx.trainable["head"]
     if cfg.head_warmup and cfg.score != "magnitude" and _all_zero(dense["head"]):
         dense = {**dense, "head": warm_head(ctx, dense)}
         ctx.log(f"{cfg.name}: all-zero head at epoch {epoch}; saliency through a fitted head")
@@ -181,7 +191,10 @@ def recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
     total = k if quotas else sum(masks_lib.budget(r, n_elig) for r in cfg.ratios)
     rule = capacity_rule(e, total, k, slack=cfg.capacity_slack, floor=cfg.capacity_floor)
     first = int(state.round) == 0
-    caps = exact_capacities if quotas else (lambda cur, need: rule(cur, need, first=first))
+    whole = None
+    if first and cfg.sparse and not quotas and cfg.capacity_estimate == "ranking":
+        whole = whole_budget_counts(scores, total)  # the whole budget's split at these scores
+    caps = exact_capacities if quotas else (lambda c, n: rule(c, n, first=first, whole=whole))
     growth = total / max(k, 1) if first else None
     tr, opt, st = store.adopt(ctx.trainable, ctx.opt_state, state, merged, caps, ctx.log, growth)
     hist = _record(st, i, epoch, k, rep["selected"], info.get("batch_size", 0))

@@ -15,6 +15,10 @@ from guft_jax.guft.schedule import auto_schedule
 from guft_jax.guft.stores import DeltaStore, store_of
 
 ELIGIBLE = ("all", "blocks")
+# How the first round sizes the sparse store (:func:`guft_jax.guft.capacity_rule`): "split"
+# scales the first round's split to the budget; "ranking" also sizes for the first round's
+# ranking of the whole budget (the registered default: no later growth on our benchmarks).
+CAPACITY_ESTIMATES = ("split", "ranking")
 ALLOCATIONS = masks_lib.ALLOCATIONS
 
 
@@ -66,6 +70,7 @@ class GuftConfig:
     head_warmup: bool
     name: str
     block_slack: float = BLOCK_SLACK
+    capacity_estimate: str = "split"
     kernels: kernels_lib.KernelOptions = dataclasses.field(
         default_factory=kernels_lib.KernelOptions
     )
