@@ -23,7 +23,10 @@ def path_of(key: str) -> str:
 
 
 def key_to_str(path: Sequence[Any]) -> str:
-    """``(DictKey('a'), DictKey('b'))`` -> ``"a/b"``."""
+    """``(DictKey('a'), DictKey('b'))`` -> ``"a/b"``; a Flax NNX ``Variable``'s trailing
+    ``.value`` attribute is dropped, so linen and NNX params are named by the same paths."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -41,7 +44,8 @@ def leaf_paths(tree: Any) -> list[str]:
 
 
 def path_map(fn, tree: Any, *rest: Any) -> Any:
-    """``tree_map`` whose function receives the ``/``-joined path first."""
+    """``tree_map`` whose function receives the ``/``-joined path first (keeps the tree's type:
+    a Flax NNX ``State`` stays a ``State``)."""
     return jax.tree_util.tree_map_with_path(lambda p, *x: fn(key_to_str(p), *x), tree, *rest)
 
 

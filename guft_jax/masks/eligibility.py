@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from guft_jax import paths, vit
 
-SEP = "."
+SEP = paths.SEP
 
 # Preset name -> regex over ``/``-joined param paths (``re.search``) choosing the leaves it
 # names; ``None`` names every leaf. The head is never eligible, whatever the preset.
@@ -31,14 +31,8 @@ ELIGIBILITY: dict[str, str | None] = {
 }
 
 
-def leaf_key(path: str) -> str:
-    """The mask key of a ``/``-joined param path (``/`` -> ``.``)."""
-    return path.replace("/", SEP)
-
-
-def key_path(key: str) -> str:
-    """The ``/``-joined param path of a mask key."""
-    return key.replace(SEP, "/")
+# Mask keys are the param paths as one dict key (``/`` -> ``.``): :mod:`guft_jax.paths`'s.
+leaf_key, key_path = paths.key_of, paths.path_of
 
 
 def eligible_leaves(

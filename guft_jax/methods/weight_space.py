@@ -67,14 +67,14 @@ def matrix_shape(
     nd = len(shape)
     if nd < 2:
         raise ValueError(f"targets: {path} has shape {shape}; only kernels (>= 2-D) are adapted")
+    if nd == 2:  # (in, out) whatever the rules say (a kernel some view has already flattened)
+        return int(shape[0]), int(shape[1])
     for rx, n_in in layout:
         if re.search(rx, path):
             n = n_in if n_in >= 0 else nd + n_in
             if not 1 <= n < nd:
                 raise ValueError(f"layout: rule ({rx!r}, {n_in}) does not split {path} {shape}")
             return math.prod(shape[:n]), math.prod(shape[n:])
-    if nd == 2:
-        return int(shape[0]), int(shape[1])
     raise ValueError(
         f"layout: {path} has shape {shape}; give its (regex, n_in) rule: e.g. "
         "(r'Conv_\\d+/kernel$', 3) for a conv kernel (kh, kw, cin, cout), "

@@ -4,7 +4,7 @@ regex selection, the eligible leaves and the head."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,28 +26,9 @@ class _DefaultHead(str):
 DEFAULT_HEAD = _DefaultHead(paths_lib.HEAD_PATTERN)
 
 # ----------------------------------------------------------------------------- paths
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """``/``-joined key path of a leaf; an NNX ``Variable``'s trailing ``.value`` is dropped."""
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return paths_lib.key_to_str(path)
-
-
-def tree_paths(tree: PyTree) -> list[str]:
-    """The ``/``-joined paths of ``tree``'s leaves (NNX-normalised), in ``tree_leaves`` order.
-
-    >>> tree_paths({"Dense_0": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}})
-    ['Dense_0/bias', 'Dense_0/kernel']
-    """
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def map_paths(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
-    """``tree_map`` whose function receives the leaf's :func:`path_str` first (keeps the
-    tree's type: a Flax NNX ``State`` stays a ``State``)."""
-    return jax.tree_util.tree_map_with_path(lambda p, *x: fn(path_str(p), *x), tree, *rest)
+# One set of path helpers (:mod:`guft_jax.paths`, NNX-normalised), under the names this package
+# has always exported.
+path_str, tree_paths, map_paths = paths_lib.key_to_str, paths_lib.leaf_paths, paths_lib.path_map
 
 
 def _patterns(value: str | Sequence[str] | None) -> list[str]:
