@@ -3,6 +3,7 @@
     python -m benchmarks.fit_bench --model ViT-S/16 --image_size 112 --batch 50 --epochs 3
     python -m benchmarks.fit_bench --compare runs                    # GUFT vs LoRA, whole runs
     python -m benchmarks.fit_bench --compare runs --pool 10000 --train 1000 --epochs 10
+    python -m benchmarks.fit_bench --compare runs --lengths cpu,56px --cache_dir ""  # issue 28
 
 ``--compare bare`` (default; ``benchmarks/results/fit_bench.json``): for each method and input
 kind (``host``: the source's numpy pipeline resizes and normalises on the host and each batch is
@@ -16,18 +17,22 @@ pipeline would sustain (:func:`benchmarks.harness.back_to_back`). Reported: imag
 2,000 test images and, for GUFT, saliency included). Bare-step and fit measurements alternate so
 machine noise hits both.
 
-``--compare runs`` (``benchmarks/results/run_bench.json``): whole-run wall time of GUFT against
-LoRA, same data and model (the issue-16 figure: DINOv2-S/14 at 56 px, 10 epochs, batch 50, a
-10,000-image npz with a VTAB-1K split, GUFT 191-220 s against LoRA's 97 s). Both methods run with
-their shipped defaults (``Defaults`` of the registry: lr, head lr, kwargs); GUFT's saliency
-passes, head warm-up, recompiles and host work are inside its wall time. Runs are interleaved
-(``lora, guft, lora, guft, ...``) and the ratio is taken per pair (the median is reported). JAX's
-persistent compilation cache is on (:func:`guft_jax.compile_cache.enable`; ``--cache_dir ""``
-turns it off), as for a user's repeated runs. Per run: wall seconds, XLA compiles and their
-seconds (``jax.monitoring``'s backend compile events), persistent-cache hits, the step's traces,
-seconds inside the method's ``epoch_start`` hook (saliency, head warm-up, top-k, capacity
-adoption) and the train epochs' seconds. The default size fits a few minutes on 2 busy CPU
-cores: a 2,000-image pool of Fashion-MNIST, 300 train images, 10 epochs, test 500.
+``--compare runs`` (``benchmarks/results/fit_bench_runs.json``): whole-run wall time of GUFT
+against LoRA, same data and model (DINOv2-S/14, batch 50). Both methods run with their shipped
+defaults (``Defaults`` of the registry: lr, head lr, kwargs); GUFT's saliency passes, head warm-up,
+recompiles and host work are inside its wall time. Runs are interleaved (``lora, guft, lora,
+guft, ...``) and the ratio is taken per pair (the median is reported). ``--lengths cpu,56px``
+runs the issue-28 sizes one after the other: the offline benchmark's ``cpu`` preset (Animal-MNIST,
+its 1,000-image trainval, 28 px, 5 epochs) and 10 epochs of 1,000 Fashion-MNIST images at 56 px.
+JAX's persistent compilation cache is on (:func:`guft_jax.compile_cache.enable`; ``--cache_dir
+""`` turns it off, as for the acceptance figure: every compile is paid in the run). Per run: wall
+seconds and their decomposition (:func:`decomposition`: compile, saliency, steps, host), XLA
+compiles and their seconds (``jax.monitoring``'s backend compile events), persistent-cache hits,
+the step's traces (``train.fit``'s count), seconds inside the method's ``epoch_start`` hook per
+round and the train epochs' seconds. Without ``--lengths`` the default size fits a few minutes on
+2 busy CPU cores: a 2,000-image pool of Fashion-MNIST, 300 train images, 10 epochs, test 500.
+
+    python -m benchmarks.fit_bench --compare runs --lengths cpu,56px --cache_dir "" --reps 1
 
 Defaults not given here (batch size, image size, epochs, warm-up of ``runs``) are the training
 defaults of :class:`guft_jax.config.TrainConfig`.
@@ -70,7 +75,7 @@ MODE_DEFAULTS = {
         methods="lora,guft",
         dataset=None,
         reps=2,
-        out="benchmarks/results/run_bench.json",
+        out="benchmarks/results/fit_bench_runs.json",
     ),
 }
 
@@ -163,24 +168,32 @@ def compare_bare(a, log):
 
 
 class CompileCounter:
-    """XLA compiles, their seconds and persistent-cache hits, from ``jax.monitoring`` events."""
+    """XLA compiles, their seconds and persistent-cache hits, from ``jax.monitoring`` events;
+    the seconds also by phase (``phase``: ``"run"``, or ``"epoch_start"`` while a method's hook
+    runs) and those of the train step (``jit(step)``) outside the hook."""
 
     def __init__(self):
         self.n, self.s, self.hits = 0, 0.0, 0
+        self.phase, self.hook_s, self.step_s = "run", 0.0, 0.0
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         jax.monitoring.register_event_listener(self._on_event)
 
-    def _on_duration(self, event: str, duration: float, **kw) -> None:
+    def _on_duration(self, event: str, duration: float, fun_name: str = "", **kw) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             self.n += 1
             self.s += float(duration)
+            if self.phase == "epoch_start":
+                self.hook_s += float(duration)
+            elif fun_name == "jit(step)":
+                self.step_s += float(duration)
 
     def _on_event(self, event: str, **kw) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             self.hits += 1
 
-    def snapshot(self) -> tuple[int, float, int]:
-        return self.n, self.s, self.hits
+    def snapshot(self) -> tuple[int, float, int, float, float]:
+        """``(compiles, seconds, cache hits, seconds in the hook, train-step seconds)``."""
+        return self.n, self.s, self.hits, self.hook_s, self.step_s
 
 
 def make_npz(path: str, pool: int) -> str:
@@ -195,22 +208,48 @@ def make_npz(path: str, pool: int) -> str:
     return path
 
 
-def timed_hooks(method, box: dict):
+def timed_hooks(method, box: dict, counter: CompileCounter | None = None):
     """The method with its ``epoch_start`` hook timed into ``box["hook_s"]`` and
-    ``box["rounds"]``."""
+    ``box["rounds"]`` (the ``counter``'s phase is ``"epoch_start"`` meanwhile)."""
     hook = method.hooks.epoch_start
     if hook is None:
         return method
 
     def timed(epoch, ctx):
         t = time.perf_counter()
-        out = hook(epoch, ctx)
-        jax.block_until_ready(out)
+        if counter is not None:
+            counter.phase = "epoch_start"
+        try:
+            out = hook(epoch, ctx)
+            jax.block_until_ready(out)
+        finally:
+            if counter is not None:
+                counter.phase = "run"
         box["hook_s"] += time.perf_counter() - t
         box["rounds"].append(dict(epoch=epoch, s=time.perf_counter() - t))
         return out
 
     return method._replace(hooks=method.hooks._replace(epoch_start=timed))
+
+
+def decomposition(wall: float, compile_s: float, hook: tuple, epochs: tuple) -> dict:
+    """A run's wall seconds as ``compile`` (every XLA compile), ``saliency`` (the method's
+    ``epoch_start`` hook less its compiles: saliency passes, head warm-up, selection, host
+    adoption), ``steps`` (the train epochs less the train step's compiles) and ``host`` (the
+    rest: data, evaluation, init, logging), which add up to ``wall``.
+
+    Args:
+      wall: the run's wall seconds.
+      compile_s: its compile seconds.
+      hook: ``(seconds in the hook, compile seconds in it)``.
+      epochs: ``(train epochs' seconds, train-step compile seconds)``.
+
+    >>> decomposition(10.0, 4.0, (3.0, 1.0), (5.0, 2.0))
+    {'compile': 4.0, 'saliency': 2.0, 'steps': 3.0, 'host': 1.0}
+    """
+    saliency, steps = hook[0] - hook[1], epochs[0] - epochs[1]
+    host = wall - compile_s - saliency - steps
+    return dict(compile=compile_s, saliency=saliency, steps=steps, host=host)
 
 
 def one_run(name: str, a, source, counter: CompileCounter) -> dict:
@@ -224,11 +263,11 @@ def one_run(name: str, a, source, counter: CompileCounter) -> dict:
     c0 = counter.snapshot()
     config = config_of(a, lr=d.lr, head_lr=d.head_lr)
     fr, wall = harness.timed_fit(
-        model, params, timed_hooks(method, box), source, config, log=lines.append
+        model, params, timed_hooks(method, box, counter), source, config, log=lines.append
     )
     res = fr.results
     hist = res.get("history", [])
-    n, s, hits = (u - v for u, v in zip(counter.snapshot(), c0, strict=True))
+    n, s, hits, hook_c, step_c = (u - v for u, v in zip(counter.snapshot(), c0, strict=True))
     out = dict(
         method=name,
         wall_s=wall,
@@ -243,6 +282,9 @@ def one_run(name: str, a, source, counter: CompileCounter) -> dict:
         log=[s for s in lines if "recompute" in s or "capacity" in s or "head" in s],
     )
     out["rest_s"] = wall - out["epoch_start_s"] - out["train_epochs_s"]
+    out["decomposition"] = decomposition(
+        wall, s, (out["epoch_start_s"], hook_c), (out["train_epochs_s"], step_c)
+    )
     return out
 
 
@@ -267,37 +309,73 @@ def runs_source(a, log):
     return source
 
 
-def compare_runs(a, log):
-    """``--compare runs``: interleaved whole runs of each method, ``--reps`` times."""
-    a.cache_dir = compile_cache.enable(a.cache_dir)
-    log(f"persistent compilation cache: {a.cache_dir or 'off'}")
-    counter = CompileCounter()
-    source = runs_source(a, log)
-    methods, runs = a.methods.split(","), []
-    for p in range(a.reps):
-        for name in methods:
-            r = dict(one_run(name, a, source, counter), pair=p)
-            runs.append(r)
-            log(
-                f"pair {p} {name}: wall {r['wall_s']:.1f}s, train epochs "
-                f"{r['train_epochs_s']:.1f}s, epoch_start {r['epoch_start_s']:.1f}s, rest "
-                f"{r['rest_s']:.1f}s, compiles {r['compiles']} ({r['compile_s']:.1f}s), cache "
-                f"hits {r['cache_hits']}, traces {r['step_traces']}"
-            )
+def run_lengths() -> dict:
+    """``--lengths``' named run sizes (overrides of the command line): ``cpu``, the offline
+    benchmark's ``cpu`` preset (its task's own trainval and test splits, its image size and
+    epochs); ``56px``, 10 epochs of 1,000 Fashion-MNIST images at 56 px (test 500)."""
+    from experiments.presets import PRESETS
+
+    cpu = PRESETS["cpu"]
+    return {
+        "cpu": dict(dataset=cpu.tasks[0], image_size=cpu.image_size, epochs=cpu.epochs),
+        "56px": dict(dataset=None, image_size=56, epochs=10, train=1000, test=500),
+    }
+
+
+def summarise(runs: list, methods: list, reps: int, log) -> dict:
+    """Per-pair wall ratios (second method over first), their median, each method's median
+    decomposition and every run's step-trace count."""
     ratios = []
     if len(methods) == 2:
-        for p in range(a.reps):
+        for p in range(reps):
             w = {r["method"]: r["wall_s"] for r in runs if r["pair"] == p}
             ratios.append(w[methods[1]] / w[methods[0]])
             log(f"{methods[1]} / {methods[0]} wall, pair {p}: {ratios[-1]:.3f}")
-    yield dict(
-        machine=common.machine(),
-        args=vars(a),
-        data=split_sizes(source),
-        runs=runs,
+    parts = {}
+    for name in methods:
+        mine = [r["decomposition"] for r in runs if r["method"] == name]
+        parts[name] = {k: float(np.median([d[k] for d in mine])) for k in mine[0]}
+        parts[name]["wall"] = float(np.median([r["wall_s"] for r in runs if r["method"] == name]))
+    return dict(
         ratios=ratios,
         ratio_median=float(np.median(ratios)) if ratios else None,
+        decomposition_median=parts,
+        traces={name: [r["step_traces"] for r in runs if r["method"] == name] for name in methods},
     )
+
+
+def compare_runs(a, log):
+    """``--compare runs``: interleaved whole runs of each method, ``--reps`` times, at each of
+    ``--lengths`` (none: the command line's size); the JSON is rewritten after each length."""
+    a.cache_dir = compile_cache.enable(a.cache_dir)
+    log(f"persistent compilation cache: {a.cache_dir or 'off'}")
+    counter = CompileCounter()
+    methods = a.methods.split(",")
+    named = run_lengths()
+    todo = [(n, named[n]) for n in a.lengths.split(",")] if a.lengths else [("args", {})]
+    res = dict(machine=common.machine(), args=vars(a), lengths={})
+    for length, changes in todo:
+        b = argparse.Namespace(**{**vars(a), **changes})
+        source = runs_source(b, log)
+        runs = []
+        for p in range(b.reps):
+            for name in methods:
+                r = dict(one_run(name, b, source, counter), pair=p)
+                runs.append(r)
+                d = r["decomposition"]
+                log(
+                    f"{length} pair {p} {name}: wall {r['wall_s']:.1f}s = compile "
+                    f"{d['compile']:.1f} + saliency {d['saliency']:.1f} + steps "
+                    f"{d['steps']:.1f} + host {d['host']:.1f}; compiles {r['compiles']}, cache "
+                    f"hits {r['cache_hits']}, traces {r['step_traces']}"
+                )
+        res["lengths"][length] = dict(
+            size=dict(image_size=b.image_size, epochs=b.epochs, dataset=b.dataset),
+            data=split_sizes(source),
+            runs=runs,
+            **summarise(runs, methods, b.reps, log),
+        )
+        yield res
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -327,6 +405,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--test", type=int, default=500, help="runs: test images (0: the rest)")
     ap.add_argument("--npz", default="/tmp/guft_run_bench_{pool}.npz", help="runs: the npz")
     ap.add_argument("--cache_dir", default=None, help='runs: persistent compile cache ("": off)')
+    ap.add_argument(
+        "--lengths",
+        default="",
+        help="runs: comma-separated named sizes (cpu: the cpu preset's; 56px: 10 epochs of "
+        "1,000 images at 56 px), each overriding the size options; empty: the options as given",
+    )
     a = ap.parse_args(argv)
     harness.apply_defaults(a, MODE_DEFAULTS[a.compare])
     return a
