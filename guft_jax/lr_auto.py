@@ -58,9 +58,15 @@ def grid(method: Method, config: TrainConfig) -> tuple[list[float], list[float]]
     except ValueError:
         d = mbase.Defaults()
     head = d.head_lr if config.head_lr is None else config.head_lr
+    scaled = [_round(base * f) for base in [head if d.select_head_lr else d.lr] for f in d.lr_grid]
     if d.select_head_lr:
-        return [d.lr] * len(d.lr_grid), [head * f for f in d.lr_grid]
-    return [d.lr * f for f in d.lr_grid], [head] * len(d.lr_grid)
+        return [d.lr] * len(scaled), scaled
+    return scaled, [head] * len(scaled)
+
+
+def _round(lr: float) -> float:
+    """``lr`` to 6 significant digits (3e-4, not the product's 0.00030000000000000003)."""
+    return float(f"{lr:.6g}")
 
 
 def budget_epochs(config: TrainConfig, *, steps_per_epoch: int) -> int:

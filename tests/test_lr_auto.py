@@ -154,10 +154,11 @@ def test_cli_parses_lr_auto_and_numbers():
 def test_grid_of_registered_methods():
     lrs, heads = lr_auto.grid(get_method("lora"), TrainConfig(lr="auto"))
     d = mbase.spec("lora").defaults
-    assert lrs == [d.lr * f for f in d.lr_grid] and heads == [d.head_lr] * len(d.lr_grid)
+    assert lrs == pytest.approx([d.lr * f for f in d.lr_grid], rel=1e-9)
+    assert heads == [d.head_lr] * len(d.lr_grid) and str(lrs[0]) == f"{lrs[0]:.6g}"
     lrs, heads = lr_auto.grid(get_method("linear"), TrainConfig(lr="auto", head_lr=0.1))
     g = mbase.spec("linear").defaults.lr_grid
-    assert heads == [0.1 * f for f in g]
+    assert heads == pytest.approx([0.1 * f for f in g], rel=1e-9)
     assert np.all(np.asarray(lrs) == mbase.spec("linear").defaults.lr)
 
 
