@@ -187,7 +187,8 @@ def choose(
     if best is None:
         best = min(cands, key=lambda c: (c.lr, c.head_lr))
         warn(f"lr_auto: every candidate diverged; using the smallest, lr {best.lr:g}")
-    log(table(cands, (best.lr, best.head_lr)))
+    for line in table(cands, (best.lr, best.head_lr)).splitlines():
+        log(line)
     record = {
         "candidates": [c._asdict() for c in cands],
         "chosen": best.lr,

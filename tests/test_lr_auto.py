@@ -56,8 +56,12 @@ def test_auto_follows_val_where_test_disagrees(tiny, probe, tmp_path):
     )
     m, src = get_method(probe), _permuted_test_source()
     cfg = tiny_config(lr="auto", head_lr=None, epochs=3)
-    r = train.fit(model, params, m, src, cfg, workdir=str(tmp_path / "run"), hooks=_quiet())
+    logs = []
+    hooks = Hooks(log=logs.append, warn=lambda s: None)
+    r = train.fit(model, params, m, src, cfg, workdir=str(tmp_path / "run"), hooks=hooks)
     auto = r.results["lr_auto"]
+    chosen = [s for s in logs if s.startswith("lr_auto: ") and s.endswith("<- chosen")]
+    assert len(chosen) == 1 and chosen[0].split()[2] == "0.01", logs  # lr, head_lr, ...
     val = {c["head_lr"]: c["val_accuracy"] for c in auto["candidates"]}
     # the same candidates scored on test (what a selection on test would see)
     sel = cfg.replace(lr=1e-3, epochs=auto["epochs"], train_split="train", eval_split="test")
