@@ -5,7 +5,7 @@
 
 - ``methods.md``: every registered method (``guft_jax.methods``) with the :class:`Info` it was
   registered with, and where it runs: the engine (every registered method), your own loop
-  (``guft_jax.peft`` has a function of that name) and PyTorch (``guft_jax.interop`` exports it to
+  (``guft_jax.peft.<name>``: on any model, or on guft_jax's ViT only) and PyTorch (``guft_jax.interop`` exports it to
   Hugging Face PEFT, where that module exists).
 - ``api_methods.md``: the API reference's blocks for every module of ``guft_jax.methods``.
 - ``speed_*.md``: the step benchmarks' JSON files in ``benchmarks/results/`` as tables.
@@ -51,7 +51,7 @@ def method_rows() -> list[dict]:
                 family=info.family,
                 summary=info.summary.replace("|", "\\|"),  # a table cell: escape its pipes
                 paper=info.paper,
-                own_loop=callable(getattr(guft_jax.peft, name, None)),
+                own_loop="ViT only" if name in guft_jax.peft.VIT_ONLY else "any model",
                 engine=True,
                 pytorch=name in exports,
             )
@@ -84,7 +84,7 @@ def methods_table(rows: list[dict], *, short: bool = False) -> str:
     )
     body = "".join(
         f"| `{r['name']}` | {r['family']} | {r['summary']} | {_paper(r['paper'])} | "
-        f"{_yes(r['engine'])} | {_yes(r['own_loop'])} | {_yes(r['pytorch'])} |\n"
+        f"{_yes(r['engine'])} | {r['own_loop']} | {_yes(r['pytorch'])} |\n"
         for r in rows
     )
     return head + body

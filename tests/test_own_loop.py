@@ -128,7 +128,7 @@ def test_lora_in_a_user_loop_on_a_foreign_model(name, method):
     forward, params, x, y = MODELS[name]()
     layout = [(r"Conv_\d+/kernel$", 3)]  # (kh, kw, cin, cout): the leading three are the input
     ad = getattr(peft, method)(
-        targets=TARGETS[name], rank=2, alpha=6.0, layout=layout, train=r"^head/"
+        targets=TARGETS[name], rank=2, alpha=6.0, layout=layout, head=r"^head/"
     )
     adapter = ad.init(jax.random.key(1), params)
     np.testing.assert_allclose(
@@ -162,10 +162,10 @@ def test_a_conv_kernel_without_a_layout_rule_is_an_error():
 @pytest.mark.parametrize("method", ["vera", "fourierft", "bitfit"])
 def test_other_weight_space_methods_on_the_nnx_mlp(method):
     forward, params, x, y = _nnx()
-    kw = {"bitfit": dict(train=[r"bias$", r"^head/"]), "fourierft": dict(n=16, init="zeros")}
+    kw = {"bitfit": dict(head=r"^head/"), "fourierft": dict(n=16, init="zeros")}
     kw.setdefault(method, {})
     if method != "bitfit":
-        kw[method].update(targets=TARGETS["nnx_mlp"], train=r"^head/")
+        kw[method].update(targets=TARGETS["nnx_mlp"], head=r"^head/")
     ad = getattr(peft, method)(**kw[method])
     adapter = ad.init(jax.random.key(0), params)
     np.testing.assert_allclose(

@@ -48,6 +48,6 @@ def test_the_readme_own_loop_examples_run_as_printed():
     exec(compile(blocks[1], "README.md:lora", "exec"), ns)
     x = ns["x"][:32]
     out = ns["model"].apply({"params": ns["merged"]}, x)
-    ref = ns["model"].apply({"params": ns["lo"].apply(ns["params"], ns["adapter"])}, x)
+    ref = ns["model"].apply({"params": ns["lo"].apply(ns["params"], ns["trainable"])}, x)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
-    assert set(ns["adapter"]) == {"lora", "train"}
+    assert set(ns["trainable"]) == {"lora", "head"}
