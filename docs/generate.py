@@ -5,8 +5,8 @@
 
 - ``methods.md``: every registered method (``guft_jax.methods``) with the :class:`Info` it was
   registered with, and where it runs: the engine (every registered method), your own loop
-  (``guft_jax.peft.<name>``: on any model, or on guft_jax's ViT only) and PyTorch (``guft_jax.interop`` exports it to
-  Hugging Face PEFT, where that module exists).
+  (``guft_jax.peft.<name>``: on any model, or on guft_jax's ViT only) and PyTorch
+  (``guft_jax.interop`` exports it to Hugging Face PEFT, where that module exists).
 - ``api_methods.md``: the API reference's blocks for every module of ``guft_jax.methods``.
 - ``speed_*.md``: the step benchmarks' JSON files in ``benchmarks/results/`` as tables.
 - README.md's methods table (between ``<!-- methods:begin -->`` and ``<!-- methods:end -->``):
