@@ -175,6 +175,7 @@ class CompileCounter:
     def __init__(self):
         self.n, self.s, self.hits = 0, 0.0, 0
         self.phase, self.hook_s, self.step_s = "run", 0.0, 0.0
+        self.by_name: dict = {}  # "phase:jit(name)" -> [compiles, seconds]
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         jax.monitoring.register_event_listener(self._on_event)
 
@@ -182,6 +183,8 @@ class CompileCounter:
         if event == "/jax/core/compile/backend_compile_duration":
             self.n += 1
             self.s += float(duration)
+            row = self.by_name.setdefault(f"{self.phase}:{fun_name}", [0, 0.0])
+            row[0], row[1] = row[0] + 1, row[1] + float(duration)
             if self.phase == "epoch_start":
                 self.hook_s += float(duration)
             elif fun_name == "jit(step)":
@@ -260,30 +263,34 @@ def one_run(name: str, a, source, counter: CompileCounter) -> dict:
     )
     box = {"hook_s": 0.0, "rounds": []}
     lines = []
-    c0 = counter.snapshot()
+    c0, by0 = counter.snapshot(), {k: list(v) for k, v in counter.by_name.items()}
     config = config_of(a, lr=d.lr, head_lr=d.head_lr)
     fr, wall = harness.timed_fit(
         model, params, timed_hooks(method, box, counter), source, config, log=lines.append
     )
     res = fr.results
     hist = res.get("history", [])
-    n, s, hits, hook_c, step_c = (u - v for u, v in zip(counter.snapshot(), c0, strict=True))
+    n, secs, hits, hook_c, step_c = (u - v for u, v in zip(counter.snapshot(), c0, strict=True))
+    by = {k: (v[0] - by0.get(k, [0, 0.0])[0], v[1] - by0.get(k, [0, 0.0])[1])
+          for k, v in counter.by_name.items()}  # fmt: skip
+    top = sorted(((v[1], k, v[0]) for k, v in by.items() if v[0]), reverse=True)[:8]
     out = dict(
         method=name,
         wall_s=wall,
         compiles=n,
-        compile_s=s,
+        compile_s=secs,
         cache_hits=hits,
         epoch_start_s=box["hook_s"],
         rounds=box["rounds"],
         train_epochs_s=float(sum(h.get("epoch_seconds", 0.0) for h in hist)),
         step_traces=hist[-1].get("traces") if hist else None,
+        compile_top=[dict(program=k, compiles=c, s=t) for t, k, c in top],
         test_accuracy=res.get("test_accuracy"),
-        log=[s for s in lines if "recompute" in s or "capacity" in s or "head" in s],
+        log=[x for x in lines if any(w in x for w in ("recompute", "capacity", "head", "block"))],
     )
     out["rest_s"] = wall - out["epoch_start_s"] - out["train_epochs_s"]
     out["decomposition"] = decomposition(
-        wall, s, (out["epoch_start_s"], hook_c), (out["train_epochs_s"], step_c)
+        wall, secs, (out["epoch_start_s"], hook_c), (out["train_epochs_s"], step_c)
     )
     return out
 
