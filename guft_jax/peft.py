@@ -9,23 +9,24 @@ your tree and the method's view of it (:class:`ModelView`) and calls the method'
 
 The view: your ``head`` leaves (regexes over ``/``-joined paths; they train in full) move under
 the method's ``head`` key, every other leaf keeps its path, and each kernel of more than two
-dimensions that a ``layout`` rule matches is seen as its 2-D ``(in, out)`` matrix
-(:func:`guft_jax.methods.weight_space.matrix_shape`: a conv kernel ``(kh, kw, cin, cout)`` is
-``(r"Conv_\\d+/kernel$", 3)``). A >2-D kernel that a method's ``targets`` name without a rule is
-an error naming the fix: layouts are never guessed from shapes.
+dimensions that the method's ``targets`` name is seen as its 2-D ``(in, out)`` matrix by its
+``layout`` rule (:func:`guft_jax.methods.weight_space.matrix_shape`: a conv kernel
+``(kh, kw, cin, cout)`` is ``(r"Conv_\\d+/kernel$", 3)``); one without a rule is an error naming
+the fix: layouts are never guessed from shapes.
 
-Where each method runs:
+Where each method runs (docs: own loop):
 
-- **Weight-space methods** (the LoRA family, VeRA, FourierFT, AdaLoRA, DyLoRA, AFLoRA, QLoRA,
-  LoSiA, OFT/BOFT/HRA, (IA)³, LN tuning, BitFit, SSF, diff pruning, GUFT, the one-shot masks,
-  SHiRA, GPS, full, linear): on any model. :meth:`Adapter.apply` gives your params with the
-  method folded in (a method the engine runs through an interceptor, e.g. GUFT's sparse weight
-  gradient or QLoRA's NF4 matmul, is folded with its ``merge``, which is exact on any model).
-- **Activation-space methods** (adapter, AdaptFormer, Compacter, VPT, prefix, UniPELT): they
-  change the forward pass inside guft_jax's ViT modules (``flax.linen.intercept_methods`` on
-  :class:`guft_jax.vit.Encoder1DBlock`, its attention and MLP blocks), so they run on
-  guft_jax's ViT only, through :meth:`Adapter.call`; on any other tree :meth:`Adapter.init`
-  refuses them in one line (:data:`ACTIVATION_SPACE`).
+- On any model, 27 of the 35 registered methods: the LoRA family, VeRA, FourierFT, AdaLoRA,
+  DyLoRA, AFLoRA, QLoRA, OFT/BOFT/HRA, (IA)³, LN tuning, BitFit, SSF, diff pruning, GUFT, the
+  one-shot masks, SHiRA, GPS, full, linear. :meth:`Adapter.apply` gives your params with the
+  method folded in; a method the engine runs through an interceptor (GUFT's sparse weight
+  gradient, QLoRA's NF4 matmul, SSF, SHiRA, GPS) is folded with its ``merge``, exact on any
+  model (on guft_jax's ViT, :meth:`Adapter.call` takes the engine's interceptor path).
+- On guft_jax's ViT only, :data:`VIT_ONLY` with the reason: the activation-space methods
+  (adapter, AdaptFormer, Compacter, VPT, prefix, UniPELT) change the forward pass inside
+  ``guft_jax.vit``'s modules, and LoSiA reads its importance probe inside
+  :class:`guft_jax.vit.Linear`; they run through :meth:`Adapter.call`, and
+  :meth:`Adapter.init` refuses them on any other tree in one line.
 
 An own loop (docs: own loop) calls, per step: ``apply`` (or ``call``) inside the loss, ``loss``
 for the method's extra term (AdaLoRA's orthogonality, diff pruning's L0 penalty, HRA's
@@ -48,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -438,13 +438,3 @@ def __getattr__(name: str):
     if name in methods_lib.method_names():
         return functools.partial(adapt, name)
     raise AttributeError(f"module 'guft_jax.peft' has no attribute {name!r}")
-
-
-def state_bytes(tree: PyTree) -> int:
-    """Bytes of every array leaf of ``tree`` (an optimizer or method state)."""
-    return int(
-        sum(
-            math.prod(np.shape(x)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
-            for x in jax.tree_util.tree_leaves(tree)
-        )
-    )

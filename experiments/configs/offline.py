@@ -10,7 +10,7 @@ lr (1e-3), which follow the sparse-regime evidence recorded in ``guft_jax/guft.p
 uses them as they are; ``offline_benchmark`` selects the lr around them on val200.
 """
 
-from experiments.configs.common import base_config, method_kwargs
+from experiments.configs.common import base_config, default_lr, method_kwargs
 from guft_jax.methods import spec
 
 
@@ -22,6 +22,6 @@ def get_config(arg: str = "animal_mnist,linear"):
     d = spec(method).defaults
     c = base_config()
     c.dataset, c.method = dataset, method
-    c.lr, c.head_lr = d.lr, d.head_lr
+    c.lr, c.head_lr = default_lr(dataset, d.lr), d.head_lr
     c.method_kwargs = method_kwargs(method, d.kwargs)
     return c
