@@ -86,5 +86,25 @@ def test_frequency_bias_sampler_follows_the_band_pass_formula():
 def test_bad_n_is_a_clear_error():
     with pytest.raises(ValueError, match="fourierft.n"):
         ff.spectral_entries((4, 4), 17, seed=0)
-    with pytest.raises(ValueError, match="fourierft.init"):
+    with pytest.raises(ValueError, match=r"fourierft.init.*'normal', 'paper', 'zeros'"):
         get_method("fourierft", init="uniform")
+
+
+def test_paper_init_is_the_default_normal_draw_and_zeros_is_zero(tiny):
+    """``init="paper"`` reaches the paper's N(0, 1) coefficients (the current default's draw,
+    bit for bit, α = 300 kept); ``init="zeros"`` gives ΔW = 0."""
+    _, params = tiny
+    default = get_method("fourierft", n=20)
+    paper = get_method("fourierft", n=20, init="paper")
+    zeros = get_method("fourierft", n=20, init="zeros")
+    assert default.hparams["init"] == "normal" and paper.hparams["init"] == "paper"
+    assert paper.hparams["alpha"] == default.hparams["alpha"] == 300.0
+    a = default.init(jax.random.key(3), params)["fourierft"]
+    b = paper.init(jax.random.key(3), params)["fourierft"]
+    z = zeros.init(jax.random.key(3), params)["fourierft"]
+    assert sorted(a) == sorted(b) == sorted(z) and len(a) == 2 * 2  # q and v of 2 blocks
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+        assert not np.any(np.asarray(z[k]))
+    c = np.concatenate([np.asarray(v) for v in b.values()])
+    assert abs(c.mean()) < 0.5 and 0.6 < c.std() < 1.4  # N(0, 1): 80 draws
