@@ -126,6 +126,73 @@ QUESTIONS = (
     ),
 )
 
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A diagnosis row: a base row (a registered method or variant) with a few hyperparameters
+    changed, one question at a time.
+
+    Attributes:
+      base: the base row's name.
+      kwargs: the hyperparameters changed (over the base row's).
+    """
+
+    base: str
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        """``base[k=v,...]``, e.g. ``fourierft[init=zeros]``."""
+        return f"{self.base}[{','.join(f'{k}={v}' for k, v in self.kwargs.items())}]"
+
+
+# The diagnosis preset's base rows (issue 30: methods at or below the linear probe) and the probe.
+DIAGNOSIS_BASES = ("linear", "fourierft", "diff_pruning", "adalora", "prefix", "vpt_shallow")
+
+
+def _one_at_a_time(base: str, **axes) -> tuple[Setting, ...]:
+    """One :class:`Setting` per value of each axis, the other hyperparameters the base row's."""
+    return tuple(Setting(base, {k: v}) for k, vs in axes.items() for v in vs)
+
+
+# Each axis tests one likely cause, the others left at the registered defaults (in the middle
+# of each axis: FourierFT n=1000 α=300 N(0,1); diff pruning re-fits the last 20% of the epochs;
+# AdaLoRA's budget schedule as fractions of the run, t_init 0.1, t_final 0.3; 10 prompt tokens).
+DIAGNOSIS_SETTINGS = (
+    *_one_at_a_time("fourierft", init=("zeros",), alpha=(30.0, 100.0), n=(250, 3000)),
+    *_one_at_a_time("diff_pruning", prune_epoch=(2, 6), refit_fraction=(0.5,)),
+    *_one_at_a_time("adalora", t_init=(0.0, 0.25), t_final=(0.1, 0.5)),
+    *_one_at_a_time("prefix", num_tokens=(2, 50)),
+    *_one_at_a_time("vpt_shallow", num_tokens=(2, 50)),
+)
+
+# The dry run's settings: the same axes at the tiny random ViT's scale (32-wide kernels, 2
+# epochs), one value each.
+DIAGNOSIS_DRY_SETTINGS = (
+    *_one_at_a_time("fourierft", init=("zeros",), alpha=(30.0,), n=(16,)),
+    *_one_at_a_time("diff_pruning", prune_epoch=(1,), refit_fraction=(1.0,)),
+    *_one_at_a_time("adalora", t_init=(0.0,), t_final=(0.5,)),
+    *_one_at_a_time("prefix", num_tokens=(1,)),
+    *_one_at_a_time("vpt_shallow", num_tokens=(1,)),
+)
+
+# The dry rows' prefix: each base row and setting again, on the tiny random ViT (``DRY_CONFIG``
+# over the offline config, then the method's registered ``dry_kwargs``, then the setting's).
+DRY_PREFIX = "dry:"
+DRY_CONFIG = {"model": "ViT-tiny/4"}
+
+
+def diagnosis_rows() -> dict[str, tuple[str, dict, bool]]:
+    """``{row name: (base row, kwargs over it, dry)}``: the diagnosis presets' rows that are not
+    registered methods or variants."""
+    out = {s.name: (s.base, s.kwargs, False) for s in DIAGNOSIS_SETTINGS}
+    for b in DIAGNOSIS_BASES:
+        out[DRY_PREFIX + b] = (b, {}, True)
+    for s in DIAGNOSIS_DRY_SETTINGS:
+        out[DRY_PREFIX + s.name] = (s.base, s.kwargs, True)
+    return out
+
+
 PRESETS = {
     p.name: p
     for p in (
@@ -171,6 +238,32 @@ PRESETS = {
         # Every row trains through the engine on 2 CPU cores at the demo's size, registered
         # defaults, no lr selection: not a ranking of the methods (one seed, untuned lr).
         Preset("methods", ("animal_mnist",), None, (0,), epochs=4, image_size=28, select=False),
+        # Issue 30's diagnosis: each below-the-probe method's likely causes one at a time
+        # (DIAGNOSIS_SETTINGS), lr picked on val200 from each row's full grid (extended once past
+        # an edge), one seed, at the offline benchmark's size: about 220 runs.
+        Preset(
+            "diagnosis",
+            ("animal_mnist", "digits"),
+            DIAGNOSIS_BASES + tuple(s.name for s in DIAGNOSIS_SETTINGS),
+            (0,),
+            epochs=10,
+            image_size=56,
+            select=True,
+        ),
+        # The same pipeline in minutes on 2 CPU cores: the tiny random ViT at 16 px on digits,
+        # 2 epochs, the central 2 factors of each lr grid.
+        Preset(
+            "diagnosis_dry",
+            ("digits",),
+            tuple(DRY_PREFIX + b for b in DIAGNOSIS_BASES)
+            + tuple(DRY_PREFIX + s.name for s in DIAGNOSIS_DRY_SETTINGS),
+            (0,),
+            epochs=2,
+            image_size=16,
+            select=True,
+            max_grid=2,
+            out="/tmp/guft_jax_diagnosis_dry",
+        ),
         # The GUFT question at accelerator scale (one H200, ~10 minutes with --workers 4).
         Preset(
             "gpu",

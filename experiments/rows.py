@@ -21,7 +21,7 @@ import numpy as np
 from experiments import engine_runs
 from experiments.configs.offline import get_config
 from experiments.linear_probe import logistic_accuracy, raw_pixels
-from experiments.presets import CLAIM_ROWS, TASKS
+from experiments.presets import CLAIM_ROWS, DRY_CONFIG, TASKS, diagnosis_rows
 from guft_jax.data import get_source
 from guft_jax.methods import method_names, spec
 
@@ -141,12 +141,17 @@ class EngineRow:
       method: the registered method.
       kwargs: the variant's hyperparameters over the method's defaults.
       listed: shown by presets that list every row.
+      overrides: ``experiments.run`` config fields set over the offline config (the diagnosis
+        dry rows' tiny random ViT).
+      dry: the method's registered ``dry_kwargs`` apply under ``kwargs`` (tiny models).
     """
 
     name: str
     method: str
     kwargs: dict = dataclasses.field(default_factory=dict)
     listed: bool = True
+    overrides: dict = dataclasses.field(default_factory=dict)
+    dry: bool = False
     key: str = "lr_factor"
     extend: bool = True
 
@@ -169,6 +174,10 @@ class EngineRow:
         """The ``experiments.run`` config of ``job``: the method's registered defaults, the
         variant's hyperparameters, the job's seed and splits, its factor on the tuned lr."""
         c = get_config(f"{job.task},{self.method}")
+        for k, v in self.overrides.items():
+            setattr(c, k, v)
+        if self.dry:
+            c.method_kwargs.update(spec(self.method).defaults.dry_kwargs or {})
         c.method_kwargs.update(self.kwargs)
         c.seed, c.epochs, c.image_size, c.progress = job.seed, epochs, image_size, False
         if spec(self.method).defaults.select_head_lr:  # no backbone-side parameters
@@ -195,14 +204,19 @@ PIXELS = PixelRow()
 
 
 def table_rows() -> dict[str, PixelRow | EngineRow]:
-    """``{name: row}``: the pixel baseline, every registered method, then every registered
-    variant (live: a method registered after import is included)."""
+    """``{name: row}``: the pixel baseline, every registered method, every registered variant
+    (live: a method registered after import is included), then the diagnosis presets' rows
+    (:func:`experiments.presets.diagnosis_rows`; not listed)."""
     out: dict = {PIXELS.name: PIXELS}
     for m in method_names():
         out[m] = EngineRow(m, m)
     for m in method_names():
         for v, var in spec(m).variants.items():
             out[v] = EngineRow(v, m, dict(var.kwargs), listed=var.listed)
+    for name, (base, kwargs, dry) in diagnosis_rows().items():
+        b = out[base]
+        out[name] = EngineRow(name, b.method, {**b.kwargs, **kwargs}, listed=False,
+                              overrides=dict(DRY_CONFIG) if dry else {}, dry=dry)  # fmt: skip
     return out
 
 
@@ -423,16 +437,28 @@ def sizes_table(records: list[dict], p) -> str:
     return "\n".join(lines)
 
 
+DIAGNOSIS_PRESETS = ("diagnosis", "diagnosis_dry")
+
+
 def main(argv=None) -> None:
-    """``python -m experiments.rows --preset sizes [--out DIR]``: the sizes preset."""
+    """``python -m experiments.rows --preset sizes|diagnosis [--out DIR]``: the sizes preset, or
+    a diagnosis preset (run by ``experiments.offline_benchmark``: val200 lr selection, table)."""
     import argparse
 
     from experiments.presets import SIZE_PRESETS
 
     ap = argparse.ArgumentParser(prog="python -m experiments.rows")
-    ap.add_argument("--preset", choices=sorted(SIZE_PRESETS), default="sizes")
+    ap.add_argument("--preset", choices=sorted(SIZE_PRESETS) + list(DIAGNOSIS_PRESETS),
+                    default="sizes")  # fmt: skip
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
+    if a.preset in DIAGNOSIS_PRESETS:
+        from experiments import offline_benchmark
+
+        t0 = time.time()
+        offline_benchmark.main(["--preset", a.preset] + (["--out", a.out] if a.out else []))
+        print(f"wall time of this call: {(time.time() - t0) / 60:.1f} min")
+        return
     p = SIZE_PRESETS[a.preset]
     t0 = time.time()
     records = run_sizes(p, a.out or p.out)
