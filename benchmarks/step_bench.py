@@ -190,7 +190,8 @@ def _method_cases(model, params, x, y, *, methods, precisions):
         for name in methods:
             key = f"{name}@{prec}" if multi else name
             info = dict(
-                precision=precision_lib.resolve(prec), full_key=f"full@{prec}" if multi else "full"
+                precision=precision_lib.resolve_precision(prec),
+                full_key=f"full@{prec}" if multi else "full",
             )
             m = _method_row(name)
             yield step_case(key, pmodel, m, params, x, y, lr=TrainConfig().lr, info=info)
@@ -204,7 +205,7 @@ def _peer_cases(model_name, *, image_size, batch, precisions, peer):
     for prec in precisions:
         for spec_ in peer:
             method, _, comp = spec_.partition("+")
-            p = precision_lib.resolve(prec)
+            p = precision_lib.resolve_precision(prec)
             key = f"torch:{spec_}@{prec}" if multi else f"torch:{spec_}"
 
             def build(method=method, comp=comp, p=p, key=key):
@@ -528,7 +529,7 @@ def run_guft_real(a, log) -> dict:
     yield dict(
         machine=common.machine(),
         args=vars(a),
-        precision=precision_lib.resolve(a.precision),
+        precision=precision_lib.resolve_precision(a.precision),
         selected=n_sel,
         selected_pct=100 * n_sel / backbone,
         blocks=cover,

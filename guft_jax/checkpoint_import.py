@@ -127,7 +127,7 @@ def replace_head(params: dict, num_classes: int, *, dtype=np.float32) -> dict:
 # vision_transformer .npz
 
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
+def read_checkpoint_npz(path: str) -> dict[str, np.ndarray]:
     """Reads an ``.npz`` of ``/``-joined arrays; a truncated/corrupted file raises ValueError."""
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -149,7 +149,9 @@ def load_vit_jax_npz(
     >>> model = vit_lib.build_model("ViT-B/16", num_classes=100, representation_size=768)
     >>> params = load_vit_jax_npz("ViT-B_16.npz", model, 224)  # doctest: +SKIP
     """
-    return assemble(read_npz(path), model, image_size, strict=strict, skip=skip, source=path)
+    return assemble(
+        read_checkpoint_npz(path), model, image_size, strict=strict, skip=skip, source=path
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Input that stays on the accelerator: a whole small split as uint8, resized inside jit.
 
 A VTAB-1K training split is 1,000 images (1,000 × 224² × 3 uint8 ≈ 150 MB), so it fits on any
-accelerator. :func:`put_split` copies it there once (one ``jax.device_put``); :func:`batches`
-then yields device-resident batches by gathering the epoch's permutation and resizing and
-normalising inside one jitted function (:func:`preprocess`: the host pipeline's separable resize
-matrices as two matmuls, then ``(x / 255 - mean) / std``). Nothing crosses the host boundary per
-step except a scalar, so the input never starves the device (issue 16, item 3).
+accelerator. :func:`put_split` copies it there once (one ``jax.device_put``);
+:func:`device_batches` then yields device-resident batches by gathering the epoch's permutation
+and resizing and normalising inside one jitted function (:func:`preprocess_on_device`: the host
+pipeline's separable resize matrices as two matmuls, then ``(x / 255 - mean) / std``). Nothing
+crosses the host boundary per step except a scalar, so the input never starves the device.
 
 The batches equal :meth:`guft_jax.data.ArraySource.batches`' for the same arguments (same
 permutation for ``(seed, epoch)``, same resampling, values within float rounding).
@@ -14,7 +14,7 @@ preprocessing is the same but the order is ArraySource's.
 
 >>> import numpy as np
 >>> data = put_split(np.zeros((5, 8, 8, 3), np.uint8), np.arange(5))
->>> x, y = next(batches(data, batch_size=2, image_size=4, normalization="0.5"))
+>>> x, y = next(device_batches(data, batch_size=2, image_size=4, normalization="0.5"))
 >>> x.shape, y.tolist()
 ((2, 4, 4, 3), [0, 1])
 """
@@ -195,7 +195,7 @@ def _dynamic_resize_matrices(n_in: Array, out_size: int, pad_size: int, method: 
     return m
 
 
-def preprocess(
+def preprocess_on_device(
     images_u8: Array,
     *,
     image_size: int,
@@ -226,7 +226,8 @@ def preprocess(
     Raises:
       ValueError: an unknown ``normalization`` or ``resize_method``.
 
-    >>> x = preprocess(jnp.full((1, 2, 2, 1), 255, jnp.uint8), image_size=2, normalization="0.5")
+    >>> img = jnp.full((1, 2, 2, 1), 255, jnp.uint8)
+    >>> x = preprocess_on_device(img, image_size=2, normalization="0.5")
     >>> x.shape, float(x.min())
     ((1, 2, 2, 3), 1.0)
     """
@@ -256,7 +257,7 @@ def preprocess(
 def _gather_batch(data, order, start, *, batch_size, image_size, normalization, dtype):
     idx = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
     sizes = None if data.sizes is None else jnp.take(data.sizes, idx, axis=0)
-    x = preprocess(
+    x = preprocess_on_device(
         jnp.take(data.images, idx, axis=0),
         image_size=image_size,
         normalization=normalization,
@@ -267,7 +268,7 @@ def _gather_batch(data, order, start, *, batch_size, image_size, normalization, 
     return x, jnp.take(data.labels, idx, axis=0)
 
 
-def batches(
+def device_batches(
     data: DeviceSplit,
     *,
     batch_size: int,
@@ -334,4 +335,4 @@ def _iterate(data, order, nb, batch_size, image_size, normalization, start_step,
         )
 
 
-__all__ = ["DeviceSplit", "batches", "from_source", "preprocess", "put_split"]
+__all__ = ["DeviceSplit", "device_batches", "from_source", "preprocess_on_device", "put_split"]

@@ -59,7 +59,7 @@ def initialize(
     return True
 
 
-def gather(tree: Any) -> Any:
+def gather_processes(tree: Any) -> Any:
     """Host numpy copies of (possibly multi-process, sharded) global arrays, on every process."""
 
     def one(x):

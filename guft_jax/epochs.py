@@ -109,7 +109,7 @@ def batches(run: RunParts, split: str, **kw):
     size = dict(batch_size=c.batch_size, image_size=c.image_size, normalization=c.normalization)
     dev = run.device_splits.get(split)
     if dev is not None:
-        return device_input.batches(dev, **size, **kw)
+        return device_input.device_batches(dev, **size, **kw)
     return run.source.batches(split, **size, **kw)
 
 
@@ -214,7 +214,7 @@ def run_steps(
             rate = len(losses) * batch_size / (time.time() - t0)
             bar.set_postfix(loss=f"{float(np.mean(losses[-2])):.4f}", img_s=f"{rate:.1f}")
     dispatch_s = time.time() - t0  # the host's share: ~ the epoch's time when input-bound
-    losses = np.asarray(distributed.gather(losses), np.float64)
+    losses = np.asarray(distributed.gather_processes(losses), np.float64)
     return state, losses, EpochTiming(time.time() - t0, dispatch_s)
 
 
@@ -420,7 +420,7 @@ def evaluate(
     """Accuracy and mean loss over a whole split (the last batch is padded and masked).
 
     ``batches`` (optional) replaces ``source.batches(split, ...)``: e.g. the device-resident
-    batches of :func:`guft_jax.device_input.batches`. The per-batch sums stay on the device
+    batches of :func:`guft_jax.device_input.device_batches`. The per-batch sums stay on the device
     until the end (one transfer per split, not per batch). With a ``mesh`` and no ``batches``
     each process loads only its rows of every batch (:func:`guft_jax.distributed.global_batches`)
     and the sums, taken over the global arrays, are exact counts over all processes.
@@ -453,6 +453,6 @@ def evaluate(
 
 
 def _eval_result(sums, n: int) -> dict:
-    sums = np.asarray(distributed.gather(sums), np.float64).reshape(-1, 2).sum(0)
+    sums = np.asarray(distributed.gather_processes(sums), np.float64).reshape(-1, 2).sum(0)
     correct, loss = float(sums[0]), float(sums[1])
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "num_examples": n}

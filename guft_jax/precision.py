@@ -11,7 +11,7 @@ the masked update selects old values with ``jnp.where`` (``tests/test_precision.
 
 >>> compute_dtype("bf16")
 <class 'jax.numpy.bfloat16'>
->>> resolve("auto", backend="gpu")
+>>> resolve_precision("auto", backend="gpu")
 'bf16'
 """
 
@@ -34,7 +34,7 @@ CPU_DEFAULT = "fp32"
 CLONE_CACHE_SIZE = 32
 
 
-def resolve(precision: str, backend: str | None = None) -> str:
+def resolve_precision(precision: str, backend: str | None = None) -> str:
     """``"fp32"`` or ``"bf16"`` for a policy name (``"auto"``: by ``backend``, default JAX's).
 
     Raises:
@@ -50,7 +50,7 @@ def resolve(precision: str, backend: str | None = None) -> str:
 
 def compute_dtype(precision: str, backend: str | None = None) -> Any:
     """The compute dtype of a policy (``jnp.float32`` or ``jnp.bfloat16``)."""
-    return POLICIES[resolve(precision, backend)]
+    return POLICIES[resolve_precision(precision, backend)]
 
 
 def with_precision(model: Any, precision: str | None, backend: str | None = None) -> Any:
@@ -86,4 +86,11 @@ def _clone(model: Any, dtype: Any) -> Any:
     return model.clone(dtype=dtype)
 
 
-__all__ = ["CHOICES", "CPU_DEFAULT", "POLICIES", "compute_dtype", "resolve", "with_precision"]
+__all__ = [
+    "CHOICES",
+    "CPU_DEFAULT",
+    "POLICIES",
+    "compute_dtype",
+    "resolve_precision",
+    "with_precision",
+]

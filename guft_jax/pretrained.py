@@ -104,7 +104,7 @@ def load_pretrained(
     if not path.exists():
         convert(name)
     model = vit.build_model(PRETRAINED[name]["config"], num_classes=num_classes, **model_overrides)
-    flat = checkpoint_import.read_npz(str(path))
+    flat = checkpoint_import.read_checkpoint_npz(str(path))
     params = checkpoint_import.assemble(flat, model, image_size, source=str(path))
     return model, params
 

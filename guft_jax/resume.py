@@ -17,7 +17,7 @@ from guft_jax.methods.base import Method
 from guft_jax.step import TrainState
 
 
-def restore(
+def restore_run(
     mgr,
     state: TrainState,
     *,

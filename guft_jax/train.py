@@ -312,7 +312,7 @@ def fit(
             stack.enter_context(resume.closing(mgr.close))
         data_id = data_identity(source, [config.train_split, config.eval_split])
         fingerprint = _fingerprinted(config, info["kernels"])
-        state, meta = resume.restore(
+        state, meta = resume.restore_run(
             mgr, state, method=method, config=fingerprint, workdir=workdir, data=data_id,
             shardings=run.shardings, log=hooks.log, warn=hooks.warn,
         )  # fmt: skip

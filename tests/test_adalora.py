@@ -23,10 +23,12 @@ def test_budget_schedule_equals_the_closed_form():
     kw = dict(total_steps=1000, init_budget=288, target_budget=192, t_init=0.1, t_final=0.3)
     want = {0: 288, 100: 288, 101: 287, 250: 232, 400: 204, 550: 193, 699: 192, 700: 192, 999: 192}
     for t, b in want.items():
-        assert ada.budget(t, **kw) == b, t
+        assert ada.rank_budget(t, **kw) == b, t
         if 100 < t <= 700:
             assert b == 192 + int(96 * (1 - (t - 100) / 600) ** 3)
-    assert ada.budget(400, **{**kw, "t_init": 100, "t_final": 300}) == 204  # steps, not fractions
+    assert (
+        ada.rank_budget(400, **{**kw, "t_init": 100, "t_final": 300}) == 204
+    )  # steps, not fractions
     with pytest.raises(ValueError, match="adalora.target_rank"):
         get_method("adalora", init_rank=4, target_rank=5)
 
@@ -112,7 +114,7 @@ def test_pruning_follows_the_budget_one_trace_loss_falls(tiny, source):
         n = int(sum(np.sum(v) for v in keep.values()))
         if t in mask_steps:
             kept = 8 + int(8 * (1 - (t - ti) / 20) ** 3)
-            assert kept == ada.budget(
+            assert kept == ada.rank_budget(
                 t, total_steps=T, init_budget=16, target_budget=8, t_init=0.1, t_final=0.3
             )
         assert n == kept, (t, n, kept)  # the pattern changes only at mask steps

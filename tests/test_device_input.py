@@ -19,7 +19,7 @@ def _source(images, labels, resize_method="bilinear"):
 
 def _assert_same_batches(src, data, **kw):
     host = list(src.batches("train800", **kw))
-    dev = list(device_input.batches(data, **kw))
+    dev = list(device_input.device_batches(data, **kw))
     assert len(dev) == len(host)
     for (xh, yh), (xd, yd) in zip(host, dev, strict=True):
         assert isinstance(xd, jax.Array) and xd.dtype == jnp.float32
@@ -87,13 +87,13 @@ def test_dynamic_matrices_equal_host_matrices():
 
 def test_preprocess_is_jittable_and_bad_args_raise():
     x = jnp.zeros((2, 8, 8, 3), jnp.uint8)
-    f = jax.jit(lambda x: device_input.preprocess(x, image_size=4, dtype=jnp.bfloat16))
+    f = jax.jit(lambda x: device_input.preprocess_on_device(x, image_size=4, dtype=jnp.bfloat16))
     assert f(x).shape == (2, 4, 4, 3) and f(x).dtype == jnp.bfloat16
     data = device_input.put_split(np.zeros((3, 8, 8, 3), np.uint8), [0, 1, 2])
     with pytest.raises(ValueError, match="start_step"):
-        next(device_input.batches(data, batch_size=2, image_size=4, start_step=3))
+        next(device_input.device_batches(data, batch_size=2, image_size=4, start_step=3))
     with pytest.raises(ValueError, match="normalization"):
-        next(device_input.batches(data, batch_size=2, image_size=4, normalization="nope"))
+        next(device_input.device_batches(data, batch_size=2, image_size=4, normalization="nope"))
     with pytest.raises(ValueError, match="uint8"):
         device_input.put_split(np.zeros((3, 8, 8, 3), np.float32), [0, 1, 2])
     with pytest.raises(ValueError, match="max_bytes"):

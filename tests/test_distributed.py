@@ -65,7 +65,7 @@ WORKER = textwrap.dedent(
                           train_split="train800val200")
         r = train.fit(model, params, method(name), src, cfg, workdir=wd,
                       mesh=sharding.make_mesh(fsdp=4), hooks=lambda s: None)
-        state = distributed.gather(r["state"])
+        state = distributed.gather_processes(r["state"])
         out[name] = dict(
             loss=[h["train_loss"] for h in r["history"]],
             acc=r["test_accuracy"], examples=r["test_examples"],

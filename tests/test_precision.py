@@ -80,11 +80,15 @@ def test_remat_gives_the_same_gradients(tiny):
 def test_policy_resolution_and_errors(tiny):
     from guft_jax import precision as pl
 
-    assert pl.resolve("auto", backend="gpu") == "bf16" == pl.resolve("auto", backend="tpu")
-    assert pl.resolve("auto", backend="cpu") == pl.CPU_DEFAULT
-    assert pl.resolve("fp32", backend="gpu") == "fp32"
+    assert (
+        pl.resolve_precision("auto", backend="gpu")
+        == "bf16"
+        == pl.resolve_precision("auto", backend="tpu")
+    )
+    assert pl.resolve_precision("auto", backend="cpu") == pl.CPU_DEFAULT
+    assert pl.resolve_precision("fp32", backend="gpu") == "fp32"
     with pytest.raises(ValueError, match="precision: must be one of fp32, bf16, auto"):
-        pl.resolve("fp16")
+        pl.resolve_precision("fp16")
     model, _ = tiny
     b16 = pl.with_precision(model, "bf16")
     assert b16.dtype == jnp.bfloat16 and model.dtype is None

@@ -370,7 +370,7 @@ def split_pools(
 # ----------------------------------------------------------------------------- stratified rule
 
 
-def largest_remainder(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
+def capped_shares(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
     """Integers summing to ``total``, proportional to ``weights``, each <= ``caps``."""
     out = np.zeros(len(weights), np.int64)
     if total <= 0 or weights.sum() <= 0:
@@ -430,7 +430,7 @@ def allocate(counts: Sequence[int], sizes: dict[str, int], splits: Sequence[str]
         left[eligible] -= 1
     for s in ("test", "val", "train"):  # the rest, in proportion to what is left
         if s in alloc:
-            extra = largest_remainder(int(sizes[s] - alloc[s].sum()), left.astype(np.float64), left)
+            extra = capped_shares(int(sizes[s] - alloc[s].sum()), left.astype(np.float64), left)
             alloc[s] += extra
             left -= extra
     return alloc, notes
@@ -490,7 +490,7 @@ def subsample_test(labels: np.ndarray, size: int) -> np.ndarray:
     """A stratified, seed-independent subsample of an explicit test set (sorted indices)."""
     k = int(labels.max()) + 1
     counts = np.bincount(labels, minlength=k)
-    count = largest_remainder(size, counts.astype(np.float64), counts)
+    count = capped_shares(size, counts.astype(np.float64), counts)
     fixed = np.random.default_rng(TEST_SEED)
     out = []
     for c in range(k):

@@ -77,7 +77,7 @@ def rows_cols(idx: np.ndarray, dims: tuple[int, int]) -> tuple[np.ndarray, np.nd
     return np.unique(idx[ok] // n_out), np.unique(idx[ok] % n_out)
 
 
-def block_of(rows, cols, dims: tuple[int, int], caps: tuple[int, int]) -> tuple[dict, bool]:
+def padded_block(rows, cols, dims: tuple[int, int], caps: tuple[int, int]) -> tuple[dict, bool]:
     """A kernel's block ``{"rows", "cols"}``: ``rows`` / ``cols`` padded with ``in`` / ``out`` to
     ``caps``, and whether it holds them all (rows or columns past a capacity are left out; the
     step then skips the block)."""

@@ -14,7 +14,7 @@ from guft_jax import paths
 from guft_jax import saliency as sal
 from guft_jax.guft.blocks import BLOCK_SLACK
 from guft_jax.guft.readout import apply_arrays, store_payload
-from guft_jax.guft.recompute import epoch_start
+from guft_jax.guft.recompute import guft_epoch_start
 from guft_jax.guft.schedule import validate_ratios, validate_schedule
 from guft_jax.guft.state import (
     ALLOCATIONS,
@@ -94,7 +94,7 @@ def method_of(cfg: GuftConfig) -> Method:
     f = functools.partial
     hooks = MethodHooks(
         init_state=f(_init_state, cfg),
-        epoch_start=f(epoch_start, cfg),
+        epoch_start=f(guft_epoch_start, cfg),
         update_mask=None if cfg.sparse else _update_mask,
         resize=f(_resize, cfg) if cfg.sparse else None,
         intercept=f(_intercept, cfg) if cfg.sparse else None,

@@ -201,7 +201,7 @@ def recompute(cfg: GuftConfig, i: int, epoch: int, ctx):
     return tr, opt, st._replace(round=state.round + 1, history=hist)
 
 
-def epoch_start(cfg: GuftConfig, epoch: int, ctx):
+def guft_epoch_start(cfg: GuftConfig, epoch: int, ctx):
     """``MethodHooks.epoch_start``: a round where the schedule has one, else unchanged."""
     rounds = cfg.schedule(ctx.epochs or max(cfg.recompute_epochs or [0]))
     if epoch not in rounds:

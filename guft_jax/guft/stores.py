@@ -198,7 +198,7 @@ class SparseStore:
             caps = blocks_lib.block_capacity(
                 need, dims, growth, self.floor, slack=self.block_slack, max_fraction=frac
             )
-        return blocks_lib.block_of(rows, cols, dims, caps)
+        return blocks_lib.padded_block(rows, cols, dims, caps)
 
     def resize(self, trainable, opt_state, state, caps: dict, block_caps: dict | None = None):
         """Zero-pads (or truncates) δ, its optimizer leaves and the indices to ``caps`` (on the

@@ -11,10 +11,11 @@ All three train. Two things make it adaptive:
   (``MethodHooks.step``, inside the jitted step) each entry's sensitivity ``I = |θ·g|`` is smoothed
   as ``Ī ← β1 Ī + (1−β1) I`` and ``Ū ← β2 Ū + (1−β2)|I − Ī|`` (Ī already updated, as the official
   code does), its score is ``s = Ī ⊙ Ū``, and a triplet scores ``S_i = s(λ_i) + mean_j s(Q_ij) +
-  mean_j s(P_ji)``. The total rank budget follows :func:`budget` (cubic, from ``L·init_rank`` down
-  to ``L·target_rank``); every ``delta_t`` steps of the schedule the triplets whose score is at or
-  below the ``(L·init_rank − b(t))``-th smallest have their ``λ_i`` set to 0, and from ``T − t_f``
-  on the pattern chosen at ``T − t_f`` is fixed and re-applied after every step.
+  mean_j s(P_ji)``. The total rank budget follows :func:`rank_budget` (cubic, from
+  ``L·init_rank`` down to ``L·target_rank``); every ``delta_t`` steps of the schedule the
+  triplets whose score is at or below the ``(L·init_rank − b(t))``-th smallest have their
+  ``λ_i`` set to 0, and from ``T − t_f`` on the pattern chosen at ``T − t_f`` is fixed and
+  re-applied after every step.
 
 The pruning mask (``AdaLoRAState.keep``) and the scores are traced method state, so pruning never
 retraces. As in the paper and the official code, pruning zeroes ``λ_i`` but keeps ``P[:, i]`` and
@@ -60,7 +61,7 @@ class AdaLoRAState(NamedTuple):
     keep: dict  # key -> (r,) bool
 
 
-def schedule_steps(total_steps: int, t_init: float, t_final: float, *, field: str) -> tuple:
+def budget_phases(total_steps: int, t_init: float, t_final: float, *, field: str) -> tuple:
     """``(t_i, t_f)`` in steps: a value ``< 1`` is a fraction of ``total_steps`` (floored), a value
     ``>= 1`` is a step count (must be integral).
 
@@ -91,7 +92,7 @@ def check_betas(beta1: float, beta2: float, *, field: str) -> None:
             raise ValueError(f"{field}.{name}: must be in (0, 1), got {b}")
 
 
-def budget(
+def rank_budget(
     t: int,
     *,
     total_steps: int,
@@ -102,16 +103,17 @@ def budget(
 ) -> int:
     """The total rank budget at step ``t`` (0-indexed; HF/official AdaLoRA's ``budget_schedule``).
 
-    With ``t_i, t_f`` from :func:`schedule_steps` and ``T = total_steps``::
+    With ``t_i, t_f`` from :func:`budget_phases` and ``T = total_steps``::
 
       b(t) = init_budget                                              t <= t_i
            = target_budget + ⌊(init − target)·(1 − (t − t_i)/(T − t_f − t_i))³⌋   t_i < t <= T − t_f
            = target_budget                                            t > T − t_f
 
-    >>> budget(400, total_steps=1000, init_budget=288, target_budget=192, t_init=0.1, t_final=0.3)
+    >>> kw = dict(init_budget=288, target_budget=192, t_init=0.1, t_final=0.3)
+    >>> rank_budget(400, total_steps=1000, **kw)
     204
     """
-    ti, tf = schedule_steps(total_steps, t_init, t_final, field="adalora")
+    ti, tf = budget_phases(total_steps, t_init, t_final, field="adalora")
     if t <= ti:
         return int(init_budget)
     if t > total_steps - tf:
@@ -177,7 +179,7 @@ def _check(hp: AdaLoRAHparams) -> None:
     check_betas(hp.beta1, hp.beta2, field="adalora")
     if hp.orth_reg < 0:
         raise ValueError(f"adalora.orth_reg: must be >= 0, got {hp.orth_reg}")
-    schedule_steps(1, hp.t_init, hp.t_final, field="adalora")  # validates the values
+    budget_phases(1, hp.t_init, hp.t_final, field="adalora")  # validates the values
 
 
 def _init(hp: AdaLoRAHparams, rng, params):
@@ -231,10 +233,10 @@ def _smoothed(hp: AdaLoRAHparams, st: AdaLoRAState, tr: dict, g: dict) -> tuple[
 
 
 def _budget_table(hp: AdaLoRAHparams, total_steps: int, num_kernels: int) -> np.ndarray:
-    """:func:`budget` at every step of the run, int32."""
+    """:func:`rank_budget` at every step of the run, int32."""
     return np.asarray(
         [
-            budget(
+            rank_budget(
                 s,
                 total_steps=total_steps,
                 init_budget=num_kernels * hp.init_rank,
@@ -262,7 +264,7 @@ def _step(hp: AdaLoRAHparams, info: StepInfo):
     T, t = info.total_steps, info.step
     if T < 1:  # static: unknown run length, no budget schedule
         return info.trainable, info.opt_state, st._replace(ipt_bar=ib_new, unc_bar=ub_new)
-    ti, tf = schedule_steps(T, hp.t_init, hp.t_final, field="adalora")
+    ti, tf = budget_phases(T, hp.t_init, hp.t_final, field="adalora")
     keys = sorted(tr)
     table = _budget_table(hp, T, len(keys))
     scheduling = t < T - tf  # the scores are updated only before the final phase
@@ -317,7 +319,7 @@ def adalora(
       alpha: the update is scaled by ``alpha / init_rank``.
       targets: regexes over ``/``-joined param paths of the kernels to adapt.
       t_init, t_final: the budget schedule's warm-up and final phases, as fractions of the run
-        (``< 1``) or step counts (``>= 1``); see :func:`budget`.
+        (``< 1``) or step counts (``>= 1``); see :func:`rank_budget`.
       delta_t: steps between two mask steps during the schedule.
       beta1, beta2: the sensitivity and uncertainty EMA factors.
       orth_reg: ``γ``, the weight of the orthogonality regulariser.
@@ -351,11 +353,11 @@ __all__ = [
     "AdaLoRAHparams",
     "AdaLoRAState",
     "adalora",
-    "budget",
+    "rank_budget",
     "check_betas",
     "orthogonality",
     "rank_pattern",
-    "schedule_steps",
+    "budget_phases",
     "sensitivity_ema",
     "triplet_scores",
 ]

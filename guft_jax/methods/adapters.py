@@ -72,7 +72,7 @@ def width(params: Any) -> int:
     return int(params["embedding"]["kernel"].shape[-1])
 
 
-def block_of(context) -> str | None:
+def encoder_block_of(context) -> str | None:
     """The ``encoderblock_{i}`` an intercepted call belongs to (None outside the blocks)."""
     for name in reversed(tuple(context.module.path)):
         if name.startswith("encoderblock_"):
@@ -175,7 +175,7 @@ def serial_interceptor(weights: dict, act: Callable) -> Callable:
     def icpt(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         pos = position_of(context)
-        w = weights.get(block_of(context), {}).get(pos) if pos else None
+        w = weights.get(encoder_block_of(context), {}).get(pos) if pos else None
         return out if w is None else out + bottleneck_apply(out, w, act)
 
     return icpt
@@ -314,7 +314,7 @@ def adaptformer(*, bottleneck: int = 64, scale: float = 0.1) -> Method:
 
         def icpt(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
-            w = branches.get(block_of(context)) if position_of(context) == "mlp" else None
+            w = branches.get(encoder_block_of(context)) if position_of(context) == "mlp" else None
             if w is None:
                 return out
             return out + scale * bottleneck_apply(args[0], w, jax.nn.relu).astype(out.dtype)

@@ -52,7 +52,7 @@ import numpy as np
 
 from guft_jax import paths
 from guft_jax.methods import weight_space as ws
-from guft_jax.methods.adalora import check_betas, schedule_steps, sensitivity_ema
+from guft_jax.methods.adalora import budget_phases, check_betas, sensitivity_ema
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, StepInfo, register
 from guft_jax.methods.hparams import as_json
 
@@ -86,7 +86,7 @@ def keep_ratio(t: int, *, total_steps: int, t_init: float, t_final: float) -> fl
     >>> keep_ratio(100, total_steps=1000, t_init=0.05, t_final=0.7)  # (1 - 50/250)**3
     0.512...
     """
-    ti, tf = schedule_steps(total_steps, t_init, t_final, field="aflora")
+    ti, tf = budget_phases(total_steps, t_init, t_final, field="aflora")
     if t < ti:
         return 1.0
     if t < total_steps - tf:
@@ -139,7 +139,7 @@ def _check(hp: AFLoRAHparams) -> None:
     if hp.window < 1:
         raise ValueError(f"aflora.window: must be >= 1, got {hp.window}")
     check_betas(hp.beta1, hp.beta2, field="aflora")
-    schedule_steps(1, hp.t_init, hp.t_final, field="aflora")  # validates the values
+    budget_phases(1, hp.t_init, hp.t_final, field="aflora")  # validates the values
 
 
 def _init(hp: AFLoRAHparams, rng, params):
@@ -243,7 +243,7 @@ def _freeze(hp: AFLoRAHparams, active: dict, ib: dict, ub: dict, t, total_steps:
     T = total_steps
     if T < 1:  # static: unknown run length, no schedule
         return none
-    ti, _ = schedule_steps(T, hp.t_init, hp.t_final, field="aflora")
+    ti, _ = budget_phases(T, hp.t_init, hp.t_final, field="aflora")
     kept = [keep_ratio(s, total_steps=T, t_init=hp.t_init, t_final=hp.t_final) for s in range(T)]
     frac = jnp.asarray(1.0 - np.asarray(kept), jnp.float32)[jnp.minimum(t, T - 1)]
     first = (t % hp.window) == 0

@@ -51,7 +51,7 @@ def householder_chain(u: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.scan(reflect, w.astype(jnp.float32), normalised(u).T)[0]
 
 
-def orthogonality(u: jax.Array) -> jax.Array:
+def householder_orthogonality(u: jax.Array) -> jax.Array:
     """``‖ÛᵀÛ − I‖_F²`` of the column-normalised ``u (in, r)``."""
     v = normalised(u)
     return jnp.sum((v.T @ v - jnp.eye(v.shape[1], dtype=v.dtype)) ** 2)
@@ -127,7 +127,9 @@ def hra(
 
     def loss(params, trainable, state=None, rng=None):
         del params, state, rng
-        return lambda_orth * sum(orthogonality(f["hra_u"]) for f in trainable["hra"].values())
+        return lambda_orth * sum(
+            householder_orthogonality(f["hra_u"]) for f in trainable["hra"].values()
+        )
 
     hp = dict(r=r, apply_GS=apply_GS, lambda_orth=lambda_orth, targets=list(targets),
               layout=[list(x) for x in layout])  # fmt: skip

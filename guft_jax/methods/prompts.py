@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from guft_jax.methods.adapters import block_of, encoder_blocks, head_only_apply, width
+from guft_jax.methods.adapters import encoder_block_of, encoder_blocks, head_only_apply, width
 from guft_jax.methods.base import Defaults, Info, Method, MethodHooks, Variant, register
 from guft_jax.vit import Attention, Encoder1DBlock
 
@@ -72,7 +72,7 @@ def vpt_interceptor(prompts: dict, first_block: str) -> Callable:
             context.method_name == "__call__"
             and isinstance(mod, nn.LayerNorm)
             and mod.name == FINAL_NORM
-            and block_of(context) is None
+            and encoder_block_of(context) is None
         ):
             x = args[0]
             args = (jnp.concatenate([x[:, :1], x[:, 1 + n :]], axis=1), *args[1:])
@@ -193,7 +193,7 @@ def prefix(*, num_tokens: int = 10, init_std: float = 0.02) -> Method:
         pre = trainable["prefix"]
 
         def icpt(next_fun, args, kwargs, context):
-            f = pre.get(block_of(context)) if is_attend(context) else None
+            f = pre.get(encoder_block_of(context)) if is_attend(context) else None
             if f is not None:
                 q, k, v = args
                 args = (q, with_prefix(k, f["key"]), with_prefix(v, f["value"]))

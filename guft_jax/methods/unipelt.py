@@ -35,11 +35,11 @@ from guft_jax import paths
 from guft_jax.methods import lora as lora_lib
 from guft_jax.methods import weight_space as ws
 from guft_jax.methods.adapters import (
-    block_of,
     bottleneck_apply,
     bottleneck_init,
     bottleneck_size,
     dense_weights,
+    encoder_block_of,
     encoder_blocks,
     head_only_apply,
     position_of,
@@ -153,7 +153,7 @@ def _adapter_out(f: dict, out: jax.Array) -> jax.Array:
 def _branches(scale: float, lora: dict, pre: dict, ad: dict, next_fun, args, kwargs, context):
     """The interceptor: the prefix branch around attention, the adapter after the MLP and LoRA
     on every adapted ``vit.Linear``."""
-    mod, blk = context.module, block_of(context)
+    mod, blk = context.module, encoder_block_of(context)
     pos = position_of(context)
     if pos == "attn" and blk in pre:
         # the prefix gate reads this sub-layer's input; attend (called inside) uses it

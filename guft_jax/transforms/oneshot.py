@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from guft_jax import masks as masks_lib
 from guft_jax.transforms.leaves import DEFAULT_HEAD, PyTree, eligibility, full_mask
-from guft_jax.transforms.unfreeze import check_options, check_scores, scores_of
+from guft_jax.transforms.unfreeze import check_scores, check_selection_options, scores_of
 
 
 def oneshot_mask(
@@ -54,7 +54,7 @@ def oneshot_mask(
     """
     if (ratio is None) == (k is None):
         raise ValueError("ratio, k: give exactly one of them")
-    check_options(allocation, normalize, eligible)
+    check_selection_options(allocation, normalize, eligible)
     sel = eligibility(scores, eligible=eligible, include=include, exclude=exclude, head=head)
     n = sum(math.prod(s) for s in sel.eligible.values())
     if ratio is not None:

@@ -13,7 +13,7 @@ from guft_jax import masks as masks_lib
 from guft_jax.transforms.leaves import PyTree, Selection, path_str
 
 
-def check_options(allocation, normalize, eligible):
+def check_selection_options(allocation, normalize, eligible):
     """Raises ValueError naming the option unless ``allocation``, ``normalize`` and ``eligible``
     are among :mod:`guft_jax.masks`' choices."""
     if allocation not in masks_lib.ALLOCATIONS:

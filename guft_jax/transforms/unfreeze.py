@@ -55,7 +55,7 @@ from guft_jax.transforms.leaves import (
     map_paths,
     tree_paths,
 )
-from guft_jax.transforms.scores import check_options, check_scores, scores_of
+from guft_jax.transforms.scores import check_scores, check_selection_options, scores_of
 
 CAPACITIES = ("all", "grow")
 
@@ -149,7 +149,7 @@ def _plan(inner, steps, ratios, options: dict) -> _Plan:
     if len(steps) != len(ratios):
         raise ValueError(f"ratios: needs one ratio per step ({len(steps)}), got {len(ratios)}")
     guft_lib.validate_ratios(ratios)
-    check_options(options["allocation"], options["normalize"], options["eligible"])
+    check_selection_options(options["allocation"], options["normalize"], options["eligible"])
     if options["capacity"] not in CAPACITIES:
         raise ValueError(
             f"capacity: must be one of {list(CAPACITIES)}, got {options['capacity']!r}"
