@@ -381,3 +381,14 @@ def test_packed_group_trains_each_run_at_its_own_lr():
     rec = engine_runs.record(job, rows.row("lora"), configs[1], results[1], 1.0)
     assert (rec["lr_factor"], rec["lr"], rec["val_accuracy"]) == (
         3.0, 3e-2, results[1]["val200_accuracy"])  # fmt: skip
+
+
+def test_diagnosis_rows_resolve_to_configs():
+    """Every row of the diagnosis presets builds a config; a setting reaches the method."""
+    for p in ("diagnosis", "diagnosis_dry"):
+        for r in presets.PRESETS[p].rows:
+            rows.row(r)
+    r = rows.row("dry:fourierft[n=16]")
+    c = r.config(Job("select", "digits", r.name), epochs=2, image_size=16)
+    assert c.model == "ViT-tiny/4" and c.method_kwargs.n == 16
+    assert "dry:linear" not in rows.every_row()
