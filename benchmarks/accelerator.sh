@@ -19,10 +19,24 @@
 #    DINOv2-S/14 (GUFT_JAX_CACHE) trained 3 epochs on Animal-MNIST, then timed with and without
 #    its row x column blocks beside full, LoRA and BitFit -> guft_step_bench_accelerator.json
 # STAGES="guft fit remat" (say) runs a subset, in the order above.
+# DRY=1: every stage on CPU at tiny sizes (ViT-tiny/4, 32 and 16 px, batch 8, 2 reps; GUFT's real
+# selection on DINOv2-S/14 at 28 px, batch 50, rows full, lora and guft, up to 420 s; no Pallas in
+# the ops bench), results in /tmp/accelerator_dry (on 2 busy CPU cores the GUFT stage may need its
+# own run: DRY=1 STAGES=guft):
+#
+#   DRY=1 timeout 600 bash benchmarks/accelerator.sh
 # JAX and torch share the GPU in (1): JAX is held to XLA_PYTHON_CLIENT_MEM_FRACTION of it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+if [[ "${DRY:-0}" == 1 ]]; then  # the CPU dry run's sizes (each still settable)
+  export ALLOW_CPU=1
+  RESULTS=${RESULTS:-/tmp/accelerator_dry} BUDGET_S=${BUDGET_S:-580} MODEL=${MODEL:-ViT-tiny/4}
+  SIZES=${SIZES:-32 16} BATCH=${BATCH:-8} REPS=${REPS:-2} OPS_IMPLS=${OPS_IMPLS:-gather,dense}
+  REMAT_MODELS=${REMAT_MODELS:-ViT-tiny/4} REMAT_BATCHES=${REMAT_BATCHES:-8}
+  GUFT_SIZE=${GUFT_SIZE:-28} GUFT_BATCH=${GUFT_BATCH:-50} GUFT_MAX_S=${GUFT_MAX_S:-420}
+  GUFT_ROWS=${GUFT_ROWS:-full,lora,guft}
+fi
 RESULTS=${RESULTS:-benchmarks/results}
 BUDGET_S=${BUDGET_S:-420}
 # Sizes (the issue's; smaller ones only for a dry run of this script on CPU with ALLOW_CPU=1)
@@ -57,8 +71,10 @@ print("devices:", jax.devices(), "jax", jax.__version__, "flax", flax.__version_
 if os.environ["ALLOW_CPU"] != "1":
     assert jax.default_backend() == "gpu", f"no GPU visible to JAX: {jax.devices()}"
 EOF
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
-  > "$RESULTS/accelerator_env.csv" || true
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+    > "$RESULTS/accelerator_env.csv" || true
+fi
 
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -75,8 +91,10 @@ if on step; then
 fi
 
 if on guft; then  # GUFT at a real selection (pretrained DINOv2-S/14, Animal-MNIST; its cache)
-  stage "GUFT step at a real selection" 90 200 "$PY" -m benchmarks.step_bench --group guft_real \
-    --image_size "${SIZES%% *}" --batch "$BATCH" --reps "$REPS" --precision bf16 \
+  stage "GUFT step at a real selection" 90 "${GUFT_MAX_S:-200}" \
+    "$PY" -m benchmarks.step_bench --group guft_real \
+    --image_size "${GUFT_SIZE:-${SIZES%% *}}" --batch "${GUFT_BATCH:-$BATCH}" --reps "$REPS" \
+    --precision bf16 ${GUFT_ROWS:+--rows=$GUFT_ROWS} \
     --out "$RESULTS/guft_step_bench_accelerator.json"
 fi
 
