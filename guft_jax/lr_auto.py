@@ -142,10 +142,9 @@ def choose(
       warn: receives the guard's lines and the all-diverged notice.
 
     Returns:
-      The config with the chosen ``lr`` (and ``head_lr``), and the record: a dict with
-      ``candidates`` (one dict per candidate: ``lr``, ``head_lr``, ``val_accuracy``,
-      ``val_loss``, ``train_loss``, ``diverged``), ``chosen``, ``chosen_head_lr``, ``epochs``,
-      ``train_split`` and ``val_split``.
+      The config with the chosen ``lr`` (and ``head_lr``) and the record: ``candidates`` (each
+      with ``lr``, ``head_lr``, ``val_accuracy``, ``val_loss``, ``train_loss``, ``diverged``),
+      ``chosen``, ``chosen_head_lr``, ``epochs``, ``train_split``, ``val_split``.
 
     Raises:
       ValueError: naming ``lr`` when the source has no val split to choose on.

@@ -12,6 +12,20 @@ cost: ``n·(2 + L)`` numbers (entries once per shape, ``n`` coefficients per lay
 Frequency bias (optional): entries are drawn with probability
 ``p(u, v) ∝ exp(-((D² − f_c²)/(D·W))²)``, ``D`` the distance of ``(u, v)`` from the centre of the
 ``fftshift``-ed spectrum, ``W`` the bandwidth (200 in the paper), ``f_c`` the centre frequency.
+
+Use a larger learning rate for the coefficients than for the head (the paper: ~0.2-0.3 vs ~1e-3):
+the engine's ``lr`` / ``head_lr``. Which settings of :func:`fourierft` are the paper's
+(arXiv:2405.03003) and which are ours:
+
+- the paper's: coefficients drawn from N(0, 1) (``init="paper"``, the same draw as
+  ``init="normal"``), α = 300, n = 3000 on ViT-B's query and value kernels, entries from seed
+  2024, band-pass bandwidth 200. ``fourierft(init="paper")`` with the other arguments left at
+  their defaults is that setting.
+- ours: ``init="zeros"`` (ΔW = 0 at step 0, so the model at init is the pretrained one, as
+  LoRA's zero ``B``); the registered defaults of the benchmarks (n = 1000, lr 0.1, head lr 1e-2:
+  smaller backbones than ViT-B). The default ``init`` stays ``"normal"`` (the paper's) until
+  validation accuracy says otherwise; the ``diagnosis`` preset of ``experiments.rows`` compares
+  the two (docs/results.md).
 """
 
 from __future__ import annotations
@@ -90,6 +104,21 @@ INITS = ("normal", "paper", "zeros")
 """The allowed ``init`` values: ``"paper"`` is ``"normal"``'s N(0, 1) draw, named for the paper."""
 
 
+def _load(init_fn, merge, entries, seed: int, params, arrays: dict):
+    """``MethodHooks.load``: the artifact's spectral entries must be those of ``seed``; the
+    coefficients then load strictly (:func:`default_load`)."""
+    trainable = jax.eval_shape(lambda p: init_fn(jax.random.PRNGKey(0), p), params)
+    for shape, ent in entries(params, trainable).items():
+        got = arrays.get(f"fourierft_entries/{shape}")
+        if got is None or not np.array_equal(np.asarray(got), np.asarray(ent)):
+            raise ValueError(
+                f"fourierft: the artifact's spectral entries for {shape} differ from those "
+                f"of seed {seed} (or are missing)"
+            )
+    rest = {k: v for k, v in arrays.items() if not k.startswith("fourierft_entries/")}
+    return default_load(init_fn, merge, params, rest)
+
+
 @register(
     "fourierft",
     info=Info(
@@ -118,30 +147,12 @@ def fourierft(
 ) -> Method:
     """FourierFT on the kernels matched by ``targets`` (ViT defaults: q+v, n=3000, α=300).
 
-    Use a larger learning rate for the coefficients than for the head (the paper: ~0.2-0.3 vs
-    ~1e-3): the engine's ``lr`` / ``head_lr``.
-
-    Which settings are the paper's (arXiv:2405.03003) and which are ours:
-
-    - the paper's: coefficients drawn from N(0, 1) (``init="paper"``, the same draw as
-      ``init="normal"``), α = 300, n = 3000 on ViT-B's query and value kernels, entries from
-      seed 2024, band-pass bandwidth 200. ``fourierft(init="paper")`` with the other arguments
-      left at their values here is that setting.
-    - ours: ``init="zeros"`` (ΔW = 0 at step 0, so the model at init is the pretrained one, as
-      LoRA's zero ``B``); the registered defaults of the benchmarks (n = 1000, lr 0.1, head lr
-      1e-2: smaller backbones than ViT-B). The default ``init`` stays ``"normal"`` (the paper's)
-      until validation accuracy says otherwise; the ``diagnosis`` preset of ``experiments.rows``
-      compares the two (docs/results.md).
-
     Args:
       n: spectral coefficients per adapted kernel (entries shared by same-shape kernels).
       alpha: the scale α of ``ΔW``.
       seed: the seed of the spectral entries.
-      init: ``"normal"`` or ``"paper"`` (N(0, 1) coefficients, ΔW ≠ 0 at init) or ``"zeros"``
-        (identity at init).
-      frequency_bias: draw entries from the band-pass distribution instead of uniformly.
-      fc: the band-pass centre frequency.
-      bandwidth: the band-pass bandwidth W.
+      init: ``"normal"`` = ``"paper"`` (N(0, 1): ΔW ≠ 0 at init) or ``"zeros"`` (identity).
+      frequency_bias, fc, bandwidth: the band-pass draw of the entries (centre ``f_c``, width W).
       targets: regexes over ``/``-joined kernel paths.
 
     Raises:
@@ -158,12 +169,13 @@ def fourierft(
 
     def init_fn(rng, params):
         tps = ws.target_paths(params, targets, field="fourierft.targets")
-        coefs = {}
-        for i, p in enumerate(tps):
-            if init in ("normal", "paper"):
-                coefs[ws.key(p)] = jax.random.normal(jax.random.fold_in(rng, i), (n,))
-            else:
-                coefs[ws.key(p)] = jnp.zeros((n,), jnp.float32)
+        zero = init == "zeros"
+        coefs = {
+            ws.key(p): jnp.zeros((n,))
+            if zero
+            else jax.random.normal(jax.random.fold_in(rng, i), (n,))
+            for i, p in enumerate(tps)
+        }
         return {"head": params["head"], "fourierft": coefs}
 
     def merge(params, trainable):
@@ -174,35 +186,22 @@ def fourierft(
         return ws.add_deltas(params, deltas, trainable["head"])
 
     def entries(params, trainable):
-        """``{"{out}x{in}": (2, n) int32}``: the spectral entries of every adapted shape."""
         out = {}
         for k in trainable["fourierft"]:
             (d_out, d_in), ent = entries_for(params, k)
             out[f"{d_out}x{d_in}"] = jnp.asarray(ent)
         return out
 
-    def export(params, trainable, state=None):
-        arrays = default_export(params, trainable, state)
-        for shape, ent in entries(params, trainable).items():
-            arrays[f"fourierft_entries/{shape}"] = np.asarray(ent)
-        return arrays
-
-    def load(params, arrays):
-        trainable = jax.eval_shape(lambda p: init_fn(jax.random.PRNGKey(0), p), params)
-        for shape, ent in entries(params, trainable).items():
-            got = arrays.get(f"fourierft_entries/{shape}")
-            if got is None or not np.array_equal(np.asarray(got), np.asarray(ent)):
-                raise ValueError(
-                    f"fourierft: the artifact's spectral entries for {shape} differ from those "
-                    f"of seed {seed} (or are missing)"
-                )
-        rest = {k: v for k, v in arrays.items() if not k.startswith("fourierft_entries/")}
-        return default_load(init_fn, merge, params, rest)
+    def export(params, trainable, state=None):  # + the entries of every shape, (2, n) int32
+        ent = {
+            f"fourierft_entries/{s}": np.asarray(e) for s, e in entries(params, trainable).items()
+        }
+        return default_export(params, trainable, state) | ent
 
     hooks = MethodHooks(
         init_state=lambda params, trainable: {"entries": entries(params, trainable)},
         export=export,
-        load=load,
+        load=functools.partial(_load, init_fn, merge, entries, seed),
     )
     hp = dict(n=n, alpha=alpha, init=init, targets=list(targets), **kw)
     return ws.method("fourierft", init=init_fn, merge=merge, hparams=hp, hooks=hooks)
