@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from guft_jax import methods as methods_lib
 from guft_jax import paths
@@ -84,7 +85,15 @@ VIT_ONLY = {
 ACTIVATION_SPACE = ("adapter", "adaptformer", "compacter", "vpt", "prefix", "unipelt")
 VIT_BLOCKS = r"^Transformer/encoderblock_\d+/"  # how init recognises guft_jax's ViT
 
-__all__ = ["ACTIVATION_SPACE", "VIT_LAYOUT", "VIT_ONLY", "Adapter", "ModelView", "adapt"]
+__all__ = [
+    "ACTIVATION_SPACE",
+    "VIT_LAYOUT",
+    "VIT_ONLY",
+    "Adapter",
+    "ModelView",
+    "Prepared",
+    "adapt",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +179,20 @@ class ModelView:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+@struct.dataclass
+class Prepared:
+    """A frozen base prepared once by :meth:`Adapter.prepare`: the method's view of your params
+    (``base``, after ``prepare_base``) and the :class:`ModelView` back to your tree (static)."""
+
+    base: dict
+    view: ModelView = struct.field(pytree_node=False)
+
+
 def _is_vit(params: PyTree) -> bool:
-    """Whether ``params`` are guft_jax's ViT's (its encoder blocks' paths)."""
-    return any(re.search(VIT_BLOCKS, p) for p in paths.leaf_paths(params))
+    """Whether ``params`` (or a :class:`Prepared` base) are guft_jax's ViT's (its encoder
+    blocks' paths)."""
+    names = params.view.paths if isinstance(params, Prepared) else paths.leaf_paths(params)
+    return any(re.search(VIT_BLOCKS, p) for p in names)
 
 
 def _matches(all_paths: Iterable[str], targets) -> list[str]:
@@ -222,9 +242,18 @@ class Adapter:
             params, head=self.head, layout=self.layout, targets=self.targets, name=self.name
         )
 
-    def _base(self, params: PyTree) -> tuple[ModelView, dict]:
+    def prepare(self, params: PyTree) -> Prepared:
+        """Your params in the method's view, its ``prepare_base`` done once (QLoRA's NF4
+        quantisation). Every function here takes it in place of ``params``; pass it to a jitted
+        step so that the base is not prepared again in every step."""
         view = self.view(params)
-        return view, mbase.prepare_base(self.method, view.to_view(params))
+        return Prepared(mbase.prepare_base(self.method, view.to_view(params)), view)
+
+    def _base(self, params: PyTree | Prepared) -> tuple[ModelView, dict]:
+        if isinstance(params, Prepared):
+            return params.view, params.base
+        prepared = self.prepare(params)
+        return prepared.view, prepared.base
 
     def init(self, rng: jax.Array, params: PyTree) -> PyTree:
         """The trainable tree (fresh buffers: a jitted step may donate it).

@@ -308,3 +308,37 @@ def test_the_unsupported_list_is_the_documented_one():
     assert set(CASES) | {(m, n) for m in ("linen_cnn", "nnx_mlp") for n in UNSUPPORTED} == {
         (m, n) for m in ("linen_cnn", "nnx_mlp") for n in methods.method_names()
     }
+
+
+def test_a_prepared_base_is_prepared_once_and_trains_the_same_bits():
+    """QLoRA's NF4 quantisation of the base: with ``ad.prepare(params)`` passed to the jitted
+    step it is done once, outside the step (the step's program is smaller), and the result is
+    bitwise the same as passing the params themselves."""
+    m = Model("nnx_mlp")
+    kw = _kwargs("qlora", m)
+    ad = peft.adapt("qlora", head=m.head, **kw)
+    prepared = ad.prepare(m.params)
+    tx = optax.adam(1e-2)
+    x, y = next(m.batches(1))
+
+    def step(tr, opt, base):
+        def loss(t):
+            logits, _ = m.forward(ad.apply(base, t), m.extra, x, True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        g = jax.grad(loss)(tr)
+        tr, opt, _ = ad.update(tx, g, opt, tr, (), base, step=jnp.zeros((), jnp.int32))
+        return tr, opt
+
+    tr = ad.init(jax.random.key(1), prepared)
+    runs = []
+    for base in (m.params, prepared):
+        t, o = tr, tx.init(tr)
+        for _ in range(3):
+            t, o = jax.jit(step)(t, o, base)
+        runs.append(t)
+    for a, b in zip(*map(jax.tree.leaves, runs), strict=True):
+        assert np.array_equal(_bits(a), _bits(b))
+    size = lambda base: len(jax.make_jaxpr(step)(tr, tx.init(tr), base).jaxpr.eqns)  # noqa: E731
+    assert size(prepared) < size(m.params)
+    assert type(ad.merge(prepared, runs[1])) is type(m.params)
