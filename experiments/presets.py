@@ -108,6 +108,36 @@ BUDGET_ROWS = (
     "fisher",
 )
 
+# GUFT's rows: the shipped one, the paper's literal rule and issue 28's one-change ablations.
+GUFT_ROWS = (
+    "guft",
+    "guft_paper",
+    "guft_excl",
+    "guft_norm",
+    "guft_per_row",
+    "guft_fisher",
+    "guft_5r",
+)
+
+# "Which GUFT wins, on CPU" (issue 28): every GUFT ablation beside LoRA r=4 and r=8, full
+# fine-tuning and the other gradient-chosen sparse methods (SHiRA with a gradient mask is SNIP-
+# like; GPS takes each output row's top inputs once).
+EXTENDED_ROWS = (
+    "pixels",
+    "linear",
+    "full",
+    "lora",
+    "lora_r4",
+    "guft",
+    "guft_excl",
+    "guft_norm",
+    "guft_per_row",
+    "guft_fisher",
+    "guft_5r",
+    "shira",
+    "gps",
+)
+
 # The sentences under every preset's table (a question whose rows did not run is left out).
 QUESTIONS = (
     Question(
@@ -122,7 +152,7 @@ QUESTIONS = (
             "Is {row} >= LoRA at <= LoRA's budget? (mean test accuracy; % of backbone):",
             budget=True,
         )
-        for g in ("guft", "guft_paper", "guft_excl")
+        for g in GUFT_ROWS
     ),
 )
 
@@ -228,6 +258,20 @@ PRESETS = {
             ("animal_mnist",),
             tuple(r for r in BUDGET_ROWS if r != "magnitude"),
             (0,),
+            epochs=5,
+            image_size=28,
+            select=True,
+            pack=5,
+            pack_masks=False,
+            max_grid=3,
+        ),
+        # Issue 28's "which GUFT wins": the cpu preset's size and selection, GUFT's one-change
+        # ablations beside LoRA r=4/r=8, full, SHiRA and GPS, 3 seeds for the final runs.
+        Preset(
+            "cpu_ext",
+            ("animal_mnist",),
+            EXTENDED_ROWS,
+            (0, 1, 2),
             epochs=5,
             image_size=28,
             select=True,

@@ -166,6 +166,11 @@ def _schedule(recompute_epochs, ratios) -> tuple[tuple[int, ...] | None, tuple[f
     variants={
         "guft_paper": Variant(dict(eligible="all")),  # the paper's literal rule: every tensor
         "guft_excl": Variant(dict(exclude_selected=True)),  # exactly 3 x 0.1% of the eligible
+        # Issue 28's ablations (the cpu_ext preset), one change each over the shipped GUFT:
+        "guft_norm": Variant(dict(normalize="mean")),  # saliency over each tensor's mean
+        "guft_per_row": Variant(dict(allocation="per_row")),  # every output row its share (GPS)
+        "guft_fisher": Variant(dict(score="fisher")),  # Σ g² instead of Σ |g|
+        "guft_5r": Variant(dict(ratios=(0.0006,) * 5)),  # 5 rounds, the same 0.3% in all
     },
 )
 def guft(
