@@ -43,6 +43,7 @@ from tqdm import tqdm
 from experiments import cli, report
 from experiments.presets import GUFT_PATHS, PRESETS, QUESTIONS, TASKS, Preset, out_dir
 from experiments.rows import Job, central, every_row, extensions, row, table_rows
+from guft_jax import compile_cache
 from guft_jax.config import TrainConfig
 
 # Training images of a selection run (train800) and of a final run (train800val200).
@@ -202,7 +203,11 @@ def pack_groups(jobs: list[Job], pack: int, pack_masks: bool = True) -> list[lis
 
 def run_group(jobs: list[Job], p: Preset) -> list[dict]:
     """The records of a group of jobs sharing (kind, task, row) (top-level, for worker
-    processes), each with the preset's name and, past a grid's edge, ``extended``."""
+    processes), each with the preset's name and, past a grid's edge, ``extended``. JAX's
+    persistent compilation cache is on (:func:`guft_jax.compile_cache.enable`: the runs of a row
+    share their programs across workers and reruns; ``GUFT_JAX_CACHE_DIR=""`` turns it off, as
+    the tests do)."""
+    compile_cache.enable()
     recs = row(jobs[0].row).run(jobs, p.epochs, p.image_size, p.guft_path)
     out = []
     for j, r in zip(jobs, recs, strict=True):
