@@ -425,6 +425,11 @@ def evaluate(
     each process loads only its rows of every batch (:func:`guft_jax.distributed.global_batches`)
     and the sums, taken over the global arrays, are exact counts over all processes.
     """
+    one = functools.partial(eval_step, params, state.trainable, state.method_state)
+    if hasattr(eval_step, "plain"):  # step.MergedEval: fold the method in once
+        one = functools.partial(
+            eval_step.plain, eval_step.merge(params, state.trainable, state.method_state)
+        )
     if batches is None and mesh is not None:
         sums, n = [], 0
         for x, y, w, m in distributed.global_batches(
@@ -435,7 +440,7 @@ def evaluate(
             image_size=image_size,
             normalization=normalization,
         ):
-            sums.append(eval_step(params, state.trainable, state.method_state, x, y, w))
+            sums.append(one(x, y, w))
             n += m
         return _eval_result(sums, n)
     if batches is None:
@@ -447,7 +452,7 @@ def evaluate(
         m = len(x)
         x, y, w = _padded(x, y.astype(np.int32), batch_size)
         x, y, w = shard_lib.put_batch((x, y, w), mesh)
-        sums.append(eval_step(params, state.trainable, state.method_state, x, y, w))
+        sums.append(one(x, y, w))
         n += m
     return _eval_result(sums, n)
 

@@ -187,16 +187,50 @@ def make_train_step(
     return sharded_step
 
 
+def _eval_sums(logits, labels, weights):
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(correct * weights), jnp.sum(losses * weights)
+
+
+class MergedEval:
+    """An eval step that folds the method into plain weights once per evaluation.
+
+    Calling it is the interceptor path (``eval(params, trainable, method_state, x, y, w)``, as
+    for every method); :func:`guft_jax.epochs.evaluate` instead calls ``merge(params, trainable,
+    method_state)`` once and ``plain(merged, x, y, w)`` per batch: the backbone's own forward,
+    one small program, where the interceptor path compiles the method's sparse or quantised
+    kernels a second time (GUFT: 7.7 s of a 28 px run's 37 s of compiles on 2 CPU cores,
+    ``benchmarks/fit_bench.py --compare runs``). ``merge`` is exact by the method's contract
+    (:class:`~guft_jax.methods.base.Method`); the logits agree to float rounding.
+    """
+
+    def __init__(self, step: Callable, model, method: Method):
+        self.step = step
+        self.merge = jax.jit(method.merge)
+
+        def plain(merged, images, labels, weights):
+            logits = model.apply({"params": merged}, images, deterministic=True)
+            return _eval_sums(logits, labels, weights)
+
+        self.plain = jax.jit(plain)
+
+    def __call__(self, *args):
+        return self.step(*args)
+
+
 def make_eval_step(model, method: Method) -> Callable:
-    """``eval(params, trainable, method_state, images, labels, weights) -> (correct, loss_sum)``."""
+    """``eval(params, trainable, method_state, images, labels, weights) -> (correct, loss_sum)``;
+    a :class:`MergedEval` for methods with an interceptor and a ``merge``."""
 
     def ev(params, trainable, method_state, images, labels, weights):
         logits = forward(model, method, params, trainable, method_state, images)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return jnp.sum(correct * weights), jnp.sum(losses * weights)
+        return _eval_sums(logits, labels, weights)
 
-    return jax.jit(ev)
+    step = jax.jit(ev)
+    if method.hooks.intercept is None or method.merge is None:
+        return step
+    return MergedEval(step, model, method)
 
 
 def init_train_state(method: Method, params, tx=None, *, seed: int, labels_out: list | None = None):

@@ -236,11 +236,13 @@ def _touched(name: str, m: Model, kw: dict, path: str) -> bool:
     return any(re.search(p, path) for p in pats)
 
 
-CASES = [
-    (model, name)
-    for model in ("linen_cnn", "nnx_mlp")
-    for name in methods.method_names()
-    if name not in UNSUPPORTED
+MODELS = ("linen_cnn", "nnx_mlp")
+BOTH = ("lora", "guft", "dora", "fourierft")  # on both trees; every other method on one
+NAMES = [name for name in methods.method_names() if name not in UNSUPPORTED]
+# Each method on one of the two trees, alternating in registry order (so both trees see every
+# family: the registry lists each family's methods together), the BOTH methods on the other too.
+CASES = [(MODELS[i % 2], name) for i, name in enumerate(NAMES)] + [
+    (MODELS[(i + 1) % 2], name) for i, name in enumerate(NAMES) if name in BOTH
 ]
 
 
