@@ -41,6 +41,7 @@ from absl import flags
 from tqdm import tqdm
 
 from experiments import cli, report
+from experiments.configs.common import base_config
 from experiments.presets import GUFT_PATHS, PRESETS, QUESTIONS, TASKS, Preset, out_dir
 from experiments.rows import Job, central, every_row, extensions, row, table_rows
 from guft_jax import compile_cache
@@ -270,6 +271,15 @@ def _start(o: Options) -> float | None:
     return per_work
 
 
+def _models(rows: list[str]) -> str:
+    """The backbones the engine rows of ``rows`` train (the offline config's unless a row names
+    its own, as the diagnosis dry rows' tiny random ViT)."""
+    default = base_config().model
+    names = {getattr(row(r), "overrides", {}).get("model", default) for r in rows
+             if hasattr(row(r), "overrides")}  # fmt: skip
+    return ", ".join(sorted(names)) or "no backbone"
+
+
 def _announce(o: Options, todo: list[Job], per_work: float | None) -> None:
     p = o.preset
     n_final = len(p.tasks) * len(o.rows) * len(p.seeds)
@@ -279,7 +289,7 @@ def _announce(o: Options, todo: list[Job], per_work: float | None) -> None:
     print(
         f"offline benchmark '{p.name}': {n_final} final runs"
         f"{' + val200 lr selection' if p.select else ''} ({len(todo)} runs to do), "
-        f"DINOv2-S/14 @ {p.image_size}px, {p.epochs} epochs, 1,000 training images per task; "
+        f"{_models(o.rows)} @ {p.image_size}px, {p.epochs} epochs, 1,000 training images per task; "
         f"{est}"
     )
 
