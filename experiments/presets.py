@@ -196,6 +196,16 @@ DIAGNOSIS_SETTINGS = (
     *_one_at_a_time("vpt_shallow", num_tokens=(2, 50)),
 )
 
+# The same questions at the cpu preset's length (5 epochs, 28 px), where diff pruning's prune
+# epoch is a fraction: re-fit the last 40% or 80% of the run (default 20%: the last epoch).
+DIAGNOSIS_CPU_SETTINGS = (
+    *_one_at_a_time("fourierft", init=("zeros",), alpha=(30.0, 100.0), n=(250, 3000)),
+    *_one_at_a_time("diff_pruning", refit_fraction=(0.4, 0.8)),
+    *_one_at_a_time("adalora", t_init=(0.0, 0.25), t_final=(0.1, 0.5)),
+    *_one_at_a_time("prefix", num_tokens=(2, 50)),
+    *_one_at_a_time("vpt_shallow", num_tokens=(2, 50)),
+)
+
 # The dry run's settings: the same axes at the tiny random ViT's scale (32-wide kernels, 2
 # epochs), one value each.
 DIAGNOSIS_DRY_SETTINGS = (
@@ -215,7 +225,7 @@ DRY_CONFIG = {"model": "ViT-tiny/4"}
 def diagnosis_rows() -> dict[str, tuple[str, dict, bool]]:
     """``{row name: (base row, kwargs over it, dry)}``: the diagnosis presets' rows that are not
     registered methods or variants."""
-    out = {s.name: (s.base, s.kwargs, False) for s in DIAGNOSIS_SETTINGS}
+    out = {s.name: (s.base, s.kwargs, False) for s in DIAGNOSIS_SETTINGS + DIAGNOSIS_CPU_SETTINGS}
     for b in DIAGNOSIS_BASES:
         out[DRY_PREFIX + b] = (b, {}, True)
     for s in DIAGNOSIS_DRY_SETTINGS:
@@ -294,6 +304,18 @@ PRESETS = {
             epochs=10,
             image_size=56,
             select=True,
+        ),
+        # The diagnosis at the cpu preset's size on 2 CPU cores (~1 hour): DINOv2-S/14 at 28 px,
+        # 5 epochs, each row's full lr grid packed into one program.
+        Preset(
+            "diagnosis_cpu",
+            ("animal_mnist", "digits"),
+            DIAGNOSIS_BASES + tuple(s.name for s in DIAGNOSIS_CPU_SETTINGS),
+            (0,),
+            epochs=5,
+            image_size=28,
+            select=True,
+            pack=5,
         ),
         # The same pipeline in minutes on 2 CPU cores: the tiny random ViT at 16 px on digits,
         # 2 epochs, the central 2 factors of each lr grid.

@@ -437,7 +437,7 @@ def sizes_table(records: list[dict], p) -> str:
     return "\n".join(lines)
 
 
-DIAGNOSIS_PRESETS = ("diagnosis", "diagnosis_dry")
+DIAGNOSIS_PRESETS = ("diagnosis", "diagnosis_cpu", "diagnosis_dry")
 
 
 def main(argv=None) -> None:

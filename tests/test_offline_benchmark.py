@@ -385,9 +385,12 @@ def test_packed_group_trains_each_run_at_its_own_lr():
 
 def test_diagnosis_rows_resolve_to_configs():
     """Every row of the diagnosis presets builds a config; a setting reaches the method."""
-    for p in ("diagnosis", "diagnosis_dry"):
+    for p in rows.DIAGNOSIS_PRESETS:
         for r in presets.PRESETS[p].rows:
             rows.row(r)
+    r = rows.row("diff_pruning[refit_fraction=0.4]")
+    c = r.config(Job("final", "digits", r.name), epochs=5, image_size=28)
+    assert c.method_kwargs.refit_fraction == 0.4 and c.model == "dinov2_s14"
     r = rows.row("dry:fourierft[n=16]")
     c = r.config(Job("select", "digits", r.name), epochs=2, image_size=16)
     assert c.model == "ViT-tiny/4" and c.method_kwargs.n == 16
