@@ -205,7 +205,7 @@ class MergedEval:
     (:class:`~guft_jax.methods.base.Method`); the logits agree to float rounding.
     """
 
-    def __init__(self, step: Callable, model, method: Method):
+    def __init__(self, step: Callable, model, method):
         self.step = step
         self.merge = jax.jit(method.merge)
 
