@@ -24,7 +24,10 @@ Two phases, switched once by ``epoch_start`` at ``prune_epoch``:
 
 Guo et al. train 3 epochs with L0 and then 3 epochs with the magnitude mask fixed; here the
 re-fit is the last ``refit_fraction`` of the run (0.2: epochs 81–100 of the VTAB-1K schedule),
-under the run's single cosine schedule (no restart).
+under the run's single cosine schedule (no restart). The registered default for the offline
+benchmarks and user data re-fits the last 80%: at 5 epochs the 20% re-fit (one epoch after the
+prune to 0.5%) scored 53.0 on val200 against 83.5 (the ``diagnosis_cpu`` preset,
+docs/results.md); VTAB-1K's registered setting keeps 0.2.
 
 ``log α`` learning rate: Guo et al.'s code trains ``log α`` with its own AdamW at lr 0.1 (init 5),
 ``w`` at the fine-tuning lr. The engine has two optimizer groups (head / method), so the trainable
@@ -317,7 +320,11 @@ def _load(hp: DiffPruningHparams, params, arrays):
     defaults=Defaults(
         lr=1e-4,
         head_lr=1e-2,
-        kwargs=dict(ratio=0.005),
+        # A longer re-fit than the paper's last 20%: at the offline benchmarks' 5-10 epochs the
+        # paper's re-fit is one epoch after pruning to 0.5%, and val200 fell to 53.0 against
+        # 83.5 with the last 80% (docs/results.md, diagnosis_cpu). VTAB-1K keeps the paper's.
+        kwargs=dict(ratio=0.005, refit_fraction=0.8),
+        vtab_kwargs=dict(ratio=0.005),
         lr_grid=(0.3, 1.0, 3.0, 10.0),
         dry_kwargs=dict(ratio=0.01),
         step_cost=1.1,
