@@ -398,6 +398,9 @@ SIZE_PRESETS = {
         # issue 31's acceptance table: 2 datasets x 5 sizes x 5 methods x 2 lr modes (linear is
         # the reference), DINOv2-S/14 at 56 px, 10 epochs.
         SizesPreset("sizes", out="results/sizes"),
+        # the same table at the cpu preset's image size (28 px: 4 patch tokens), sized for 2 CPU
+        # cores (~2 h): the acceptance table when no accelerator is lent.
+        SizesPreset("sizes_cpu", image_size=28, out="results/sizes_cpu"),
         # the same pipeline in seconds (CI / a first check): the tiny random ViT at 16 px.
         SizesPreset(
             "sizes_dry",
