@@ -290,7 +290,10 @@ def _step(hp: AdaLoRAHparams, info: StepInfo):
         "2303.10512",
     ),
     defaults=Defaults(
-        lr=1e-3,
+        # ours, 3e-3 (VTAB-1K keeps the protocol's 1e-3): val200 in the diagnosis_cpu preset rose
+        # 71.5 -> 79.5 -> 85.0 from 1e-3 to 3e-3 to 9e-3, whatever the budget schedule; the grid
+        # (x0.3, x1, x3) spans 9e-4 to 9e-3
+        lr=3e-3,
         head_lr=1e-2,
         kwargs=dict(init_rank=12, target_rank=8, alpha=16.0),
         dry_kwargs=dict(init_rank=4, target_rank=2, delta_t=1),
