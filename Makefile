@@ -40,8 +40,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# One pytest worker per core, each file on one worker (its module fixtures and compiled programs
+# are built once); `pytest tests/FILE.py` alone runs in one process as usual.
 test: setup data weights lint torch-env
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto --dist loadfile tests
 
 # The documentation site (Sphinx + MyST, docs/): generated tables first, warnings are errors.
 docs: setup

@@ -384,6 +384,7 @@ def run_sizes(p, out: str, *, log=print) -> list[dict]:
         records.append(rec)
         log(f"{run.name}: test {rec['test_accuracy']:.4f}, loss {rec['first_loss']:.3f} -> "
             f"{rec['last_loss']:.3f}, lr {rec['lr']:g}, {rec['wall_s']:.0f} s")  # fmt: skip
+    records = _read_records(path)  # with those of a process running the preset's other datasets
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(sizes_table(records, p) + "\n")
     return records
@@ -444,6 +445,7 @@ def main(argv=None) -> None:
     """``python -m experiments.rows --preset sizes|diagnosis [--out DIR]``: the sizes preset, or
     a diagnosis preset (run by ``experiments.offline_benchmark``: val200 lr selection, table)."""
     import argparse
+    import os
 
     from experiments.presets import SIZE_PRESETS
 
@@ -451,6 +453,9 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", choices=sorted(SIZE_PRESETS) + list(DIAGNOSIS_PRESETS),
                     default="sizes")  # fmt: skip
     ap.add_argument("--out", default="")
+    ap.add_argument("--datasets", default="",
+                    help="sizes presets: a subset of the preset's datasets (comma-separated), e.g. "
+                         "one process per dataset on one OUT")  # fmt: skip
     a = ap.parse_args(argv)
     if a.preset in DIAGNOSIS_PRESETS:
         from experiments import offline_benchmark
@@ -460,9 +465,19 @@ def main(argv=None) -> None:
         print(f"wall time of this call: {(time.time() - t0) / 60:.1f} min")
         return
     p = SIZE_PRESETS[a.preset]
+    out = a.out or p.out
+    if a.datasets:
+        subset = tuple(a.datasets.split(","))
+        bad = [d for d in subset if d not in p.datasets]
+        if bad:
+            raise SystemExit(f"--datasets: {bad} not allowed; allowed: {list(p.datasets)}")
+        p = p.replace(datasets=subset)
     t0 = time.time()
-    records = run_sizes(p, a.out or p.out)
-    print(sizes_table(records, p))
+    records = run_sizes(p, out)
+    table = sizes_table(records, SIZE_PRESETS[a.preset])  # every dataset of the preset
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
     print(f"wall time of this call: {(time.time() - t0) / 60:.1f} min")
 
 
