@@ -144,6 +144,7 @@ class EngineRow:
       overrides: ``experiments.run`` config fields set over the offline config (the diagnosis
         dry rows' tiny random ViT).
       dry: the method's registered ``dry_kwargs`` apply under ``kwargs`` (tiny models).
+      lr: the variant's registered lr (``None``: the method's); the job's factor applies to it.
     """
 
     name: str
@@ -154,6 +155,7 @@ class EngineRow:
     dry: bool = False
     key: str = "lr_factor"
     extend: bool = True
+    lr: float | None = None
 
     @property
     def grid(self) -> tuple[float, ...]:
@@ -180,6 +182,8 @@ class EngineRow:
             c.method_kwargs.update(spec(self.method).defaults.dry_kwargs or {})
         c.method_kwargs.update(self.kwargs)
         c.seed, c.epochs, c.image_size, c.progress = job.seed, epochs, image_size, False
+        if self.lr is not None:
+            c.lr = float(self.lr)
         if spec(self.method).defaults.select_head_lr:  # no backbone-side parameters
             c.head_lr = float(c.head_lr * job.factor)
         else:
@@ -212,10 +216,10 @@ def table_rows() -> dict[str, PixelRow | EngineRow]:
         out[m] = EngineRow(m, m)
     for m in method_names():
         for v, var in spec(m).variants.items():
-            out[v] = EngineRow(v, m, dict(var.kwargs), listed=var.listed)
+            out[v] = EngineRow(v, m, dict(var.kwargs), listed=var.listed, lr=var.lr)
     for name, (base, kwargs, dry) in diagnosis_rows().items():
         b = out[base]
-        out[name] = EngineRow(name, b.method, {**b.kwargs, **kwargs}, listed=False,
+        out[name] = EngineRow(name, b.method, {**b.kwargs, **kwargs}, listed=False, lr=b.lr,
                               overrides=dict(DRY_CONFIG) if dry else {}, dry=dry)  # fmt: skip
     return out
 

@@ -317,10 +317,13 @@ class Variant(NamedTuple):
     - ``kwargs``: the hyperparameters it sets (over the method's ``Defaults.kwargs``).
     - ``listed``: another method of the same paper (VPT-shallow beside VPT-deep), so listed
       wherever every method is; otherwise a budget or ablation row, run where a preset names it.
+    - ``lr``: the variant's own offline lr (``None``: the method's ``Defaults.lr``); the grid's
+      factors apply to it.
     """
 
     kwargs: dict
     listed: bool = False
+    lr: float | None = None
 
 
 class RankEval(NamedTuple):
