@@ -35,6 +35,7 @@ def test_registered_defaults_beat_an_untrained_head(name, tmp_path, majority_sha
     c = row.config(rows.Job("final", "digits", name), epochs=EPOCHS, image_size=16)
     res = fit_config(c, str(tmp_path), log=lambda s: None).results
     hist = res["history"]
+    print(f"{name}: test {res['test_accuracy']:.4f} (majority share {majority_share:.4f})")
     assert np.isfinite(hist[-1]["train_loss"]), name
     assert hist[-1]["train_loss"] < hist[0]["train_loss"], (name, hist[0], hist[-1])
     assert res["test_accuracy"] >= 2 * majority_share, (name, res["test_accuracy"])
