@@ -148,7 +148,8 @@ def run(row, jobs: list, *, epochs: int, image_size: int, guft_path: str) -> lis
     except FloatingPointError as e:
         if final:
             raise
-        return [{"task": j.task, "method": row.name, row.key: j.factor, "val_accuracy": 0.0,
-                 "diverged": str(e)[:200]} for j in jobs]  # fmt: skip
+        return [{"task": j.task, "method": row.name, row.key: j.factor, "lr": row.tuned_lr(c),
+                 "val_accuracy": 0.0, "diverged": str(e)[:200]}
+                for j, c in zip(jobs, configs, strict=True)]  # fmt: skip
     wall = (time.time() - t0) / len(jobs)
     return [record(j, row, c, r, wall) for j, c, r in zip(jobs, configs, results, strict=True)]

@@ -22,7 +22,9 @@ picked from ``default x lr_grid`` by training on train800 (seed 0) and scoring v
 pixel baseline's inverse regularisation ``C`` likewise. The chosen value then trains on
 train800val200 with seeds 0, 1, 2 and is scored once on test. Selection runs go to
 ``OUT/selection.jsonl``, final runs to ``OUT/records.jsonl`` (both resumable: finished runs are
-skipped), then ``OUT/table.md``, ``OUT/accuracy_vs_params.png`` and ``OUT/guft_density.png``.
+skipped; a record whose setting is no longer what the registry and preset would run, e.g. after
+a method's registered lr changed, is moved to ``OUT/stale.jsonl`` and its run done again), then
+``OUT/table.md``, ``OUT/accuracy_vs_params.png`` and ``OUT/guft_density.png``.
 
 Every final run also records XLA's peak-memory estimate of its compiled train step and the
 table shows ``step / full``; a method registered with a rank evaluation (DyLoRA) is also scored
@@ -43,7 +45,7 @@ from tqdm import tqdm
 from experiments import cli, report
 from experiments.configs.common import base_config
 from experiments.presets import GUFT_PATHS, PRESETS, QUESTIONS, TASKS, Preset, out_dir
-from experiments.rows import Job, central, every_row, extensions, row, table_rows
+from experiments.rows import EngineRow, Job, central, every_row, extensions, row, table_rows
 from guft_jax import compile_cache
 from guft_jax.config import TrainConfig
 
@@ -294,6 +296,71 @@ def _announce(o: Options, todo: list[Job], per_work: float | None) -> None:
     )
 
 
+# The fields of a final run's config that decide its result: a record whose fields differ from
+# the config the current registry and preset give its job is stale.
+SETTING = ("lr", "head_lr", "method_kwargs", "epochs", "image_size", "model", "batch_size",
+           "seed", "train_split", "eval_split")  # fmt: skip
+
+
+def _plain(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def stale_reason(r: dict, o: Options, choices: dict) -> str | None:
+    """Why record ``r`` is stale (its setting is not what its job would run now), or None
+    (current, or not checkable: another task or row, the pixel baseline, a final run whose
+    (task, row) has no chosen candidate yet under a selecting preset)."""
+    p, m, t = o.preset, r.get("method"), r.get("task")
+    if m not in o.rows or t not in p.tasks or not isinstance(row(m), EngineRow):
+        return None
+    er = row(m)
+    if "seed" not in r:  # a selection candidate: its tuned lr
+        c = er.config(Job("select", t, m, 0, r[er.key]), epochs=p.epochs,
+                      image_size=p.image_size, guft_path=p.guft_path)  # fmt: skip
+        now = er.tuned_lr(c)
+        if "lr" in r and r["lr"] != now:
+            return f"{m} on {t} at x{r[er.key]:g}: lr {r['lr']:g} -> {now:g}"
+        return None
+    if p.select and (t, m) not in choices:
+        return None
+    f = (choices.get((t, m)) or {}).get(er.key, 1.0)
+    c = er.config(Job("final", t, m, r["seed"], f), epochs=p.epochs, image_size=p.image_size,
+                  guft_path=p.guft_path).to_dict()  # fmt: skip
+    was, now = _plain(r.get("config") or {}), _plain(c)
+    diff = [k for k in SETTING if k in was and was[k] != now.get(k)]
+    if diff:
+        k = diff[0]
+        return f"{m} on {t}, seed {r['seed']}: {k} {was[k]} -> {now.get(k)}"
+    return None
+
+
+def drop_stale(o: Options, choices: dict) -> int:
+    """Moves the stale records of ``OUT`` (:func:`stale_reason`) to ``OUT/stale.jsonl``, each with
+    ``stale_because``, and says so in one line; the number moved."""
+    moved = []
+    for path in _paths(o.out).values():
+        if not os.path.exists(path):
+            continue
+        keep, drop = [], []
+        for r in _read(path):
+            why = stale_reason(r, o, choices)
+            (drop if why else keep).append(dict(r, stale_because=why) if why else r)
+        if drop:
+            for r in drop:
+                _append(os.path.join(o.out, "stale.jsonl"), r)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r, default=str) + "\n" for r in keep)
+            os.replace(tmp, path)
+            moved += drop
+    if moved:
+        print(
+            f"{len(moved)} records no longer match the registry or preset (e.g. "
+            f"{moved[0]['stale_because']}): moved to {o.out}/stale.jsonl, their runs redone"
+        )
+    return len(moved)
+
+
 def selected(path: str) -> set:
     """``(task, row, factor)`` of the selection records in ``path`` (rows that still exist)."""
     rows = table_rows()
@@ -320,11 +387,14 @@ def main(argv: list[str]) -> None:
     o = parse_options(argv)
     per_work = _start(o)
     paths = _paths(o.out)
+    drop_stale(o, choices_of(_read(paths["select"]), o.preset.tasks, o.rows))
     done = {(r["task"], r["method"], r["seed"]) for r in _read(paths["final"])}
     todo = selection_jobs(o, selected(paths["select"])) + final_jobs(o, done, {})
     _announce(o, todo, per_work)
     t0 = time.time()
     choices = _select(o)
+    if drop_stale(o, choices):  # final runs of a choice the redone selection changed
+        done = {(r["task"], r["method"], r["seed"]) for r in _read(paths["final"])}
     final = final_jobs(o, done, choices)
     if final:
         run_jobs(final, o, "runs")

@@ -395,3 +395,59 @@ def test_diagnosis_rows_resolve_to_configs():
     c = r.config(Job("select", "digits", r.name), epochs=2, image_size=16)
     assert c.model == "ViT-tiny/4" and c.method_kwargs.n == 16
     assert "dry:linear" not in rows.every_row()
+
+
+def test_a_variant_may_carry_its_own_lr():
+    @register("toy_lr", defaults=Defaults(lr=2e-3, lr_grid=(0.5, 1.0)),
+              variants={"toy_lr_fast": Variant(dict(scale=2.0), lr=8e-3)})  # fmt: skip
+    def toy(*, scale: float = 1.0) -> Method:
+        raise NotImplementedError
+
+    try:
+        assert _cfg("toy_lr").lr == 2e-3
+        assert _cfg("toy_lr_fast").lr == 8e-3 and _cfg("toy_lr_fast", factor=0.5).lr == 4e-3
+    finally:
+        unregister("toy_lr")
+    assert _cfg("vpt_shallow").lr == 1e-2 and _cfg("vpt").lr == spec("vpt").defaults.lr
+
+
+def test_records_of_a_changed_setting_are_moved_aside_and_redone(tmp_path, monkeypatch):
+    import json
+
+    o = ob.parse_options(["--preset", "cpu", "--methods", "lora", "--tasks", "animal_mnist",
+                          "--out", str(tmp_path)])  # fmt: skip
+    p, er = o.preset, rows.row("lora")
+
+    def final(factor):
+        c = er.config(Job("final", "animal_mnist", "lora", 0, factor), epochs=p.epochs,
+                      image_size=p.image_size, guft_path=p.guft_path)  # fmt: skip
+        return dict(task="animal_mnist", method="lora", seed=0, test_accuracy=0.5,
+                    config=json.loads(json.dumps(c.to_dict(), default=str)))  # fmt: skip
+
+    lr = spec("lora").defaults.lr
+    sel = [dict(task="animal_mnist", method="lora", lr_factor=f, lr=lr * f, val_accuracy=v)
+           for f, v in ((0.3, 0.5), (1.0, 0.7), (3.0, 0.6))]  # fmt: skip
+    choices = ob.choices_of(sel, p.tasks, o.rows)
+    assert [ob.stale_reason(r, o, choices) for r in [*sel, final(1.0)]] == [None] * 4
+    assert "lr" in ob.stale_reason(final(3.0), o, choices)  # not the chosen candidate's lr
+    other = dict(final(1.0), task="digits")  # another task than this command's: never touched
+    (tmp_path / "selection.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sel))
+    (tmp_path / "records.jsonl").write_text(
+        json.dumps(final(1.0)) + "\n" + json.dumps(other) + "\n"
+    )
+    assert ob.drop_stale(o, choices) == 0
+
+    # the registered lr changes: every candidate and the final run are stale, moved, not lost
+    from guft_jax.methods import base as mbase
+
+    d = spec("lora").defaults
+    new = mbase._REGISTRY["lora"]._replace(defaults=d._replace(lr=2 * lr))
+    monkeypatch.setitem(mbase._REGISTRY, "lora", new)
+    assert ob.stale_reason(sel[0], o, choices) == (
+        f"lora on animal_mnist at x0.3: lr {0.3 * lr:g} -> {0.6 * lr:g}"
+    )
+    assert ob.drop_stale(o, choices) == 4
+    moved = report.read_jsonl(str(tmp_path / "stale.jsonl"))
+    assert len(moved) == 4 and all(r["stale_because"] for r in moved)
+    assert report.read_jsonl(str(tmp_path / "selection.jsonl")) == []
+    assert report.read_jsonl(str(tmp_path / "records.jsonl")) == [other]
