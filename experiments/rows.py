@@ -405,9 +405,18 @@ def _read_records(path: str) -> list[dict]:
 
 
 def sizes_table(records: list[dict], p) -> str:
-    """The sizes table (test accuracy %, default / auto per method; ``!`` marks a run whose last
-    epoch's loss is above its first's), the acceptance checks and the total wall time."""
-    by = {(r["dataset"], r["size"], r["method"], r["lr_mode"]): r for r in records}
+    """The sizes table (test accuracy %, default / auto per method, the mean over the seeds run,
+    their number in brackets when more than one; ``!`` marks a cell with a run whose last epoch's
+    loss is above its first's), the acceptance checks (on the means) and the total wall time."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["size"], r["method"], r["lr_mode"]), []).append(r)
+    by = {
+        k: dict(rs[0], test_accuracy=float(np.mean([r["test_accuracy"] for r in rs])),
+                n_seeds=len(rs), rising=[r["name"] for r in rs if r["last_loss"] > r["first_loss"]],
+                name=rs[0]["name"].rsplit("_s", 1)[0])
+        for k, rs in groups.items()
+    }  # fmt: skip
     modes = [m for m in ("default", "auto") if m in p.lr_modes]
     head = "| dataset | images | " + " | ".join(f"{m} ({'/'.join(modes)})" for m in p.methods)
     lines = [head + " |", "|" + "---|" * (2 + len(p.methods))]
@@ -422,10 +431,11 @@ def sizes_table(records: list[dict], p) -> str:
                     if r is None:
                         parts.append("-")
                         continue
-                    up = r["last_loss"] > r["first_loss"]
-                    if up:
-                        rising.append(r["name"])
-                    parts.append(f"{100 * r['test_accuracy']:.1f}{'!' if up else ''}")
+                    rising += r["rising"]
+                    seeds = f" ({r['n_seeds']})" if r["n_seeds"] > 1 else ""
+                    parts.append(
+                        f"{100 * r['test_accuracy']:.1f}{seeds}{'!' if r['rising'] else ''}"
+                    )
                     ref = by.get((d, n, p.reference, mode))
                     if n >= 300 and ref and r["test_accuracy"] < ref["test_accuracy"]:
                         below.append(r["name"])
@@ -435,7 +445,8 @@ def sizes_table(records: list[dict], p) -> str:
     lines += [
         "",
         f"Runs whose last epoch's loss is above their first's: {', '.join(rising) or 'none'}.",
-        f"Runs below the linear probe ({p.reference}, same lr mode) at >= 300 images: "
+        f"Cells below the linear probe ({p.reference}, same lr mode, cell means) "
+        f"at >= 300 images: "
         f"{', '.join(below) or 'none'}.",
         f"{len(records)} runs, {wall / 60:.1f} min of training and evaluation wall time.",
     ]
@@ -460,6 +471,10 @@ def main(argv=None) -> None:
     ap.add_argument("--datasets", default="",
                     help="sizes presets: a subset of the preset's datasets (comma-separated), e.g. "
                          "one process per dataset on one OUT")  # fmt: skip
+    ap.add_argument("--sizes", default="", help="sizes presets: a subset of the preset's sizes")
+    ap.add_argument("--seeds", default="",
+                    help="sizes presets: the seeds to run (default: the preset's); a cell of the "
+                         "table is the mean over the seeds run")  # fmt: skip
     a = ap.parse_args(argv)
     if a.preset in DIAGNOSIS_PRESETS:
         from experiments import offline_benchmark
@@ -481,6 +496,14 @@ def main(argv=None) -> None:
         if bad:
             raise SystemExit(f"--datasets: {bad} not allowed; allowed: {list(p.datasets)}")
         p = p.replace(datasets=subset)
+    if a.sizes:
+        sizes = tuple(int(n) for n in a.sizes.split(","))
+        bad = [n for n in sizes if n not in p.sizes]
+        if bad:
+            raise SystemExit(f"--sizes: {bad} not allowed; allowed: {list(p.sizes)}")
+        p = p.replace(sizes=sizes)
+    if a.seeds:
+        p = p.replace(seeds=tuple(int(s) for s in a.seeds.split(",")))
     t0 = time.time()
     records = run_sizes(p, out)
     table = sizes_table(records, SIZE_PRESETS[a.preset])  # every dataset of the preset

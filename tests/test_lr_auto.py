@@ -176,8 +176,8 @@ def test_sizes_preset_runs_and_its_table_flags_rising_loss_and_runs_below_the_pr
     assert {r.lr_mode for r in runs} == {"default", "auto"} and p.reference in p.methods
     q = p.replace(datasets=("d",), sizes=(100, 300), methods=("linear", "full"))
 
-    def rec(n, m, mode, acc, first=2.3, last=1.0):
-        name = f"d_{n}_{m}_{mode}_s0"
+    def rec(n, m, mode, acc, first=2.3, last=1.0, seed=0):
+        name = f"d_{n}_{m}_{mode}_s{seed}"
         return dict(name=name, dataset="d", size=n, method=m, lr_mode=mode, test_accuracy=acc,
                     first_loss=first, last_loss=last, wall_s=60.0)  # fmt: skip
 
@@ -188,5 +188,9 @@ def test_sizes_preset_runs_and_its_table_flags_rising_loss_and_runs_below_the_pr
     assert "| d | 300 | 80.0 / 80.0 | 30.0! / 90.0 |" in table
     assert "| d | 100 | 50.0 / - | 20.0 / - |" in table
     assert "above their first's: d_300_full_default_s0." in table
-    assert "at >= 300 images: d_300_full_default_s0." in table  # 100 images: not checked
+    assert "at >= 300 images: d_300_full_default." in table  # 100 images: not checked
     assert "6 runs, 6.0 min" in table
+    # a second seed: the cell is the mean over both, checked against the probe's mean
+    table = rows.sizes_table(records + [rec(300, "full", "auto", 0.5, seed=1)], q)
+    assert "| d | 300 | 80.0 / 80.0 | 30.0! / 70.0 (2) |" in table
+    assert "at >= 300 images: d_300_full_default, d_300_full_auto." in table
