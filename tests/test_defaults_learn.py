@@ -5,7 +5,8 @@ registered dry-run hyperparameters), each beats an untrained head by a wide marg
 A cheap guard against a default that destroys the backbone or never moves the head (issue 30):
 an untrained head scores at most the test split's majority-class share (a zero head predicts
 class 0; a random one is at chance), so the bound is twice that share. Measured when written:
-every method 0.36-0.52 against a majority share of 0.10.
+the 36 rows 0.404 (linear, LoSiA) to 0.547 (FourierFT) against a
+majority share of 0.109 (bound 0.218).
 """
 
 import dataclasses
