@@ -19,6 +19,12 @@
 #    DINOv2-S/14 (GUFT_JAX_CACHE) trained 3 epochs on Animal-MNIST, then timed with and without
 #    its row x column blocks beside full, LoRA and BitFit -> guft_step_bench_accelerator.json
 # STAGES="guft fit remat" (say) runs a subset, in the order above.
+# The tables (not in the default STAGES; resumable: a second call goes on where one stopped):
+#   STAGES="probe56 sizes gpu" BUDGET_S=540 bash benchmarks/accelerator.sh
+# 6. probe56 (issue 30): FourierFT, diff pruning, AdaLoRA, prefix beside the linear probe at 56 px,
+#    val200 lr, 3 seeds, Animal-MNIST and digits (offline_benchmark --preset full, those rows)
+# 7. sizes (issue 31): the sizes preset at 56 px, one process per dataset -> $RESULTS/sizes
+# 8. gpu (issue 28): the gpu preset's table (3 tasks, 3 seeds, 112 px, 20 epochs)
 # DRY=1: every stage on CPU at tiny sizes (ViT-tiny/4, 32 and 16 px, batch 8, 2 reps; GUFT's real
 # selection on DINOv2-S/14 at 28 px, batch 50, rows full, lora and guft, up to 420 s; no Pallas in
 # the ops bench), results in /tmp/accelerator_dry (on 2 busy CPU cores the GUFT stage may need its
@@ -36,6 +42,11 @@ if [[ "${DRY:-0}" == 1 ]]; then  # the CPU dry run's sizes (each still settable)
   REMAT_MODELS=${REMAT_MODELS:-ViT-tiny/4} REMAT_BATCHES=${REMAT_BATCHES:-8}
   GUFT_SIZE=${GUFT_SIZE:-28} GUFT_BATCH=${GUFT_BATCH:-50} GUFT_MAX_S=${GUFT_MAX_S:-420}
   GUFT_ROWS=${GUFT_ROWS:-full,lora,guft}
+  # the tables at tiny sizes: two rows on digits at 28 px, one epoch; the sizes pipeline's dry
+  # preset; the gpu preset is skipped
+  PROBE_ARGS=${PROBE_ARGS:---tasks digits --methods linear,prefix --epochs 1 --image_size 28 --seeds 0}
+  SIZES_PRESET=${SIZES_PRESET:-sizes_dry} SIZES_DATASETS=${SIZES_DATASETS:-animal_mnist}
+  GPU_PRESET=${GPU_PRESET:-}
 fi
 RESULTS=${RESULTS:-benchmarks/results}
 BUDGET_S=${BUDGET_S:-420}
@@ -117,6 +128,38 @@ if on remat; then  # jax.checkpoint per block: ViT-B/16 batch 256 and ViT-L/16 b
     "$PY" -m benchmarks.step_bench --models "${REMAT_MODELS:-ViT-B/16,ViT-L/16}" \
     --batch "${REMAT_BATCHES:-256,64}" --image_size "${SIZES%% *}" --reps 3 --precision bf16 \
     --saliency 0 --remat 1 --methods full,lora --out "$RESULTS/step_bench_remat.json"
+fi
+
+if on probe56; then  # issue 30's acceptance table
+  stage "probe56" 60 "$BUDGET_S" "$PY" -m experiments.offline_benchmark --preset full \
+    ${PROBE_ARGS:---tasks animal_mnist,digits --methods linear,fourierft,diff_pruning,adalora,prefix} \
+    --workers "${WORKERS:-4}" --out "$RESULTS/offline_probe56"
+fi
+
+if on sizes; then  # issue 31's table: one process per dataset on one OUT
+  sizes_all() {  # run by timeout in its own bash: a TERM stops the dataset processes too
+    trap 'kill $(jobs -p) 2>/dev/null; exit 124' TERM
+    local pids=()
+    for d in ${SIZES_DATASETS:-animal_mnist fashion_mnist}; do
+      "$PY" -m experiments.rows --preset "${SIZES_PRESET:-sizes}" --datasets "$d" \
+        --out "$RESULTS/sizes" > "$RESULTS/sizes_$d.log" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    "$PY" -m experiments.rows --preset "${SIZES_PRESET:-sizes}" --out "$RESULTS/sizes" | tail -4
+  }
+  export PY RESULTS SIZES_PRESET SIZES_DATASETS
+  export -f sizes_all
+  stage "sizes" 60 "$BUDGET_S" bash -c sizes_all
+fi
+
+if on gpu; then  # issue 28's gpu preset table
+  if [[ -n "${GPU_PRESET-gpu}" ]]; then
+    stage "gpu preset" 60 "$BUDGET_S" "$PY" -m experiments.offline_benchmark \
+      --preset "${GPU_PRESET-gpu}" --workers "${WORKERS:-4}" --out "$RESULTS/offline_gpu"
+  else
+    echo "== gpu preset: SKIPPED (dry run)"
+  fi
 fi
 
 echo "== done in $(($(date +%s) - T0))s; results in $RESULTS:"
