@@ -411,43 +411,48 @@ def test_a_variant_may_carry_its_own_lr():
     assert _cfg("vpt_shallow").lr == 1e-2 and _cfg("vpt").lr == spec("vpt").defaults.lr
 
 
-def test_records_of_a_changed_setting_are_moved_aside_and_redone(tmp_path, monkeypatch):
+def _register_toy(lr, replace=False):
+    @register("toy_stale", defaults=Defaults(lr=lr, lr_grid=(0.5, 1.0, 2.0)), replace=replace)
+    def toy(*, scale: float = 1.0) -> Method:
+        raise NotImplementedError
+
+
+def test_records_of_a_changed_setting_are_moved_aside_and_redone(tmp_path):
     import json
 
-    o = ob.parse_options(["--preset", "cpu", "--methods", "lora", "--tasks", "animal_mnist",
-                          "--out", str(tmp_path)])  # fmt: skip
-    p, er = o.preset, rows.row("lora")
+    lr, name = 2e-3, "toy_stale"
+    _register_toy(lr)
+    try:
+        o = ob.parse_options(["--preset", "cpu", "--methods", name, "--tasks", "animal_mnist",
+                              "--out", str(tmp_path)])  # fmt: skip
+        p, er = o.preset, rows.row(name)
 
-    def final(factor):
-        c = er.config(Job("final", "animal_mnist", "lora", 0, factor), epochs=p.epochs,
-                      image_size=p.image_size, guft_path=p.guft_path)  # fmt: skip
-        return dict(task="animal_mnist", method="lora", seed=0, test_accuracy=0.5,
-                    config=json.loads(json.dumps(c.to_dict(), default=str)))  # fmt: skip
+        def final(factor):
+            c = er.config(Job("final", "animal_mnist", name, 0, factor), epochs=p.epochs,
+                          image_size=p.image_size, guft_path=p.guft_path)  # fmt: skip
+            return dict(task="animal_mnist", method=name, seed=0, test_accuracy=0.5,
+                        config=json.loads(json.dumps(c.to_dict(), default=str)))  # fmt: skip
 
-    lr = spec("lora").defaults.lr
-    sel = [dict(task="animal_mnist", method="lora", lr_factor=f, lr=lr * f, val_accuracy=v)
-           for f, v in ((0.3, 0.5), (1.0, 0.7), (3.0, 0.6))]  # fmt: skip
-    choices = ob.choices_of(sel, p.tasks, o.rows)
-    assert [ob.stale_reason(r, o, choices) for r in [*sel, final(1.0)]] == [None] * 4
-    assert "lr" in ob.stale_reason(final(3.0), o, choices)  # not the chosen candidate's lr
-    other = dict(final(1.0), task="digits")  # another task than this command's: never touched
-    (tmp_path / "selection.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sel))
-    (tmp_path / "records.jsonl").write_text(
-        json.dumps(final(1.0)) + "\n" + json.dumps(other) + "\n"
-    )
-    assert ob.drop_stale(o, choices) == 0
+        sel = [dict(task="animal_mnist", method=name, lr_factor=f, lr=lr * f, val_accuracy=v)
+               for f, v in ((0.5, 0.5), (1.0, 0.7), (2.0, 0.6))]  # fmt: skip
+        choices = ob.choices_of(sel, p.tasks, o.rows)
+        assert [ob.stale_reason(r, o, choices) for r in [*sel, final(1.0)]] == [None] * 4
+        assert "lr" in ob.stale_reason(final(2.0), o, choices)  # not the chosen candidate's lr
+        other = dict(final(1.0), task="digits")  # another task than this command's: untouched
+        (tmp_path / "selection.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sel))
+        recs = [final(1.0), other]
+        (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        assert ob.drop_stale(o, choices) == 0
 
-    # the registered lr changes: every candidate and the final run are stale, moved, not lost
-    from guft_jax.methods import base as mbase
-
-    d = spec("lora").defaults
-    new = mbase._REGISTRY["lora"]._replace(defaults=d._replace(lr=2 * lr))
-    monkeypatch.setitem(mbase._REGISTRY, "lora", new)
-    assert ob.stale_reason(sel[0], o, choices) == (
-        f"lora on animal_mnist at x0.3: lr {0.3 * lr:g} -> {0.6 * lr:g}"
-    )
-    assert ob.drop_stale(o, choices) == 4
-    moved = report.read_jsonl(str(tmp_path / "stale.jsonl"))
-    assert len(moved) == 4 and all(r["stale_because"] for r in moved)
-    assert report.read_jsonl(str(tmp_path / "selection.jsonl")) == []
-    assert report.read_jsonl(str(tmp_path / "records.jsonl")) == [other]
+        # the registered lr changes: every candidate and the final run are stale, moved aside
+        _register_toy(2 * lr, replace=True)
+        assert ob.stale_reason(sel[0], o, choices) == (
+            f"{name} on animal_mnist at x0.5: lr {0.5 * lr:g} -> {lr:g}"
+        )
+        assert ob.drop_stale(o, choices) == 4
+        moved = report.read_jsonl(str(tmp_path / "stale.jsonl"))
+        assert len(moved) == 4 and all(r["stale_because"] for r in moved)
+        assert report.read_jsonl(str(tmp_path / "selection.jsonl")) == []
+        assert report.read_jsonl(str(tmp_path / "records.jsonl")) == [other]
+    finally:
+        unregister(name)
