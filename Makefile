@@ -40,10 +40,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# One pytest worker per core, each file on one worker (its module fixtures and compiled programs
-# are built once); `pytest tests/FILE.py` alone runs in one process as usual.
+# One pytest worker per core (at most 4: each holds its own JAX programs in memory), each file on
+# one worker (its module fixtures and compiled programs are built once); `pytest tests/FILE.py`
+# alone runs in one process as usual.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: setup data weights lint torch-env
-	$(PY) -m pytest -n auto --dist loadfile tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
 
 # The documentation site (Sphinx + MyST, docs/): generated tables first, warnings are errors.
 docs: setup
