@@ -361,7 +361,8 @@ def size_record(run: SizeRun, n_images: int, res: dict, wall_s: float) -> dict:
 
 def run_sizes(p, out: str, *, log=print) -> list[dict]:
     """Runs the preset's runs not yet in ``out/records.jsonl`` (one workdir each under
-    ``out/runs``, resumable), appends their records and writes ``out/table.md``."""
+    ``out/runs``, resumable) and appends their records; every record in ``out`` (those of a
+    process running the preset's other datasets too)."""
     import json
     import os
 
@@ -393,10 +394,7 @@ def run_sizes(p, out: str, *, log=print) -> list[dict]:
         records.append(rec)
         log(f"{run.name}: test {rec['test_accuracy']:.4f}, loss {rec['first_loss']:.3f} -> "
             f"{rec['last_loss']:.3f}, lr {rec['lr']:g}, {rec['wall_s']:.0f} s")  # fmt: skip
-    records = _read_records(path)  # with those of a process running the preset's other datasets
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(sizes_table(records, p) + "\n")
-    return records
+    return _read_records(path)  # with those of a process running the preset's other datasets
 
 
 def _read_records(path: str) -> list[dict]:
@@ -495,18 +493,14 @@ def main(argv=None) -> None:
     compile_cache.enable()
     p = SIZE_PRESETS[a.preset]
     out = a.out or p.out
-    if a.datasets:
-        subset = tuple(a.datasets.split(","))
-        bad = [d for d in subset if d not in p.datasets]
-        if bad:
-            raise SystemExit(f"--datasets: {bad} not allowed; allowed: {list(p.datasets)}")
-        p = p.replace(datasets=subset)
-    if a.sizes:
-        sizes = tuple(int(n) for n in a.sizes.split(","))
-        bad = [n for n in sizes if n not in p.sizes]
-        if bad:
-            raise SystemExit(f"--sizes: {bad} not allowed; allowed: {list(p.sizes)}")
-        p = p.replace(sizes=sizes)
+    for field, cast in (("datasets", str), ("sizes", int)):  # subsets of the preset's
+        given, allowed = getattr(a, field), getattr(p, field)
+        if given:
+            subset = tuple(cast(v) for v in given.split(","))
+            bad = [v for v in subset if v not in allowed]
+            if bad:
+                raise SystemExit(f"--{field}: {bad} not allowed; allowed: {list(allowed)}")
+            p = p.replace(**{field: subset})
     if a.seeds:
         p = p.replace(seeds=tuple(int(s) for s in a.seeds.split(",")))
     t0 = time.time()
