@@ -195,7 +195,7 @@ def run_steps(
     packed runs give one column per run) and an :class:`EpochTiming`. ``stop()`` is asked after
     every step; when true, ``on_stop(steps_done)`` is raised.
     """
-    t0 = time.time()
+    t0 = time.perf_counter()
     losses = []
     bar = tqdm(
         batch_iter,
@@ -211,11 +211,11 @@ def run_steps(
             raise on_stop(len(losses))
         if progress and len(losses) % 5 == 0:
             # the previous step's loss: reading it does not wait for the step just dispatched
-            rate = len(losses) * batch_size / (time.time() - t0)
+            rate = len(losses) * batch_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{float(np.mean(losses[-2])):.4f}", img_s=f"{rate:.1f}")
-    dispatch_s = time.time() - t0  # the host's share: ~ the epoch's time when input-bound
+    dispatch_s = time.perf_counter() - t0  # the host's share: ~ the epoch's time when input-bound
     losses = np.asarray(distributed.gather_processes(losses), np.float64)
-    return state, losses, EpochTiming(time.time() - t0, dispatch_s)
+    return state, losses, EpochTiming(time.perf_counter() - t0, dispatch_s)
 
 
 def epoch_record(epoch: int, step: int, loss: float, images: int, timing: EpochTiming, traces):

@@ -141,7 +141,7 @@ def fit_packed(
       ValueError: the lists differ in length, or the runs' training splits differ in size.
     """
     n = _check_runs(sources, lrs, head_lrs, seeds, config.train_split)
-    t_start = time.time()
+    t_start = time.perf_counter()
     steps = steps_per_epoch(config, None, sources[0].size(config.train_split))
     backbone = count_params({k: v for k, v in params.items() if k != "head"})
     params = mbase.prepare_base(method, params)  # (may quantise: the backbone is counted before)
@@ -206,5 +206,5 @@ def _packed_results(runs: list, states, history, t_start: float) -> list[dict]:
     for r, st, hist in zip(runs, unstack(states, len(runs)), history, strict=True):
         res = run_results(r, st, hist, None)
         evaluate_into(r, st, r.config.eval_split, res)
-        out.append(dict(res, wall_seconds=time.time() - t_start, packed_runs=len(runs)))
+        out.append(dict(res, wall_seconds=time.perf_counter() - t_start, packed_runs=len(runs)))
     return out

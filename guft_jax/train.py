@@ -196,7 +196,7 @@ class _Saver(NamedTuple):
             self.meta,
             epoch=epoch,
             data_position={"epoch": epoch + 1, "step": 0},
-            wall_seconds=self.wall_before + time.time() - self.t_start,
+            wall_seconds=self.wall_before + time.perf_counter() - self.t_start,
         )
         ckpt_lib.save(self.mgr, epoch, state, meta)
 
@@ -301,7 +301,7 @@ def fit(
     hooks = _hooks(hooks)
     with contextlib.ExitStack() as stack:
         resume.open_workdir(stack, workdir, lock=config.lock, fresh=config.fresh, log=hooks.log)
-        t_start = time.time()
+        t_start = time.perf_counter()
         config, auto = _resolve_lr(model, params, method, source, config, workdir, hooks)
         run, state, info = _build(model, params, method, source, config, mesh, hooks.log)
         info.update({} if auto is None else {"lr_auto": auto})
@@ -370,7 +370,7 @@ def _train(run: RunParts, state, meta, saver, stack, workdir, hooks, info):
     results["resumed_from_epoch"] = start_epoch - 1 if start_epoch > 1 else None
     results.update(notes)
     evaluate_into(run, state, c.eval_split, results)
-    results["wall_seconds"] = wall_before + time.time() - saver.t_start
+    results["wall_seconds"] = wall_before + time.perf_counter() - saver.t_start
     if results_path and jax.process_index() == 0:
         rundir.write_json_atomic(results_path, results)
     return FitResult(state, results)
